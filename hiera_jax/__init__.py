@@ -1,0 +1,39 @@
+"""hiera-jax: Hiera vision transformers in JAX/Flax, numerically identical to the official code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from hiera_jax.config import HieraConfig, get_config, is_pretraining_name, list_models
+from hiera_jax.convert import convert_state_dict, export_state_dict
+from hiera_jax.io import load_pretrained, save_pretrained
+from hiera_jax.mae import HieraForPreTraining
+from hiera_jax.model import HieraForImageClassification, HieraModel, HieraModelOutput
+
+__version__ = "0.1.0"
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """The module for an official variant: classifier for `hiera_*`, MAE for `mae_hiera_*`."""
+    config = get_config(name, **overrides)
+    if is_pretraining_name(name):
+        return HieraForPreTraining(config)
+    return HieraForImageClassification(config)
+
+
+__all__ = [
+    "HieraConfig",
+    "HieraModel",
+    "HieraModelOutput",
+    "HieraForImageClassification",
+    "HieraForPreTraining",
+    "list_models",
+    "get_config",
+    "create_model",
+    "convert_state_dict",
+    "export_state_dict",
+    "load_pretrained",
+    "save_pretrained",
+]

@@ -1,0 +1,120 @@
+"""Pretrained model directories: `config.json` + orbax params, written and read with checks.
+
+A directory made by `save_pretrained` (or `convert/convert_pytorch.py`) holds
+
+    config.json   {"format": "hiera-jax", "model_type": ..., "name": ..., "config": {...}}
+    params/       an orbax StandardCheckpointer tree of float32 arrays
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from hiera_jax.config import HieraConfig
+from hiera_jax.convert import MODEL_TYPES, abstract_params, build_model
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+FORMAT = "hiera-jax"
+
+
+def save_pretrained(
+    directory: str,
+    params: Any,
+    config: HieraConfig,
+    *,
+    model_type: str,
+    name: str | None = None,
+) -> str:
+    """Write `params` and `config` to `directory` (created; an existing params dir is replaced)."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+        checkpointer.wait_until_finished()
+    meta = {"format": FORMAT, "model_type": model_type, "name": name, "config": config.to_dict()}
+    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    return directory
+
+
+def read_config(directory: str) -> tuple[HieraConfig, str, str | None]:
+    """(config, model_type, name) from a pretrained directory, with clear errors."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a hiera-jax model directory "
+            "(make one with convert/convert_pytorch.py or hiera_jax.save_pretrained)"
+        )
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        config = HieraConfig.from_dict(meta["config"])
+        model_type = meta["model_type"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid hiera-jax config: {err!r}") from err
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: unknown model_type {model_type!r}")
+    return config, model_type, meta.get("name")
+
+
+def load_pretrained(directory: str, **overrides: Any):
+    """`(model, params)` from a directory written by `save_pretrained` or the converter.
+
+    `overrides` replace config fields that do not change parameter shapes (e.g. `dtype`,
+    `remat`, `drop_path_rate`, `mask_ratio`).
+    """
+    directory = os.path.abspath(directory)
+    config, model_type, _ = read_config(directory)
+    if overrides:
+        config = config.replace(**overrides)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{params_dir} not found: the checkpoint has no parameters")
+    expected = abstract_params(config, model_type)
+    device = jax.local_devices()[0]
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            stored = checkpointer.metadata(params_dir)
+            stored = getattr(stored, "item_metadata", stored)
+            stored_flat = {
+                p: tuple(m.shape) for p, m in flax.traverse_util.flatten_dict(dict(stored)).items()
+            }
+        except Exception as err:  # orbax raises many types for unreadable directories
+            raise ValueError(f"cannot read checkpoint {params_dir}: {err}") from err
+        expected_flat = flax.traverse_util.flatten_dict(expected)
+        missing = sorted("/".join(p) for p in expected_flat if p not in stored_flat)
+        extra = sorted("/".join(p) for p in stored_flat if p not in expected_flat)
+        wrong = sorted(
+            f"{'/'.join(p)}: stored {stored_flat[p]} vs model {tuple(v.shape)}"
+            for p, v in expected_flat.items()
+            if p in stored_flat and stored_flat[p] != tuple(v.shape)
+        )
+        if missing or extra or wrong:
+            raise ValueError(
+                f"checkpoint {params_dir} does not fit the {model_type} model of its config: "
+                f"missing {missing[:20]}, unexpected {extra[:20]}, wrong shapes {wrong[:20]}"
+            )
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+            ),
+            expected,
+        )
+        try:
+            params = checkpointer.restore(params_dir, target)
+        except Exception as err:
+            raise ValueError(f"cannot restore checkpoint {params_dir}: {err}") from err
+    return build_model(config, model_type), params

@@ -1,0 +1,215 @@
+"""Hiera's building blocks: patch embedding, mask-unit attention, MLP, stochastic depth, block.
+
+Submodule names mirror the official PyTorch state-dict keys (`attn/qkv`, `mlp/fc1`, `norm1`, ...)
+so the checkpoint converter is a rename plus layout transposes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
+
+# Official initialisation. Classification models (`Hiera._init_weights`): trunc_normal(0.02)
+# weights, 0.02 biases, LayerNorm (1, 0.02). MAE models (`_mae_init_weights`): xavier-uniform
+# weights, zero biases, LayerNorm (1, 0). torch's trunc_normal_(std=0.02) cuts at +-2 absolute,
+# i.e. +-100 std, so a plain normal is the same distribution.
+HIERA_KERNEL_INIT = nn.initializers.normal(0.02)
+MAE_KERNEL_INIT = nn.initializers.xavier_uniform()
+
+
+def dense_inits(mae_init: bool) -> dict:
+    if mae_init:
+        return dict(kernel_init=MAE_KERNEL_INIT, bias_init=nn.initializers.zeros)
+    return dict(kernel_init=HIERA_KERNEL_INIT, bias_init=nn.initializers.constant(0.02))
+
+
+def layer_norm(name: str, mae_init: bool, dtype: jnp.dtype) -> nn.LayerNorm:
+    bias_init = nn.initializers.zeros if mae_init else nn.initializers.constant(0.02)
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, bias_init=bias_init, dtype=dtype, name=name)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact (erf) GELU, as torch.nn.GELU; Flax's default tanh form moves logits by ~3e-4."""
+    return nn.gelu(x, approximate=False)
+
+
+class PatchEmbed(nn.Module):
+    """Strided conv over [B, (T), H, W, C] -> tokens [B, N, D] in raster order."""
+
+    dim_out: int
+    kernel: Sequence[int]
+    stride: Sequence[int]
+    padding: Sequence[int]
+    mae_init: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, pixel_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        if pixel_mask is not None:
+            # Zero masked pixels before the conv so overlapping kernels cannot leak them.
+            x = x * pixel_mask.astype(x.dtype)
+        if self.mae_init:
+            # MAE initialises the patch conv like a Linear: xavier over (k·k·C_in, D).
+            kernel_init = nn.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=tuple(range(len(self.kernel) + 1)), out_axis=-1
+            )
+            bias_init = nn.initializers.zeros  # torch default is uniform; MAE never retouches it
+        else:
+            kernel_init, bias_init = HIERA_KERNEL_INIT, nn.initializers.zeros
+        x = nn.Conv(
+            self.dim_out,
+            kernel_size=tuple(self.kernel),
+            strides=tuple(self.stride),
+            padding=[(p, p) for p in self.padding],
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=self.dtype,
+            name="proj",
+        )(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class MaskUnitAttention(nn.Module):
+    """Mask-unit (windowed) or global attention with optional query max-pooling.
+
+    Tokens must be unrolled: the window (mask-unit) index is the fastest axis of the sequence,
+    and a q-pool is a max over the leading `q_stride` chunk of each window.
+    """
+
+    dim_out: int
+    heads: int
+    q_stride: int = 1  # flattened, e.g. 4 for 2x2
+    window_size: int = 0  # flattened mask-unit size after pooling
+    use_mask_unit_attn: bool = False
+    mae_init: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        batch, num_tokens, _ = x.shape
+        head_dim = self.dim_out // self.heads
+        num_windows = (
+            num_tokens // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
+        )
+        qkv = nn.Dense(
+            3 * self.dim_out, dtype=self.dtype, name="qkv", **dense_inits(self.mae_init)
+        )(x)
+        # [B, n, windows, 3, heads, d]: the window index is the fast axis of the sequence.
+        qkv = qkv.reshape(batch, -1, num_windows, 3, self.heads, head_dim)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, n, w, h, d]
+        if self.q_stride > 1:
+            q = q.reshape(batch, self.q_stride, -1, num_windows, self.heads, head_dim).max(axis=1)
+        scale = head_dim**-0.5
+        logits = jnp.einsum("bqwhd,bkwhd->bwhqk", q * jnp.asarray(scale, q.dtype), k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bwhqk,bkwhd->bqwhd", weights, v)  # [B, n_q, w, h, d]
+        out = out.reshape(batch, -1, self.dim_out)
+        return nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **dense_inits(self.mae_init))(
+            out
+        )
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (timm `Mlp`, no dropout)."""
+
+    hidden_dim: int
+    mae_init: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dim = x.shape[-1]
+        inits = dense_inits(self.mae_init)
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **inits)(x)
+        return nn.Dense(dim, dtype=self.dtype, name="fc2", **inits)(gelu(x))
+
+
+class DropPath(nn.Module):
+    """Per-example stochastic depth (timm `DropPath`, scaled by the keep probability)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        if not train or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
+        return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class HieraBlock(nn.Module):
+    """Pre-norm transformer block; where the width changes, the residual is pool(proj(norm1(x)))."""
+
+    dim_out: int
+    heads: int
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    q_stride: int = 1
+    window_size: int = 0
+    use_mask_unit_attn: bool = False
+    mae_init: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        dim = x.shape[-1]
+        x_norm = layer_norm("norm1", self.mae_init, self.dtype)(x)
+        if dim != self.dim_out:
+            x = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **dense_inits(self.mae_init))(
+                x_norm
+            )
+            x = max_pool_unrolled(x, self.q_stride)
+        drop_path = DropPath(self.drop_path)
+        attn = MaskUnitAttention(
+            self.dim_out,
+            self.heads,
+            q_stride=self.q_stride,
+            window_size=self.window_size,
+            use_mask_unit_attn=self.use_mask_unit_attn,
+            mae_init=self.mae_init,
+            dtype=self.dtype,
+            name="attn",
+        )
+        x = x + drop_path(attn(x_norm), train=train)
+        mlp = Mlp(
+            int(self.dim_out * self.mlp_ratio), mae_init=self.mae_init, dtype=self.dtype, name="mlp"
+        )
+        y = mlp(layer_norm("norm2", self.mae_init, self.dtype)(x))
+        return x + drop_path(y, train=train)
+
+
+def max_pool_unrolled(x: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Max over the leading `stride` chunk of unrolled tokens: a 2x2 (or 1x2x2) max-pool."""
+    return x.reshape(x.shape[0], stride, -1, x.shape[-1]).max(axis=1)
+
+
+def head_init(scale: float):
+    """Classifier init: the official trunc_normal(0.02) weights and 0.02 bias, times `scale`."""
+
+    def kernel(key, shape, dtype=jnp.float32):
+        return HIERA_KERNEL_INIT(key, shape, dtype) * scale
+
+    def bias(key, shape, dtype=jnp.float32):
+        return jnp.full(shape, 0.02 * scale, dtype)
+
+    return dict(kernel_init=kernel, bias_init=bias)
+
+
+def fusion_head_init(kernel: Sequence[int], in_channels: int) -> dict:
+    """torch's default Conv init (the MAE fusion heads keep it): U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(in_channels * math.prod(kernel))
+
+    def bias(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return dict(
+        kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init=bias
+    )

@@ -1,0 +1,164 @@
+"""Hiera masked autoencoder (`HieraForPreTraining`), after the official `MaskedAutoencoderHiera`.
+
+The encoder sees only the kept mask units; the stage outputs before each q-pool are fused into
+the last stage's resolution; a light decoder fills the dropped units with a mask token and
+predicts normalised pixels of every token. The loss covers the dropped tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from hiera_jax import masking
+from hiera_jax.config import HieraConfig
+from hiera_jax.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
+from hiera_jax.model import HieraEncoder
+from hiera_jax.unroll import undo_windowing
+
+
+def pixel_labels(x: jnp.ndarray, config: HieraConfig) -> jnp.ndarray:
+    """[B, (T), H, W, C] -> per-token targets [B, N_pred, pred_dim], in raster token order.
+
+    Images flatten each patch as (C, py, px). Video keeps the official checkpoints' layout: the
+    first frame of each tubelet only, flattened as (py, px, C) (the official code calls the
+    difference "a mistake during training"; converted video checkpoints expect it).
+    """
+    p = config.pred_stride
+    if config.is_video:
+        x = x[:, :: config.patch_stride[0]]
+        batch, frames, height, width, channels = x.shape
+        x = x.reshape(batch, frames, height // p, p, width // p, p, channels)
+        x = x.transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(batch, frames * (height // p) * (width // p), p * p * channels)
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height // p, p, width // p, p, channels)
+    x = x.transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(batch, (height // p) * (width // p), channels * p * p)
+
+
+def normalize_targets(labels: jnp.ndarray) -> jnp.ndarray:
+    """Per-token (l - mean) / sqrt(unbiased var + 1e-6), as official `forward_loss` (norm=True)."""
+    mean = labels.mean(axis=-1, keepdims=True)
+    var = labels.var(axis=-1, keepdims=True, ddof=1)
+    return (labels - mean) / jnp.sqrt(var + 1.0e-6)
+
+
+class HieraForPreTraining(HieraEncoder):
+    """MAE pretraining model: `(loss, pred, label, mask)` as the official forward returns.
+
+    pred and label hold the dropped tokens only, flattened over the batch: [B·N_masked, pred_dim].
+    mask is the keep-mask [B, #MUs] (True = kept) that was used.
+    """
+
+    mae_init: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        mask: jnp.ndarray | None = None,
+        *,
+        train: bool = False,
+        return_reconstruction: bool = False,
+    ):
+        cfg = self.config
+        dtype = self.compute_dtype
+        keep = cfg.num_kept_mask_units
+        if mask is None:
+            mask = masking.random_keep_mask(
+                self.make_rng("mask"), x.shape[0], cfg.num_mask_units, cfg.mask_ratio
+            )
+        mask = jnp.asarray(mask)
+
+        # ---------------------------------------------------------------- encoder
+        _, maps = self.encode(x, mask, train=train, return_intermediates=True)
+        # Resolution is constant after the last q-pool: fuse the stages before it and the last.
+        maps = maps[: cfg.q_pool] + maps[-1:]
+        mu_final = cfg.mask_unit_spatial_shape_final
+        fused = 0.0
+        for i, stage_map in enumerate(maps):
+            if i < cfg.q_pool:
+                stage_map = self.fusion_head(i, stage_map, mu_final)
+            fused = fused + stage_map
+        latent = layer_norm("encoder_norm", True, dtype)(fused)  # [B, K, *mu_final, C]
+
+        # ---------------------------------------------------------------- decoder
+        latent = nn.Dense(
+            cfg.decoder_embed_dim, dtype=dtype, name="decoder_embed", **dense_inits(True)
+        )(latent)
+        mask_token = self.param(
+            "mask_token", nn.initializers.normal(0.02), (1, 1, cfg.decoder_embed_dim)
+        )
+        tokens = masking.scatter_kept_units(latent, mask, mask_token.reshape(-1))
+        grid_final = cfg.tokens_spatial_shape_final
+        tokens = undo_windowing(tokens, grid_final, mu_final)
+        tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])  # raster order
+        visible = jnp.broadcast_to(
+            mask.reshape(mask.shape + (1,) * (len(mu_final) + 1)),
+            mask.shape + tuple(mu_final) + (1,),
+        )
+        visible = undo_windowing(visible, grid_final, mu_final).reshape(mask.shape[0], -1)
+
+        pos = self.param(
+            "decoder_pos_embed",
+            nn.initializers.normal(0.02),
+            (1, math.prod(grid_final), cfg.decoder_embed_dim),
+        )
+        tokens = tokens + pos.astype(tokens.dtype)
+        block_cls = nn.remat(HieraBlock, static_argnums=(2,)) if cfg.remat else HieraBlock
+        for i in range(cfg.decoder_depth):
+            tokens = block_cls(
+                dim_out=cfg.decoder_embed_dim,
+                heads=cfg.decoder_num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                mae_init=True,
+                dtype=dtype,
+                name=f"decoder_blocks_{i}",
+            )(tokens, train)
+        tokens = layer_norm("decoder_norm", True, dtype)(tokens)
+        pred_all = nn.Dense(cfg.pred_dim, dtype=dtype, name="decoder_pred", **dense_inits(True))(
+            tokens
+        ).astype(jnp.float32)  # [B, N_pred, pred_dim]
+
+        # ---------------------------------------------------------------- loss
+        labels_all = normalize_targets(pixel_labels(x.astype(jnp.float32), cfg))
+        num_masked = visible.shape[1] - keep * math.prod(mu_final)
+        masked_idx = masking.kept_indices(~visible, num_masked)  # raster order of dropped tokens
+        pred = jnp.take_along_axis(pred_all, masked_idx[..., None], axis=1)
+        label = jnp.take_along_axis(labels_all, masked_idx[..., None], axis=1)
+        loss = jnp.mean((pred - label) ** 2)
+        pred = pred.reshape(-1, cfg.pred_dim)
+        label = label.reshape(-1, cfg.pred_dim)
+        if return_reconstruction:
+            return loss, pred, label, mask, {"pred": pred_all, "visible": visible}
+        return loss, pred, label, mask
+
+    def fusion_head(self, index: int, stage_map: jnp.ndarray, mu_final) -> jnp.ndarray:
+        """Strided conv taking [B, K, *mu, C] to the final mask-unit resolution [B, K, *mu_f, C']."""
+        batch, kept = stage_map.shape[:2]
+        kernel = tuple(m // f for m, f in zip(stage_map.shape[2:-1], mu_final))
+        conv = nn.Conv(
+            self.config.num_features,
+            kernel_size=kernel,
+            strides=kernel,
+            padding="VALID",
+            dtype=self.compute_dtype,
+            name=f"multi_scale_fusion_heads_{index}",
+            **fusion_head_init(kernel, stage_map.shape[-1]),
+        )
+        out = conv(stage_map.reshape(batch * kept, *stage_map.shape[2:]))
+        return out.reshape(batch, kept, *out.shape[1:])
+
+
+def unpatchify(tokens: jnp.ndarray, config: HieraConfig) -> jnp.ndarray:
+    """Inverse of `pixel_labels` for images: [B, N_pred, pred_dim] -> [B, H, W, C]."""
+    if config.is_video:
+        raise ValueError("unpatchify supports image models only")
+    p = config.pred_stride
+    gh, gw = config.tokens_spatial_shape_final
+    batch = tokens.shape[0]
+    x = tokens.reshape(batch, gh, gw, config.in_chans, p, p).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(batch, gh * p, gw * p, config.in_chans)

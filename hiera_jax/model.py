@@ -1,0 +1,201 @@
+"""Hiera backbone and classifier (Flax linen), channels-last.
+
+Parameter trees are flat and named like the official state dict (`patch_embed`, `pos_embed`,
+`blocks_{i}`, `norm`, `head`), so every model that shares the encoder shares its subtree names:
+an MAE checkpoint's encoder drops straight into a classifier for finetuning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hiera_jax import masking
+from hiera_jax.config import HieraConfig
+from hiera_jax.layers import HieraBlock, PatchEmbed, head_init, layer_norm
+from hiera_jax.unroll import reroll, unroll
+
+
+@flax.struct.dataclass
+class HieraModelOutput:
+    """Backbone outputs.
+
+    pooler_output: [B, C] mean of the last stage's tokens, layer-normed (None with a mask).
+    last_hidden_state: [B, N, C] tokens of the last block (only kept tokens with a mask).
+    feature_maps: per stage, [B, (T), H, W, C] in spatial order, or [B, #MUs_kept, *mu, C] with a
+        mask; None unless requested.
+    """
+
+    pooler_output: jnp.ndarray | None
+    last_hidden_state: jnp.ndarray
+    feature_maps: tuple[jnp.ndarray, ...] | None = None
+
+
+def check_input(config: HieraConfig, x: jnp.ndarray) -> None:
+    """ValueError naming the expected layout for an input of the wrong rank, size or channels."""
+    expected = (*config.input_size, config.in_chans)
+    layout = "[B, T, H, W, C]" if config.is_video else "[B, H, W, C]"
+    if x.ndim != len(expected) + 1:
+        raise ValueError(
+            f"expected input of rank {len(expected) + 1} {layout} (channels-last) with "
+            f"{layout[4:-1]} = {expected}, got shape {tuple(x.shape)}"
+        )
+    if tuple(x.shape[1:-1]) != tuple(config.input_size):
+        raise ValueError(
+            f"expected input size {tuple(config.input_size)} for this model, got "
+            f"{tuple(x.shape[1:-1])} (input shape {tuple(x.shape)}, layout {layout}); build "
+            f"the model with input_size={tuple(x.shape[1:-1])} to run at another size"
+        )
+    if x.shape[-1] != config.in_chans:
+        raise ValueError(
+            f"expected {config.in_chans} channels in the last axis ({layout}), got "
+            f"{x.shape[-1]} (input shape {tuple(x.shape)})"
+        )
+
+
+class HieraEncoder(nn.Module):
+    """Shared trunk: patch embed, position embedding, unroll, blocks.
+
+    Not a submodule of its own: subclasses call `encode` from their compact `__call__`, so the
+    encoder's parameters sit at the top level of every model's tree, as in the official keys.
+    """
+
+    config: HieraConfig
+    mae_init: bool = False  # official MAE models initialise with xavier/zero instead
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.config.dtype)
+
+    def pos_embed(self) -> jnp.ndarray:
+        cfg = self.config
+        init = nn.initializers.normal(0.02)  # official trunc_normal_(std=0.02)
+        dim = cfg.embed_dim
+        if cfg.sep_pos_embed:
+            frames, *spatial = cfg.tokens_spatial_shape
+            num_spatial = spatial[0] * spatial[1]
+            spatial_embed = self.param("pos_embed_spatial", init, (1, num_spatial, dim))
+            temporal_embed = self.param("pos_embed_temporal", init, (1, frames, dim))
+            # token index t·H·W + h·W + w: spatial tiled over T, temporal repeated H·W times.
+            return jnp.tile(spatial_embed, (1, frames, 1)) + jnp.repeat(
+                temporal_embed, num_spatial, axis=1
+            )
+        return self.param("pos_embed", init, (1, cfg.num_tokens, dim))
+
+    def encode(
+        self,
+        x: jnp.ndarray,
+        mask: jnp.ndarray | None,
+        *,
+        train: bool,
+        return_intermediates: bool,
+    ) -> tuple[jnp.ndarray, list[jnp.ndarray]]:
+        """[B, (T), H, W, C] -> (last tokens [B, N, C], per-stage maps if requested)."""
+        cfg = self.config
+        check_input(cfg, x)
+        keep = cfg.num_kept_mask_units
+        pixel_mask = None
+        if mask is not None:
+            masking.check_mask(mask, x.shape[0], cfg.num_mask_units, keep)
+            mask = mask.astype(bool)
+            pixel_mask = masking.mask_to_pixels(mask, cfg.mask_spatial_shape, cfg.input_size)
+        dtype = self.compute_dtype
+        x = PatchEmbed(
+            cfg.embed_dim,
+            cfg.patch_kernel,
+            cfg.patch_stride,
+            cfg.patch_padding,
+            mae_init=self.mae_init,
+            dtype=dtype,
+            name="patch_embed",
+        )(x.astype(dtype), pixel_mask)
+        x = x + self.pos_embed().astype(x.dtype)
+        x = unroll(x, cfg.tokens_spatial_shape, cfg.unroll_schedule)
+        if mask is not None:
+            x = masking.select_kept_tokens(x, mask, keep)
+            # A traced mask with the wrong keep count cannot raise: poison the output instead.
+            x = x * masking.count_guard(mask, keep).astype(x.dtype)
+
+        block_cls = nn.remat(HieraBlock, static_argnums=(2,)) if cfg.remat else HieraBlock
+        intermediates = []
+        stage = 0
+        for i, spec in enumerate(cfg.block_specs):
+            x = block_cls(
+                dim_out=spec.dim_out,
+                heads=spec.heads,
+                mlp_ratio=cfg.mlp_ratio,
+                drop_path=spec.drop_path,
+                q_stride=spec.q_stride,
+                window_size=spec.window_size,
+                use_mask_unit_attn=spec.use_mask_unit_attn,
+                mae_init=self.mae_init,
+                dtype=dtype,
+                name=f"blocks_{i}",
+            )(x, train)
+            if i in cfg.stage_ends:
+                if return_intermediates:
+                    schedule, size = cfg.reroll_plan(stage)
+                    intermediates.append(reroll(x, size, schedule, masked=mask is not None))
+                stage += 1
+        return x, intermediates
+
+
+class HieraModel(HieraEncoder):
+    """Hiera backbone: pooled features, last hidden state and (on request) per-stage maps."""
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        mask: jnp.ndarray | None = None,
+        *,
+        train: bool = False,
+        return_intermediates: bool = False,
+    ) -> HieraModelOutput:
+        tokens, maps = self.encode(x, mask, train=train, return_intermediates=return_intermediates)
+        pooled = None
+        if mask is None:
+            pooled = layer_norm("norm", self.mae_init, self.compute_dtype)(tokens.mean(axis=1))
+        return HieraModelOutput(
+            pooler_output=pooled,
+            last_hidden_state=tokens,
+            feature_maps=tuple(maps) if return_intermediates else None,
+        )
+
+
+class HieraForImageClassification(HieraEncoder):
+    """Backbone + mean pool + LayerNorm + dropout + linear head; returns logits (no softmax)."""
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        *,
+        train: bool = False,
+        return_features: bool = False,
+    ) -> jnp.ndarray | tuple[jnp.ndarray, dict[str, Any]]:
+        cfg = self.config
+        tokens, maps = self.encode(x, None, train=train, return_intermediates=return_features)
+        pooled = layer_norm("norm", self.mae_init, self.compute_dtype)(tokens.mean(axis=1))
+        pooled = nn.Dropout(cfg.head_dropout)(pooled, deterministic=not train)
+        logits = nn.Dense(
+            cfg.num_classes,
+            dtype=self.compute_dtype,
+            name="head",
+            **head_init(cfg.head_init_scale),
+        )(pooled)
+        logits = logits.astype(jnp.float32)
+        if return_features:
+            return logits, {"pooled": pooled, "feature_maps": tuple(maps)}
+        return logits
+
+
+def init_params(model: nn.Module, key: jax.Array, batch: int = 1) -> dict:
+    """Initialise parameters with a dummy input of the model's configured shape."""
+    cfg = model.config
+    x = jnp.zeros((batch, *cfg.input_size, cfg.in_chans), jnp.float32)
+    return model.init({"params": key, "mask": key, "dropout": key}, x)["params"]
