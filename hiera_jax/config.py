@@ -139,10 +139,6 @@ class HieraConfig:
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.num_kept_mask_units < 1:
-            raise ValueError(
-                f"mask_ratio={self.mask_ratio} keeps no mask unit out of {self.num_mask_units}"
-            )
 
     # ------------------------------------------------------------------ derived shapes
     @property

@@ -67,6 +67,10 @@ class HieraForPreTraining(HieraEncoder):
         cfg = self.config
         dtype = self.compute_dtype
         keep = cfg.num_kept_mask_units
+        if keep < 1:
+            raise ValueError(
+                f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {cfg.num_mask_units}"
+            )
         if mask is None:
             mask = masking.random_keep_mask(
                 self.make_rng("mask"), x.shape[0], cfg.num_mask_units, cfg.mask_ratio

@@ -198,4 +198,5 @@ def init_params(model: nn.Module, key: jax.Array, batch: int = 1) -> dict:
     """Initialise parameters with a dummy input of the model's configured shape."""
     cfg = model.config
     x = jnp.zeros((batch, *cfg.input_size, cfg.in_chans), jnp.float32)
-    return model.init({"params": key, "mask": key, "dropout": key}, x)["params"]
+    init = jax.jit(lambda k: model.init({"params": k, "mask": k, "dropout": k}, x)["params"])
+    return init(key)
