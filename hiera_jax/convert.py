@@ -293,5 +293,5 @@ def export_state_dict(
     out = {}
     for path, value in flat.items():
         key, array = flax_to_official(path, np.asarray(jax.device_get(value), dtype=np.float32))
-        out[key] = np.ascontiguousarray(array)
+        out[key] = np.array(array, order="C")  # a writable copy, so torch.from_numpy takes it
     return out

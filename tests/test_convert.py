@@ -1,0 +1,264 @@
+"""Weight conversion: official, timm and Hugging Face formats, the CLI, export, and errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from reference import official_model, random_input, rel_err, to_torch
+
+import hiera_jax
+from hiera_jax.model import init_params
+
+pytestmark = pytest.mark.reference
+TOL = 1e-4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(ROOT, "convert", "convert_pytorch.py")
+
+
+def _randomise_norms(model):
+    """Random LayerNorm affine and no all-zero tensor (timm zero-inits its head), so parity bites."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.1)
+                module.bias.normal_(0.0, 0.1)
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def _run_cli(*args, block_torch=False):
+    code = "import runpy, sys\n"
+    if block_torch:
+        code += "sys.modules['torch'] = None  # any import of torch now fails\n"
+    code += f"sys.argv = {[CLI, *args]!r}\nrunpy.run_path({CLI!r}, run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+def _logits(model, params, x):
+    return np.asarray(jax.jit(model.apply)({"params": params}, x))
+
+
+@pytest.fixture(scope="module")
+def tiny_official():
+    return official_model("hiera_tiny_224")
+
+
+@pytest.fixture(scope="module")
+def image():
+    return random_input((2, 224, 224, 3), seed=10)
+
+
+def test_timm_checkpoint(image):
+    import timm
+
+    torch.manual_seed(0)
+    model = _randomise_norms(timm.create_model("hiera_tiny_224", pretrained=False).eval())
+    sd = model.state_dict()
+    assert "head.fc.weight" in sd and "head.norm.weight" in sd
+    params = hiera_jax.convert_state_dict(sd, "hiera_tiny_224", source="timm")
+    auto = hiera_jax.convert_state_dict(sd, "hiera_tiny_224", source="auto")
+    jax.tree.map(np.testing.assert_array_equal, params, auto)
+    with torch.no_grad():
+        expected = model(to_torch(image)).numpy()
+    ours = _logits(hiera_jax.create_model("hiera_tiny_224"), params, image)
+    assert rel_err(ours, expected) < TOL
+
+
+def _hf_config(**kw):
+    from transformers import HieraConfig
+
+    return HieraConfig(embed_dim=96, depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8], **kw)
+
+
+def test_hugging_face_classifier_directory_converts_without_torch(tmp_path, image):
+    from transformers import HieraForImageClassification
+
+    torch.manual_seed(1)
+    hf = _randomise_norms(HieraForImageClassification(_hf_config(num_labels=1000)).eval())
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    with torch.no_grad():
+        expected = hf(to_torch(image)).logits.numpy()
+
+    result = _run_cli(
+        "--model",
+        "hiera_tiny_224",
+        "--input",
+        str(tmp_path / "hf"),
+        "--output",
+        str(tmp_path / "out"),
+        block_torch=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hf format" in result.stdout
+    model, params = hiera_jax.load_pretrained(str(tmp_path / "out"))
+    assert rel_err(_logits(model, params, image), expected) < TOL
+
+    # The directory's config.json is checked against the requested architecture.
+    result = _run_cli(
+        "--model",
+        "hiera_small_224",
+        "--input",
+        str(tmp_path / "hf"),
+        "--output",
+        str(tmp_path / "x"),
+    )
+    assert (
+        result.returncode == 2
+        and "depths: checkpoint [1, 2, 7, 2] vs model [1, 2, 11, 2]" in result.stderr
+    )
+
+
+def test_hugging_face_pretraining_model(image):
+    from transformers import HieraForPreTraining
+
+    torch.manual_seed(2)
+    cfg = _hf_config(
+        decoder_hidden_size=512, decoder_depth=8, decoder_num_heads=16, num_query_pool=2
+    )
+    hf = _randomise_norms(HieraForPreTraining(cfg).eval())
+    params = hiera_jax.convert_state_dict(hf.state_dict(), "mae_hiera_tiny_224", source="hf")
+    noise = torch.rand(2, 49)
+    with torch.no_grad():
+        out = hf(to_torch(image), noise=noise)
+    keep = np.argsort(np.argsort(noise.numpy(), 1), 1) < 19  # HF keeps the lowest noise
+    model = hiera_jax.create_model("mae_hiera_tiny_224")
+    loss, pred, _, _ = jax.jit(model.apply)({"params": params}, image, mask=keep)
+    visible = out.bool_masked_pos.numpy()  # at prediction resolution, True = visible
+    assert rel_err(pred, out.logits.numpy()[~visible]) < TOL
+    assert abs(float(loss) - float(out.loss)) / float(out.loss) < TOL
+
+
+def test_official_pth_through_the_cli(tmp_path, tiny_official, image):
+    path = tmp_path / "hiera_tiny_224.pth"
+    torch.save({"model_state": tiny_official.state_dict()}, path)
+    result = _run_cli(
+        "--model", "hiera_tiny_224", "--input", str(path), "--output", str(tmp_path / "out")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "official format" in result.stdout
+    model, params = hiera_jax.load_pretrained(str(tmp_path / "out"))
+    assert isinstance(model, hiera_jax.HieraForImageClassification)
+    with torch.no_grad():
+        expected = tiny_official(to_torch(image)).numpy()
+    assert rel_err(_logits(model, params, image), expected) < TOL
+
+
+@pytest.mark.parametrize("name", ["hiera_tiny_224", "mae_hiera_tiny_224"])
+def test_export_state_dict_runs_in_the_official_model(name, image):
+    """Params made here (random JAX init) load strictly into official PyTorch and agree."""
+    model = hiera_jax.create_model(name)
+    params = init_params(model, jax.random.key(7))
+    exported = hiera_jax.export_state_dict(params, name)
+    official = official_model(name)
+    official.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    if name.startswith("mae_"):
+        torch.manual_seed(0)
+        mask = official.get_random_mask(to_torch(image), 0.6)
+        with torch.no_grad():
+            loss, pred, _, _ = official(to_torch(image), mask=mask)
+        our_loss, our_pred, _, _ = jax.jit(model.apply)(
+            {"params": params}, image, mask=mask.numpy()
+        )
+        assert rel_err(our_pred, pred.numpy()) < TOL
+        assert abs(float(our_loss) - float(loss)) / float(loss) < TOL
+    else:
+        with torch.no_grad():
+            expected = official(to_torch(image)).numpy()
+        assert rel_err(_logits(model, params, image), expected) < TOL
+    # And back again: convert(export(params)) is the identity.
+    again = hiera_jax.convert_state_dict(exported, name)
+    jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, params))
+
+
+def test_conversion_errors_name_the_keys(tiny_official):
+    sd = dict(tiny_official.state_dict())
+    with pytest.raises(ValueError, match=r"has no place for: extra\.weight"):
+        hiera_jax.convert_state_dict({**sd, "extra.weight": torch.zeros(3)}, "hiera_tiny_224")
+    missing = {k: v for k, v in sd.items() if k != "blocks.3.attn.qkv.weight"}
+    with pytest.raises(ValueError, match=r"does not fill: blocks_3/attn/qkv/kernel"):
+        hiera_jax.convert_state_dict(missing, "hiera_tiny_224")
+    with pytest.raises(
+        ValueError,
+        match=r"head\.projection\.weight -> head/kernel: checkpoint \(768, 1000\).*\(768, 10\)",
+    ):
+        hiera_jax.convert_state_dict(
+            sd,
+            "hiera_tiny_224",
+        ) if False else hiera_jax.convert_state_dict(
+            sd, hiera_jax.get_config("hiera_tiny_224", num_classes=10)
+        )
+    with pytest.raises(ValueError, match=r"does not fill: .*blocks_11"):
+        hiera_jax.convert_state_dict(sd, "hiera_small_224")
+    with pytest.raises(ValueError, match="source must be one of"):
+        hiera_jax.convert_state_dict(sd, "hiera_tiny_224", source="onnx")
+    with pytest.raises(ValueError, match="params do not fit"):
+        hiera_jax.export_state_dict({"pos_embed": np.zeros((1, 3136, 96))}, "hiera_tiny_224")
+
+
+def test_cli_and_loader_report_missing_and_corrupt_files(tmp_path, tiny_official):
+    result = _run_cli(
+        "--model",
+        "hiera_tiny_224",
+        "--input",
+        str(tmp_path / "nope.pth"),
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr
+
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(os.urandom(1000))
+    result = _run_cli(
+        "--model", "hiera_tiny_224", "--input", str(corrupt), "--output", str(tmp_path / "o")
+    )
+    assert (
+        result.returncode == 2 and "cannot read" in result.stderr and "corrupt.pth" in result.stderr
+    )
+
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    result = _run_cli(
+        "--model", "hiera_tiny_224", "--input", str(bad_st), "--output", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+    result = _run_cli(
+        "--model", "hiera_nano", "--input", str(bad_st), "--output", str(tmp_path / "o")
+    )
+    assert result.returncode != 0 and "unknown model name 'hiera_nano'" in result.stderr
+
+    with pytest.raises(FileNotFoundError, match="not a hiera-jax model directory"):
+        hiera_jax.load_pretrained(str(tmp_path / "missing"))
+
+    # A saved model whose config no longer fits its parameters is refused, naming the keys.
+    params = hiera_jax.convert_state_dict(tiny_official.state_dict(), "hiera_tiny_224")
+    cfg = hiera_jax.get_config("hiera_tiny_224")
+    out = hiera_jax.save_pretrained(
+        str(tmp_path / "saved"), params, cfg, model_type="classification"
+    )
+    wrong = hiera_jax.get_config("hiera_tiny_224", num_classes=10)
+    hiera_jax.save_pretrained(str(tmp_path / "wrong"), params, cfg, model_type="classification")
+    import json
+
+    meta = json.loads((tmp_path / "wrong" / "config.json").read_text())
+    meta["config"] = wrong.to_dict()
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"head/kernel: stored \(768, 1000\) vs model \(768, 10\)"):
+        hiera_jax.load_pretrained(str(tmp_path / "wrong"))
+
+    # Truncate every data file of the saved params: the loader must refuse, not return garbage.
+    for root, _, files in os.walk(os.path.join(out, "params")):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.getsize(path) > 1000:
+                with open(path, "r+b") as fh:
+                    fh.truncate(100)
+    with pytest.raises(ValueError, match="cannot re"):
+        hiera_jax.load_pretrained(out)
