@@ -7,3 +7,31 @@ imported anywhere, which is why it lives here.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+_PARITY: list[tuple[str, str, str, float]] = []
+
+
+@pytest.fixture
+def record_parity():
+    """Log a measured parity error; `HIERA_PARITY_REPORT=path` writes them all as a table."""
+
+    def record(model: str, source: str, quantity: str, error: float) -> float:
+        _PARITY.append((model, source, quantity, error))
+        return error
+
+    return record
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("HIERA_PARITY_REPORT")
+    if not path or not _PARITY:
+        return
+    lines = [
+        "| model | weights from | output | relative error |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {m} | {s} | {q} | {e:.1e} |" for m, s, q, e in _PARITY]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -54,7 +54,7 @@ def image():
     return random_input((2, 224, 224, 3), seed=10)
 
 
-def test_timm_checkpoint(image):
+def test_timm_checkpoint(image, record_parity):
     import timm
 
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_timm_checkpoint(image):
     with torch.no_grad():
         expected = model(to_torch(image)).numpy()
     ours = _logits(hiera_jax.create_model("hiera_tiny_224"), params, image)
-    assert rel_err(ours, expected) < TOL
+    assert record_parity("hiera_tiny_224", "timm", "logits", rel_err(ours, expected)) < TOL
 
 
 def _hf_config(**kw):
@@ -76,7 +76,7 @@ def _hf_config(**kw):
     return HieraConfig(embed_dim=96, depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8], **kw)
 
 
-def test_hugging_face_classifier_directory_converts_without_torch(tmp_path, image):
+def test_hugging_face_classifier_directory_converts_without_torch(tmp_path, image, record_parity):
     from transformers import HieraForImageClassification
 
     torch.manual_seed(1)
@@ -98,7 +98,8 @@ def test_hugging_face_classifier_directory_converts_without_torch(tmp_path, imag
     assert result.returncode == 0, result.stderr
     assert "hf format" in result.stdout
     model, params = hiera_jax.load_pretrained(str(tmp_path / "out"))
-    assert rel_err(_logits(model, params, image), expected) < TOL
+    err = rel_err(_logits(model, params, image), expected)
+    assert record_parity("hiera_tiny_224", "Hugging Face dir (CLI, no torch)", "logits", err) < TOL
 
     # The directory's config.json is checked against the requested architecture.
     result = _run_cli(
@@ -115,7 +116,7 @@ def test_hugging_face_classifier_directory_converts_without_torch(tmp_path, imag
     )
 
 
-def test_hugging_face_pretraining_model(image):
+def test_hugging_face_pretraining_model(image, record_parity):
     from transformers import HieraForPreTraining
 
     torch.manual_seed(2)
@@ -131,11 +132,13 @@ def test_hugging_face_pretraining_model(image):
     model = hiera_jax.create_model("mae_hiera_tiny_224")
     loss, pred, _, _ = jax.jit(model.apply)({"params": params}, image, mask=keep)
     visible = out.bool_masked_pos.numpy()  # at prediction resolution, True = visible
-    assert rel_err(pred, out.logits.numpy()[~visible]) < TOL
-    assert abs(float(loss) - float(out.loss)) / float(out.loss) < TOL
+    err = rel_err(pred, out.logits.numpy()[~visible])
+    assert record_parity("mae_hiera_tiny_224", "Hugging Face", "pred", err) < TOL
+    err = rel_err(loss, out.loss.numpy())
+    assert record_parity("mae_hiera_tiny_224", "Hugging Face", "loss", err) < TOL
 
 
-def test_official_pth_through_the_cli(tmp_path, tiny_official, image):
+def test_official_pth_through_the_cli(tmp_path, tiny_official, image, record_parity):
     path = tmp_path / "hiera_tiny_224.pth"
     torch.save({"model_state": tiny_official.state_dict()}, path)
     result = _run_cli(
@@ -147,11 +150,12 @@ def test_official_pth_through_the_cli(tmp_path, tiny_official, image):
     assert isinstance(model, hiera_jax.HieraForImageClassification)
     with torch.no_grad():
         expected = tiny_official(to_torch(image)).numpy()
-    assert rel_err(_logits(model, params, image), expected) < TOL
+    err = rel_err(_logits(model, params, image), expected)
+    assert record_parity("hiera_tiny_224", "official .pth (CLI)", "logits", err) < TOL
 
 
 @pytest.mark.parametrize("name", ["hiera_tiny_224", "mae_hiera_tiny_224"])
-def test_export_state_dict_runs_in_the_official_model(name, image):
+def test_export_state_dict_runs_in_the_official_model(name, image, record_parity):
     """Params made here (random JAX init) load strictly into official PyTorch and agree."""
     model = hiera_jax.create_model(name)
     params = init_params(model, jax.random.key(7))
@@ -166,12 +170,17 @@ def test_export_state_dict_runs_in_the_official_model(name, image):
         our_loss, our_pred, _, _ = jax.jit(model.apply)(
             {"params": params}, image, mask=mask.numpy()
         )
-        assert rel_err(our_pred, pred.numpy()) < TOL
-        assert abs(float(our_loss) - float(loss)) / float(loss) < TOL
+        err = rel_err(our_pred, pred.numpy())
+        assert record_parity(name, "exported to official", "pred", err) < TOL
+        assert (
+            record_parity(name, "exported to official", "loss", rel_err(our_loss, loss.numpy()))
+            < TOL
+        )
     else:
         with torch.no_grad():
             expected = official(to_torch(image)).numpy()
-        assert rel_err(_logits(model, params, image), expected) < TOL
+        err = rel_err(_logits(model, params, image), expected)
+        assert record_parity(name, "exported to official", "logits", err) < TOL
     # And back again: convert(export(params)) is the identity.
     again = hiera_jax.convert_state_dict(exported, name)
     jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, params))

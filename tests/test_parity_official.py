@@ -28,7 +28,7 @@ def _convert(official, name, **overrides):
     "name, input_size",
     [("hiera_tiny_224", (224, 224)), ("hiera_base_plus_224", (128, 128))],
 )
-def test_image_classifier_logits(name, input_size):
+def test_image_classifier_logits(name, input_size, record_parity):
     official = official_model(name, input_size=input_size)
     config, params = _convert(official, name, input_size=input_size)
     x = random_input((2, *input_size, 3))
@@ -36,10 +36,13 @@ def test_image_classifier_logits(name, input_size):
         expected = official(to_torch(x)).numpy()
     model = hiera_jax.HieraForImageClassification(config)
     logits = jax.jit(model.apply)({"params": params}, x)
-    assert rel_err(logits, expected) < TOL
+    assert (
+        record_parity(f"{name} @{input_size}", "official", "logits", rel_err(logits, expected))
+        < TOL
+    )
 
 
-def test_backbone_feature_maps_pooled_and_masked_tokens():
+def test_backbone_feature_maps_pooled_and_masked_tokens(record_parity):
     name = "hiera_tiny_224"
     official = official_model(name)
     config, params = _convert(official, name)
@@ -53,10 +56,12 @@ def test_backbone_feature_maps_pooled_and_masked_tokens():
         pooled = official.norm(last.mean(1)).numpy()
     out = apply({"params": backbone_params}, x, return_intermediates=True)
     assert len(out.feature_maps) == 4
-    for ours, theirs in zip(out.feature_maps, maps, strict=True):
-        assert rel_err(ours, theirs.numpy()) < TOL  # both [B, H, W, C]
+    for stage, (ours, theirs) in enumerate(zip(out.feature_maps, maps, strict=True)):
+        err = rel_err(ours, theirs.numpy())  # both [B, H, W, C]
+        assert record_parity("HieraModel tiny", "official", f"stage {stage + 1} map", err) < TOL
     assert rel_err(out.last_hidden_state, last.numpy()) < TOL
-    assert rel_err(out.pooler_output, pooled) < TOL
+    err = rel_err(out.pooler_output, pooled)
+    assert record_parity("HieraModel tiny", "official", "pooled", err) < TOL
 
     # With a keep-mask the official model returns the kept tokens and [B, #MUs, mu, mu, C] maps.
     torch.manual_seed(3)
@@ -65,7 +70,8 @@ def test_backbone_feature_maps_pooled_and_masked_tokens():
         masked_last, masked_maps = official(to_torch(x), mask=mask, return_intermediates=True)
     out = apply({"params": backbone_params}, x, mask=mask.numpy(), return_intermediates=True)
     assert out.pooler_output is None
-    assert rel_err(out.last_hidden_state, masked_last.numpy()) < TOL
+    err = rel_err(out.last_hidden_state, masked_last.numpy())
+    assert record_parity("HieraModel tiny", "official", "masked tokens", err) < TOL
     for ours, theirs in zip(out.feature_maps, masked_maps, strict=True):
         assert rel_err(ours, theirs.numpy()) < TOL
 
@@ -79,7 +85,7 @@ def _last_tokens(official, x):
     return tokens
 
 
-def _check_mae(name, input_size, mask_ratio, seed):
+def _check_mae(name, input_size, mask_ratio, seed, record):
     official = official_model(name, input_size=input_size)
     config, params = _convert(official, name, input_size=input_size, mask_ratio=mask_ratio)
     x = random_input((2, *input_size, 3), seed=seed)
@@ -92,16 +98,17 @@ def _check_mae(name, input_size, mask_ratio, seed):
         {"params": params}, x, mask=mask.numpy()
     )
     np.testing.assert_array_equal(np.asarray(our_mask), used.numpy())
-    assert rel_err(our_label, label.numpy()) < TOL
-    assert rel_err(our_pred, pred.numpy()) < TOL
-    assert abs(float(our_loss) - float(loss)) / abs(float(loss)) < TOL
+    tag = f"{name} @{input_size}"
+    assert record(tag, "official", "label", rel_err(our_label, label.numpy())) < TOL
+    assert record(tag, "official", "pred", rel_err(our_pred, pred.numpy())) < TOL
+    assert record(tag, "official", "loss", rel_err(our_loss, loss.numpy())) < TOL
 
 
-def test_mae_image_loss_predictions_labels_with_given_mask():
-    _check_mae("mae_hiera_tiny_224", (224, 224), 0.6, seed=4)
+def test_mae_image_loss_predictions_labels_with_given_mask(record_parity):
+    _check_mae("mae_hiera_tiny_224", (224, 224), 0.6, seed=4, record=record_parity)
 
 
-def test_video_classifier_logits_and_feature_maps():
+def test_video_classifier_logits_and_feature_maps(record_parity):
     name, input_size = "hiera_base_16x224", (8, 64, 64)  # reduced from 16x224x224 for CI
     official = official_model(name, input_size=input_size)
     config, params = _convert(official, name, input_size=input_size)
@@ -112,12 +119,13 @@ def test_video_classifier_logits_and_feature_maps():
     logits, features = jax.jit(model.apply, static_argnames="return_features")(
         {"params": params}, x, return_features=True
     )
-    assert rel_err(logits, expected.numpy()) < TOL
+    err = rel_err(logits, expected.numpy())
+    assert record_parity(f"{name} @{input_size}", "official", "logits", err) < TOL
     for ours, theirs in zip(features["feature_maps"], maps, strict=True):
         assert ours.ndim == 5  # [B, T, H, W, C]
         assert rel_err(ours, theirs.numpy()) < TOL
 
 
-def test_mae_video_loss_predictions_labels_with_given_mask():
+def test_mae_video_loss_predictions_labels_with_given_mask(record_parity):
     # Keeps the official video label layout (first frame of each tubelet, (py, px, C)).
-    _check_mae("mae_hiera_base_16x224", (8, 64, 64), 0.5, seed=6)
+    _check_mae("mae_hiera_base_16x224", (8, 64, 64), 0.5, seed=6, record=record_parity)

@@ -1,0 +1,19 @@
+"""The README is the front door: its set-up commands must be what CI runs."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(*parts):
+    with open(os.path.join(ROOT, *parts)) as f:
+        return f.read()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = _read("README.md")
+    command = re.search(r"```bash\n(pip install -e \"\.\[dev\]\".*pytest.*)\n```", readme)
+    assert command, "README.md must show the test set-up command in a bash block"
+    ci_lines = [line.strip() for line in _read(".ci", "run").splitlines()]
+    assert command.group(1) in ci_lines
