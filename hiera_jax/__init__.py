@@ -10,7 +10,7 @@ from hiera_jax.config import HieraConfig, get_config, is_pretraining_name, list_
 from hiera_jax.convert import convert_state_dict, export_state_dict
 from hiera_jax.io import load_pretrained, save_pretrained
 from hiera_jax.mae import HieraForPreTraining
-from hiera_jax.model import HieraForImageClassification, HieraModel, HieraModelOutput
+from hiera_jax.model import HieraForImageClassification, HieraModel, HieraModelOutput, init_params
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "list_models",
     "get_config",
     "create_model",
+    "init_params",
     "convert_state_dict",
     "export_state_dict",
     "load_pretrained",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 Shape = tuple[int, ...]
@@ -187,7 +187,7 @@ class HieraConfig:
         stage_ends = self.stage_ends
         q_pool_blocks = [end + 1 for end in stage_ends[: self.q_pool]]
         depth = self.depth
-        # torch.linspace(0, rate, depth) in float32, as the official stochastic depth rule.
+        # Linear from 0 to drop_path_rate over the blocks (official torch.linspace rule).
         rates = [self.drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         specs, stage = [], 0
         for i in range(depth):
@@ -325,7 +325,3 @@ def resolve_config(name_or_config: str | HieraConfig, **overrides: Any) -> Hiera
     if isinstance(name_or_config, HieraConfig):
         return name_or_config.replace(**overrides) if overrides else name_or_config
     return get_config(name_or_config, **overrides)
-
-
-def as_shape(value: int | Sequence[int], dims: int) -> Shape:
-    return (value,) * dims if isinstance(value, int) else tuple(value)

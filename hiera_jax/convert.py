@@ -130,8 +130,8 @@ def hf_to_official_key(key: str, config: HieraConfig) -> str | None:
 
 def to_official_keys(
     state_dict: Mapping[str, Any], source: str, config: HieraConfig
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Rename a state dict to official keys; returns (renamed, source keys with no rule)."""
+) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
+    """Rename to official keys: ({official key: (source key, array)}, source keys with no rule)."""
     renamed, unused = {}, []
     for key, value in state_dict.items():
         if source == "official":

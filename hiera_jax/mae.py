@@ -72,6 +72,10 @@ class HieraForPreTraining(HieraEncoder):
                 f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {cfg.num_mask_units}"
             )
         if mask is None:
+            if not self.has_rng("mask"):
+                raise ValueError(
+                    "HieraForPreTraining needs a keep-mask: pass mask=... or rngs={'mask': key}"
+                )
             mask = masking.random_keep_mask(
                 self.make_rng("mask"), x.shape[0], cfg.num_mask_units, cfg.mask_ratio
             )

@@ -187,3 +187,13 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits():
     assert bf16.dtype == jnp.float32  # logits are returned in float32
     err = float(jnp.abs(bf16 - f32).max() / jnp.abs(f32).max())
     assert 0 < err < 5e-2, err
+
+
+def test_mae_without_mask_or_rng_says_what_to_pass():
+    model = HieraForPreTraining(SMALL_MAE)
+    with pytest.raises(ValueError, match=r"pass mask=\.\.\. or rngs=\{'mask': key\}"):
+        jax.eval_shape(
+            lambda: model.apply(
+                {"params": abstract_params(SMALL_MAE, "pretraining")}, jnp.zeros((1, 128, 128, 3))
+            )
+        )

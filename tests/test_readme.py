@@ -17,3 +17,11 @@ def test_ci_runs_the_readme_test_command():
     assert command, "README.md must show the test set-up command in a bash block"
     ci_lines = [line.strip() for line in _read(".ci", "run").splitlines()]
     assert command.group(1) in ci_lines
+
+
+def test_quick_start_runs():
+    readme = _read("README.md")
+    snippet = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "README.md quick start", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 1000)
