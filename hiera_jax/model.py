@@ -25,7 +25,9 @@ class HieraModelOutput:
     """Backbone outputs.
 
     pooler_output: [B, C] mean of the last stage's tokens, layer-normed (None with a mask).
-    last_hidden_state: [B, N, C] tokens of the last block (only kept tokens with a mask).
+    last_hidden_state: [B, N, C] tokens of the last block (only kept tokens with a mask); in
+        raster order when every unroll stride has been pooled (q_pool = len(stages) - 1, the
+        classifiers), still unrolled otherwise (MAE encoders): use feature_maps[-1] for a map.
     feature_maps: per stage, [B, (T), H, W, C] in spatial order, or [B, #MUs_kept, *mu, C] with a
         mask; None unless requested.
     """
