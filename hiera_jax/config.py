@@ -231,6 +231,21 @@ class HieraConfig:
             size = tuple(n // s for n, s in zip(size, strides))
         return schedule, size
 
+    def check_masking_supported(self) -> None:
+        """ValueError unless mask units are exactly the unrolled windows, as masking requires.
+
+        After unrolling, token n belongs to window n % (#tokens / q_stride**(len(stages)-1));
+        dropping mask units by that index (the official recipe) is only right when those
+        windows are the mask units. Every official model satisfies this (8 = 2**3).
+        """
+        window = tuple(s ** (len(self.stages) - 1) for s in self.q_stride)
+        if tuple(self.mask_unit_size) != window:
+            raise ValueError(
+                f"masking needs mask_unit_size == q_stride ** (len(stages) - 1) = {window}, "
+                f"got {tuple(self.mask_unit_size)}: with {len(self.stages)} stages the unrolled "
+                f"windows are {window} tokens"
+            )
+
     # MAE shapes ------------------------------------------------------------------
     @property
     def mask_unit_spatial_shape_final(self) -> Shape:

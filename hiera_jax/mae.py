@@ -67,6 +67,7 @@ class HieraForPreTraining(HieraEncoder):
         cfg = self.config
         dtype = self.compute_dtype
         keep = cfg.num_kept_mask_units
+        cfg.check_masking_supported()
         if keep < 1:
             raise ValueError(
                 f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {cfg.num_mask_units}"

@@ -102,6 +102,7 @@ class HieraEncoder(nn.Module):
         keep = cfg.num_kept_mask_units
         pixel_mask = None
         if mask is not None:
+            cfg.check_masking_supported()
             masking.check_mask(mask, x.shape[0], cfg.num_mask_units, keep)
             mask = mask.astype(bool)
             pixel_mask = masking.mask_to_pixels(mask, cfg.mask_spatial_shape, cfg.input_size)

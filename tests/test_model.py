@@ -197,3 +197,16 @@ def test_mae_without_mask_or_rng_says_what_to_pass():
                 {"params": abstract_params(SMALL_MAE, "pretraining")}, jnp.zeros((1, 128, 128, 3))
             )
         )
+
+
+def test_masking_with_mask_units_other_than_the_unrolled_windows_is_refused():
+    # 3 stages unroll twice: windows of 4x4 tokens, so 8x8 mask units cannot be dropped.
+    cfg = SMALL_MAE.replace(stages=(1, 1, 1), mask_unit_attn=(True, False, False), q_pool=1)
+    model = HieraForPreTraining(cfg)
+    with pytest.raises(ValueError, match=r"masking needs mask_unit_size == .* \(4, 4\)"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+    ok = cfg.replace(mask_unit_size=(4, 4), mask_ratio=0.75)
+    rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
+    x = jnp.zeros((1, 128, 128, 3))
+    shapes = jax.eval_shape(lambda: HieraForPreTraining(ok).init(rngs, x))
+    assert "decoder_pred" in shapes["params"]
