@@ -63,7 +63,7 @@ def train_step(state, batch, key, *, model, tx, lr_fn, task, label_smoothing, nu
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(step), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step), **aux}
     return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
 
 
@@ -148,13 +148,14 @@ def train_and_evaluate(
     *,
     devices=None,
     return_params: bool = False,
+    return_state: bool = False,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) as `config` says, in `workdir`; returns a summary dict.
 
     The summary has `step`, `history` (the train metrics logged by this call), `eval` (the last
     evaluation), `stopped_early` (a signal or preemption stopped the run), the paths written and,
-    with return_params, the final params as numpy arrays.
+    with return_params, the final params as numpy arrays (return_state: the live sharded state).
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -423,4 +424,7 @@ def train_and_evaluate(
         )
     if return_params:
         summary["params"] = final_params
+    if return_state:
+        summary["state"] = state  # the live, sharded arrays (tests check their shardings)
+        summary["mesh"] = mesh
     return summary
