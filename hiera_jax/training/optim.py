@@ -25,7 +25,9 @@ def learning_rate(base_lr: float, batch_size: int, lr_scaling_batch: int) -> flo
 def schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
     """Linear warmup from 0 for `warmup_steps`, then cosine to `min_lr` at `total_steps`."""
     total_steps = max(int(total_steps), 1)
-    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
+    warmup_steps = max(int(warmup_steps), 0)
+    if warmup_steps >= total_steps:  # a run shorter than its warmup: only the linear ramp
+        return optax.linear_schedule(0.0, peak_lr, warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak_lr,
