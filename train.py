@@ -23,9 +23,13 @@ DEFAULT_WORKDIR = os.path.join(".", "runs", "digits_mae")
 config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training config file (ml_collections get_config).", lock_config=True
 )
-flags.DEFINE_string("workdir", None, f"Run directory (default {DEFAULT_WORKDIR} for the default config).")
+flags.DEFINE_string(
+    "workdir", None, f"Run directory (default {DEFAULT_WORKDIR} for the default config)."
+)
 flags.DEFINE_bool("multi_process", False, "Call jax.distributed.initialize() (multi-host runs).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, no auto-detect).")
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host, no auto-detect)."
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, no auto-detect).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host, no auto-detect).")
 FLAGS = flags.FLAGS
@@ -70,7 +74,9 @@ def main(argv):
         where.append(f"reconstruction pictures in {summary['pictures_dir']}")
     where.append(f"metrics in {summary['metrics_file']} and {summary['workdir']}/tensorboard")
     if summary["stopped_early"]:
-        print(f"Stopped early at step {summary['step']}; run the same command to resume.", flush=True)
+        print(
+            f"Stopped early at step {summary['step']}; run the same command to resume.", flush=True
+        )
     print("Output: " + "; ".join(where), flush=True)
 
 

@@ -6,7 +6,7 @@ import glob
 import importlib.util
 import os
 
-from tests import train_helpers as th
+import train_helpers as th
 
 th.force_cpu_devices()
 
@@ -18,8 +18,12 @@ from hiera_jax.training.config import hiera_config  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(th.REPO, "configs", "*.py")))
-SIZES = {"in1k_mae": ["tiny", "huge"], "in1k_finetune": ["tiny", "huge"], "k400_mae": ["base", "huge"],
-         "k400_finetune": ["base", "huge"]}
+SIZES = {
+    "in1k_mae": ["tiny", "huge"],
+    "in1k_finetune": ["tiny", "huge"],
+    "k400_mae": ["base", "huge"],
+    "k400_finetune": ["base", "huge"],
+}
 
 
 def _load(path):
@@ -52,9 +56,14 @@ def test_bfloat16_and_remat_train(tmp_path):
         total_steps=3, model__dtype="bfloat16", model__remat=True, mesh_shape=(1, 2)
     )
     summary = train_and_evaluate(
-        th.make_config("mae", values), str(tmp_path), devices=jax.devices()[:2],
-        return_params=True, progress=False,
+        th.make_config("mae", values),
+        str(tmp_path),
+        devices=jax.devices()[:2],
+        return_params=True,
+        progress=False,
     )
     losses = [h["loss"] for h in summary["history"]]
     assert len(losses) == 3 and np.all(np.isfinite(losses))
-    assert {np.asarray(x).dtype for x in jax.tree.leaves(summary["params"])} == {np.dtype("float32")}
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(summary["params"])} == {
+        np.dtype("float32")
+    }

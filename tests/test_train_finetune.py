@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from tests import train_helpers as th
+import train_helpers as th
 
 th.force_cpu_devices()
 
@@ -62,7 +62,9 @@ def test_pretrain_then_finetune(tmp_path, mae_run):
     params = flax.traverse_util.flatten_dict(first["params"], sep="/")
     source = flax.traverse_util.flatten_dict(mae_params, sep="/")
     encoder = [k for k in params if k.startswith(("patch_embed", "pos_embed", "blocks_"))]
-    assert len(encoder) == len([k for k in source if k.startswith(("patch_embed", "pos_embed", "blocks_"))])
+    assert len(encoder) == len(
+        [k for k in source if k.startswith(("patch_embed", "pos_embed", "blocks_"))]
+    )
     for name in encoder:
         np.testing.assert_array_equal(params[name], np.asarray(source[name]), err_msg=name)
     assert "head/kernel" in params and "head/kernel" not in source
@@ -117,7 +119,9 @@ def test_layer_decay_and_weight_decay_groups():
         "norm": {"scale": np.zeros(4)},
         "head": {"kernel": np.zeros((4, 10)), "bias": np.zeros(10)},
     }
-    scales = flax.traverse_util.flatten_dict(optim.layer_scales(params, depth=2, decay=0.5), sep="/")
+    scales = flax.traverse_util.flatten_dict(
+        optim.layer_scales(params, depth=2, decay=0.5), sep="/"
+    )
     assert scales["patch_embed/proj/kernel"] == scales["pos_embed"] == 0.5**3
     assert scales["blocks_0/mlp/fc1/kernel"] == 0.5**2
     assert scales["blocks_1/norm1/scale"] == 0.5
@@ -159,7 +163,12 @@ def test_mixup_cutmix_labels_are_distributions():
 
 
 def test_randaugment_and_erasing_keep_shapes():
-    assert data_lib.parse_randaug("rand-m9-mstd0.5-inc1") == {"m": 9.0, "mstd": 0.5, "n": 2.0, "inc": 1.0}
+    assert data_lib.parse_randaug("rand-m9-mstd0.5-inc1") == {
+        "m": 9.0,
+        "mstd": 0.5,
+        "n": 2.0,
+        "inc": 1.0,
+    }
     cfg = th.make_config("classification").data
     cfg.randaug, cfg.reprob = "rand-m9-mstd0.5-inc1", 1.0
     transform = data_lib.Transform(cfg, (32, 32), 1, train=True)
@@ -174,7 +183,9 @@ def test_folder_source(tmp_path):
         for cls in ("cat", "dog"):
             os.makedirs(tmp_path / split / cls)
             for i in range(3):
-                Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
     train = data_lib.FolderSource(str(tmp_path), "train")
     val = data_lib.FolderSource(str(tmp_path), "val", classes=train.classes)
     assert len(train) == 6 and train.num_classes == 2 and train.classes == ["cat", "dog"]

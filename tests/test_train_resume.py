@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from tests import train_helpers as th
+import train_helpers as th
 
 th.force_cpu_devices()
 
@@ -172,8 +172,15 @@ def test_batches_are_a_function_of_seed_and_step():
 
     def loader(index=0, count=1):
         return data_lib.TrainLoader(
-            source, transform, global_batch=16, seed=3, num_classes=10, data_config=config.data,
-            with_labels=True, process_index=index, process_count=count,
+            source,
+            transform,
+            global_batch=16,
+            seed=3,
+            num_classes=10,
+            data_config=config.data,
+            with_labels=True,
+            process_index=index,
+            process_count=count,
         )
 
     a, b = loader(), loader()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests import train_helpers as th
+import train_helpers as th
 
 th.force_cpu_devices()
 

@@ -85,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig:
     """The HieraConfig a training config describes."""
-    kwargs: dict[str, Any] = dict(config.model.to_dict()) if hasattr(config.model, "to_dict") else dict(config.model)
+    kwargs: dict[str, Any] = (
+        dict(config.model.to_dict()) if hasattr(config.model, "to_dict") else dict(config.model)
+    )
     name = kwargs.pop("name", None)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if name:

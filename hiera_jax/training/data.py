@@ -133,9 +133,7 @@ class TfdsSource:
                 "data.source='tfds' needs tensorflow-datasets: pip install -e '.[tfds]'"
             ) from err
         try:
-            self.ds = tfds.data_source(
-                name, data_dir=data_dir or None, split=split, download=False
-            )
+            self.ds = tfds.data_source(name, data_dir=data_dir or None, split=split, download=False)
         except Exception as err:  # DatasetNotFoundError, missing files, TFRecord-only data
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} (split {split!r}) is not prepared as ArrayRecord under "
@@ -164,7 +162,9 @@ class TfdsSource:
 class FolderSource:
     """`root/<split>/<class>/<image>` (or `root/<class>/<image>` for the train split), read with PIL."""
 
-    def __init__(self, root: str, split: str, channels: int = 3, classes: Sequence[str] | None = None):
+    def __init__(
+        self, root: str, split: str, channels: int = 3, classes: Sequence[str] | None = None
+    ):
         base = os.path.join(root, split)
         if not os.path.isdir(base):
             if split == "train" and os.path.isdir(root):
@@ -221,9 +221,7 @@ def make_source(data_config: Any, split: str, input_size: Sequence[int], train_s
         return FolderSource(
             data_config.data_dir, split, channels=len(data_config.mean), classes=classes
         )
-    raise ValueError(
-        f"data.source must be digits, moving_digits, tfds or folder, got {kind!r}"
-    )
+    raise ValueError(f"data.source must be digits, moving_digits, tfds or folder, got {kind!r}")
 
 
 # ============================================================================ augmentations
@@ -527,7 +525,10 @@ class TrainLoader:
             labels = np.asarray([r[1] for r in results], np.int64)
             onehot = np.eye(self.num_classes, dtype=np.float32)[labels]
             images, onehot = mix_batch(
-                images, onehot, np.random.default_rng([self.seed, step, 2**31 + self.row0]), self.cfg
+                images,
+                onehot,
+                np.random.default_rng([self.seed, step, 2**31 + self.row0]),
+                self.cfg,
             )
             out = {"image": images, "label": onehot}
         return out

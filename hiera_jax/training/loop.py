@@ -104,7 +104,9 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
     """
     path = os.path.abspath(path)
     candidates = [path, os.path.join(path, "model")]
-    directory = next((c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None)
+    directory = next(
+        (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
+    )
     if directory is None:
         raise FileNotFoundError(
             f"init_from={path} is neither a hiera-jax model directory (config.json + params/, "
@@ -182,7 +184,10 @@ def train_and_evaluate(
     if train_source.channels != mcfg.in_chans:
         log.info("data has %d channels, model %d: converting", train_source.channels, mcfg.in_chans)
     num_classes = mcfg.num_classes
-    if task == "classification" and getattr(train_source, "num_classes", num_classes) != num_classes:
+    if (
+        task == "classification"
+        and getattr(train_source, "num_classes", num_classes) != num_classes
+    ):
         raise ValueError(
             f"the dataset has {train_source.num_classes} classes but the model "
             f"num_classes={num_classes}; set --config.model.num_classes"
@@ -223,7 +228,11 @@ def train_and_evaluate(
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
     train_batch_sh = {"image": batch_sh, **({"label": batch_sh} if with_labels else {})}
-    eval_batch_sh = {"image": batch_sh, "valid": batch_sh, **({"label": batch_sh} if with_labels else {})}
+    eval_batch_sh = {
+        "image": batch_sh,
+        "valid": batch_sh,
+        **({"label": batch_sh} if with_labels else {}),
+    }
 
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(key)
@@ -301,8 +310,13 @@ def train_and_evaluate(
     logger.print(
         f"{task}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, batch {config.batch_size}, "
         f"{total_steps} steps ({steps_per_epoch:.1f}/epoch), peak lr {peak_lr:.3g}, "
-        + (f"resumed at step {start_step}" if resumed_from is not None else "from scratch"
-           if not config.init_from else f"encoder from {config.init_from}")
+        + (
+            f"resumed at step {start_step}"
+            if resumed_from is not None
+            else "from scratch"
+            if not config.init_from
+            else f"encoder from {config.init_from}"
+        )
     )
 
     pictures_dir = os.path.join(workdir, "pictures")
@@ -329,7 +343,9 @@ def train_and_evaluate(
         )
         with jax.set_mesh(mesh):
             for i, local in enumerate(batches):
-                out = p_eval(params, sharding.global_batch(local, mesh), jax.random.fold_in(eval_key, i))
+                out = p_eval(
+                    params, sharding.global_batch(local, mesh), jax.random.fold_in(eval_key, i)
+                )
                 for k, v in jax.device_get(out).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             count = max(sums.pop("count", 0.0), 1.0)
@@ -341,11 +357,22 @@ def train_and_evaluate(
                     n = min(int(config.num_vis), len(eval_source))
                     path = os.path.join(pictures_dir, f"reconstruction_{step:06d}.png")
                     visualize.save_reconstruction_png(
-                        path, vis_images[:n], pred[:n], visible[:n], mcfg, config.data.mean, config.data.std
+                        path,
+                        vis_images[:n],
+                        pred[:n],
+                        visible[:n],
+                        mcfg,
+                        config.data.mean,
+                        config.data.std,
                     )
                     visualize.save_reconstruction_png(
                         os.path.join(pictures_dir, "latest.png"),
-                        vis_images[:n], pred[:n], visible[:n], mcfg, config.data.mean, config.data.std,
+                        vis_images[:n],
+                        pred[:n],
+                        visible[:n],
+                        mcfg,
+                        config.data.mean,
+                        config.data.std,
                     )
         return result
 
@@ -379,11 +406,17 @@ def train_and_evaluate(
 
             preempted = stop.requested or (process_count > 1 and ckpt.reached_preemption(step))
             is_last = step == total_steps
-            if (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or is_last or preempted:
+            if (
+                (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
+                or is_last
+                or preempted
+            ):
                 ckpt.save(step, state, {**meta_base, "step": step, "data_position": step})
             if preempted:
                 ckpt.wait()
-                logger.print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_dir}/{step}")
+                logger.print(
+                    f"stopped by signal at step {step}; checkpoint saved to {ckpt_dir}/{step}"
+                )
                 stopped_early = True
                 break
             due = config.eval_every > 0 and step % config.eval_every == 0

@@ -64,7 +64,10 @@ class MetricLogger:
         if kind == "train" and self.bar is not None:
             shown = {k: values[k] for k in ("loss", "lr", "images_per_sec") if k in values}
             self.bar.set_postfix(
-                {k: (f"{v:.3g}" if k != "images_per_sec" else f"{v:.0f}") for k, v in shown.items()},
+                {
+                    k: (f"{v:.3g}" if k != "images_per_sec" else f"{v:.0f}")
+                    for k, v in shown.items()
+                },
                 refresh=False,
             )
         elif self.bar is None or kind != "train":

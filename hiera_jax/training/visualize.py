@@ -76,7 +76,9 @@ def grid_image(panels, scale: int = 4, pad: int = 2) -> np.ndarray:
     """
     first = panels[0]
     if first.ndim == 5:  # video
-        rows = [[p[b, t] for t in range(first.shape[1])] for b in range(first.shape[0]) for p in panels]
+        rows = [
+            [p[b, t] for t in range(first.shape[1])] for b in range(first.shape[0]) for p in panels
+        ]
     else:
         rows = [[p[b] for p in panels] for b in range(first.shape[0])]
     h, w, c = rows[0][0].shape
