@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"  # digits | moving_digits | tfds | folder | tfds_tf (needs TF)
+    c.data.source = "digits"  # digits | moving_digits | tfds (ArrayRecord) | folder
     c.data.name = ""  # tfds dataset name (e.g. imagenet2012)
     c.data.data_dir = ""  # tfds data_dir, or the root of a class-subfolder image tree
     c.data.train_split = "train"

@@ -135,14 +135,16 @@ class TfdsSource:
         try:
             self.ds = tfds.data_source(name, data_dir=data_dir or None, split=split, download=False)
         except Exception as err:  # DatasetNotFoundError, missing files, TFRecord-only data
+            reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} (split {split!r}) is not prepared as ArrayRecord under "
-                f"data_dir={data_dir or '~/tensorflow_datasets'}: {err}\n"
+                f"data_dir={data_dir or '~/tensorflow_datasets'}: {reason}\n"
                 "Nothing is downloaded during training. Prepare it once, e.g.\n"
                 f"  tfds build {name} --data_dir=DATA_DIR --file_format=array_record\n"
                 "(ImageNet needs the manual tar files in DATA_DIR/downloads/manual, see the "
-                "tfds catalog). A dataset prepared as TFRecord needs data.source='tfds_tf' "
-                "and the tf extra."
+                "tfds catalog). A dataset already prepared as TFRecord can be converted once "
+                "(this step needs TensorFlow): tfds convert_format "
+                "--dataset_version_dir=DATA_DIR/NAME/VERSION --out_file_format=array_record"
             ) from err
         self.image_key, self.label_key = image_key, label_key
         feature = self.ds.dataset_info.features[label_key]
