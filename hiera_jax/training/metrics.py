@@ -62,12 +62,10 @@ class MetricLogger:
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
             self.tb.flush()
         if kind == "train" and self.bar is not None:
-            shown = {k: values[k] for k in ("loss", "lr", "images_per_sec") if k in values}
+            names = {"loss": "loss", "lr": "lr", "images_per_sec": "img/s"}
+            shown = {names[k]: values[k] for k in names if k in values}
             self.bar.set_postfix(
-                {
-                    k: (f"{v:.3g}" if k != "images_per_sec" else f"{v:.0f}")
-                    for k, v in shown.items()
-                },
+                {k: (f"{v:.0f}" if k == "img/s" else f"{v:.3g}") for k, v in shown.items()},
                 refresh=False,
             )
         elif self.bar is None or kind != "train":
