@@ -99,3 +99,52 @@ def test_params_and_optimizer_state_sharded_over_fsdp(tmp_path):
     for x in split:
         shard = x.addressable_shards[0].data
         assert shard.size * 4 == x.size
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each
+    feeding only its half of every batch, train like one process with 8 devices."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from hiera_jax.training.metrics import read_jsonl
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = th.overrides(mesh_shape=(2, 4), total_steps=4, export_model=True, num_vis=2)
+    reference = _run("mae", (2, 4), tmp_path / "one", export_model=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = th.REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    workdir = tmp_path / "two"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(th.REPO, "train.py"),
+                "--workdir",
+                str(workdir),
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *th.cli_flags(values),
+            ],
+            cwd=th.REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    losses = [r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if r["kind"] == "train"]
+    ref = [h["loss"] for h in reference["history"]]
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=0)
+    assert os.path.exists(workdir / "model" / "config.json")
+    assert os.listdir(workdir / "checkpoints") == ["4"]
