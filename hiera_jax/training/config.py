@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.shard_min_size = 2**14  # leaves smaller than this many elements stay replicated
 
     # Evaluation, logging, checkpoints.
-    c.eval_every = 0  # steps; 0 = only at the end
+    c.eval_every = 0  # steps; 0 = only at the end, -1 = never
     c.eval_batch_size = 0  # 0 = batch_size
     c.eval_max_examples = 0  # 0 = the whole eval split
     c.num_vis = 8  # MAE: examples in the reconstruction grid
