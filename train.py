@@ -63,20 +63,23 @@ def main(argv):
     summary = train_and_evaluate(FLAGS.config, workdir)
     if jax.process_index() != 0:
         return
-    parts = [f"step {summary['step']}"]
-    if summary["eval"]:
-        parts.append(", ".join(f"eval {k} {v:.4g}" for k, v in summary["eval"].items()))
-    print("Finished: " + "; ".join(parts), flush=True)
+    if summary["stopped_early"]:
+        print(
+            f"Stopped early at step {summary['step']} (signal); the checkpoint is saved: run the "
+            "same command to resume.",
+            flush=True,
+        )
+    else:
+        parts = [f"step {summary['step']}"]
+        if summary["eval"]:
+            parts.append(", ".join(f"eval {k} {v:.4g}" for k, v in summary["eval"].items()))
+        print("Finished: " + "; ".join(parts), flush=True)
     where = [f"checkpoints in {summary['checkpoint_dir']}"]
     if summary["model_dir"]:
         where.append(f"model (load_pretrained) in {summary['model_dir']}")
     if summary["pictures_dir"]:
         where.append(f"reconstruction pictures in {summary['pictures_dir']}")
     where.append(f"metrics in {summary['metrics_file']} and {summary['workdir']}/tensorboard")
-    if summary["stopped_early"]:
-        print(
-            f"Stopped early at step {summary['step']}; run the same command to resume.", flush=True
-        )
     print("Output: " + "; ".join(where), flush=True)
 
 

@@ -101,9 +101,10 @@ class Checkpointer:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag the loop checks between steps (then it saves and exits cleanly)."""
+    """SIGTERM (preemption) and the first Ctrl-C set a flag the loop checks between steps; the
+    loop then saves a checkpoint and exits cleanly. A second Ctrl-C interrupts at once."""
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self.signum: int | None = None
         self._previous = {}
@@ -115,6 +116,8 @@ class StopSignal:
         del frame
         self.requested = True
         self.signum = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt as usual
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         log.warning("received signal %d: saving a checkpoint after this step", signum)
 
     def restore(self) -> None:
