@@ -57,25 +57,39 @@ def _compare(reference, other, label):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=5e-4, err_msg=label)
 
 
-@pytest.mark.parametrize("task", ["mae", "classification"])
-def test_sharded_losses_match_single_device(task, tmp_path):
-    extra = {}
-    if task == "classification":  # drop path, mixup and RandAugment all active
-        extra = dict(model__drop_path_rate=0.1, data__mixup=0.8, data__cutmix=1.0)
-    single = _run(task, (1, 1), tmp_path / "single", devices=jax.devices()[:1], **extra)
+MESHES = [(8, 1), (2, 4), (1, 8)]
+
+
+@pytest.fixture(scope="module")
+def mae_runs(tmp_path_factory):
+    """4 MAE steps on one device and on every mesh shape (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("mae_runs")
+    runs = {(1, 1): _run("mae", (1, 1), root / "single", devices=jax.devices()[:1])}
+    for shape in MESHES:
+        runs[shape] = _run("mae", shape, root / f"mesh{shape[0]}x{shape[1]}")
+    return runs
+
+
+def test_mae_sharded_losses_match_single_device(mae_runs):
+    single = mae_runs[(1, 1)]
     assert single["mesh"].size == 1
     first = np.array([h["loss"] for h in single["history"]])
     assert np.all(np.isfinite(first)) and first[-1] != first[0]  # it really trained
-    # Every mesh shape for MAE; the classifier path (drop path, mixup) on the mixed mesh only.
-    for shape in [(8, 1), (2, 4), (1, 8)] if task == "mae" else [(2, 4)]:
-        run = _run(task, shape, tmp_path / f"mesh{shape[0]}x{shape[1]}", **extra)
+    for shape in MESHES:
+        run = mae_runs[shape]
         assert dict(run["mesh"].shape) == {"data": shape[0], "fsdp": shape[1]}
-        _compare(single, run, f"{task} mesh {shape}")
+        _compare(single, run, f"mae mesh {shape}")
 
 
-def test_params_and_optimizer_state_sharded_over_fsdp(tmp_path):
-    run = _run("mae", (2, 4), tmp_path / "fsdp")
-    state = run["state"]
+def test_classifier_sharded_losses_match_single_device(tmp_path):
+    # Drop path, mixup/cutmix and RandAugment all active; the mixed (2, 4) mesh.
+    extra = dict(model__drop_path_rate=0.1, data__mixup=0.8, data__cutmix=1.0)
+    single = _run("classification", (1, 1), tmp_path / "one", devices=jax.devices()[:1], **extra)
+    _compare(single, _run("classification", (2, 4), tmp_path / "mesh", **extra), "classifier")
+
+
+def test_params_and_optimizer_state_sharded_over_fsdp(mae_runs):
+    state = mae_runs[(2, 4)]["state"]
     params = state["params"]
     kernel = params["blocks_1"]["mlp"]["fc1"]["kernel"]  # (16, 64) -> split on the 64
     assert kernel.sharding.spec == P(None, "fsdp")
@@ -101,7 +115,7 @@ def test_params_and_optimizer_state_sharded_over_fsdp(tmp_path):
         assert shard.size * 4 == x.size
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, mae_runs):
     """2 processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each
     feeding only its half of every batch, train like one process with 8 devices."""
     import os
@@ -115,7 +129,7 @@ def test_two_processes_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     values = th.overrides(mesh_shape=(2, 4), total_steps=4, export_model=True, num_vis=2)
-    reference = _run("mae", (2, 4), tmp_path / "one", export_model=True)
+    reference = mae_runs[(2, 4)]  # the same config in this process, 8 devices
     env = dict(os.environ)
     env["PYTHONPATH"] = th.REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
