@@ -42,11 +42,17 @@ def save_pretrained(
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
         checkpointer.wait_until_finished()
-    meta = {"format": FORMAT, "model_type": model_type, "name": name, "config": config.to_dict()}
-    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    if jax.process_index() == 0:  # every process saves its params collectively; one writes JSON
+        meta = {
+            "format": FORMAT,
+            "model_type": model_type,
+            "name": name,
+            "config": config.to_dict(),
+        }
+        tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
     return directory
 
 

@@ -1,0 +1,126 @@
+"""Orbax `CheckpointManager` in `workdir/checkpoints`: periodic, final and preemption saves,
+keep-last-N, resume from the latest step, and loud failures for corrupt checkpoints.
+
+Each step directory holds `state` (step, params, optimizer state; sharded arrays restored directly
+into the current mesh's shardings) and `meta` (JSON: step, task, model config, data position).
+The data position is the step itself (see `data.py`), so restoring the state restores the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored (corrupt, partial or for another model)."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        partial = [n for n in os.listdir(self.directory) if "tmp" in n]
+        for name in partial:
+            log.warning(
+                "ignoring the unfinished checkpoint %s (a save was interrupted); it is never loaded",
+                os.path.join(self.directory, name),
+            )
+        self.partial = partial
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max(1, int(keep)),
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> bool:
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restore `step` into `abstract_state`'s shapes, dtypes and shardings, or raise."""
+        path = os.path.join(self.directory, str(step))
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+            state, meta = restored["state"], restored["meta"]
+            jax.block_until_ready(state)
+        except Exception as err:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(
+                f"the checkpoint at {path} cannot be restored; it is corrupt, partial, or was "
+                f"written for another model or optimizer ({type(err).__name__}: {err}). It was "
+                f"not loaded. Move it away (e.g. `mv {path} {path}.corrupt`) to resume from the "
+                "previous checkpoint, or use a new workdir to start over."
+            ) from err
+        if not isinstance(meta, dict) or int(meta.get("step", -1)) != int(step):
+            raise CheckpointError(
+                f"the checkpoint at {path} has inconsistent metadata {meta!r}; it was not loaded"
+            )
+        if int(jax.device_get(state["step"])) != int(step):
+            raise CheckpointError(
+                f"the checkpoint at {path} holds state for step {int(state['step'])}, not {step}"
+            )
+        return state, meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class StopSignal:
+    """SIGTERM (preemption) and the first Ctrl-C set a flag the loop checks between steps; the
+    loop then saves a checkpoint and exits cleanly. A second Ctrl-C interrupts at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.requested = True
+        self.signum = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt as usual
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("received signal %d: saving a checkpoint after this step", signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

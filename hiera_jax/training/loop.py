@@ -1,0 +1,463 @@
+"""`train_and_evaluate(config, workdir)`: one loop for MAE pretraining and finetuning.
+
+Resume order (big_vision): a checkpoint already in `workdir` > `config.init_from` (an MAE or
+converted checkpoint's encoder) > from scratch. State is born sharded (`jax.jit` with
+`out_shardings`), the step is jitted with in/out shardings and donated state, and the batch is
+assembled from each process's rows into one global array.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hiera_jax.io import load_pretrained, save_pretrained
+from hiera_jax.model import init_params
+from hiera_jax.training import data as data_lib
+from hiera_jax.training import optim, sharding, visualize
+from hiera_jax.training.checkpoint import Checkpointer, StopSignal
+from hiera_jax.training.config import build_model, hiera_config
+from hiera_jax.training.metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+
+ENCODER_PREFIXES = ("patch_embed", "pos_embed", "blocks_")
+
+
+# ============================================================================ steps
+def train_step(state, batch, key, *, model, tx, lr_fn, task, label_smoothing, num_classes):
+    """One optimizer step: (state, batch, key) -> (state, metrics). Randomness: fold_in(key, step)."""
+    step = state["step"]
+    mask_key, drop_key = jax.random.split(jax.random.fold_in(key, step))
+
+    def loss_fn(params):
+        if task == "mae":
+            loss, *_ = model.apply(
+                {"params": params},
+                batch["image"],
+                train=True,
+                rngs={"mask": mask_key, "dropout": drop_key},
+            )
+            return loss, {}
+        logits = model.apply(
+            {"params": params}, batch["image"], train=True, rngs={"dropout": drop_key}
+        )
+        targets = batch["label"]
+        if label_smoothing:
+            targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
+        return loss, {"accuracy": accuracy}
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step), **aux}
+    return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch, key, *, model, task):
+    """Sums over the valid rows of one eval batch (the mean is taken on the host at the end)."""
+    valid = batch["valid"].astype(jnp.float32)
+    if task == "mae":
+        _, pred, label, _ = model.apply(
+            {"params": params}, batch["image"], train=False, rngs={"mask": key}
+        )
+        batch_size = batch["image"].shape[0]
+        per_example = ((pred - label) ** 2).reshape(batch_size, -1).mean(-1)
+        return {"loss": jnp.sum(per_example * valid), "count": jnp.sum(valid)}
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    labels = batch["label"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": jnp.sum(loss * valid),
+        "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * valid),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * valid),
+        "count": jnp.sum(valid),
+    }
+
+
+def reconstruct(params, images, key, *, model):
+    _, _, _, _, extra = model.apply(
+        {"params": params}, images, train=False, rngs={"mask": key}, return_reconstruction=True
+    )
+    return extra["pred"], extra["visible"]
+
+
+# ============================================================================ init from a checkpoint
+def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
+    """Encoder leaves of a hiera-jax model directory (or a workdir with `model/`), shape-checked.
+
+    Returns ({flat path: np.ndarray} for every encoder leaf of `params`, names left at init).
+    """
+    path = os.path.abspath(path)
+    candidates = [path, os.path.join(path, "model")]
+    directory = next(
+        (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
+    )
+    if directory is None:
+        raise FileNotFoundError(
+            f"init_from={path} is neither a hiera-jax model directory (config.json + params/, "
+            "from save_pretrained or convert/convert_pytorch.py) nor a finished training workdir "
+            "holding model/ (it is written when a run ends)"
+        )
+    _, source = load_pretrained(directory)
+    source = flax.traverse_util.flatten_dict(jax.device_get(source), sep="/")
+    target = flax.traverse_util.flatten_dict(params, sep="/")
+    loaded, mismatched, kept = {}, [], []
+    for name, leaf in target.items():
+        if not name.startswith(ENCODER_PREFIXES):
+            kept.append(name)
+            continue
+        if name not in source:
+            mismatched.append(f"{name}: missing in {directory}")
+        elif tuple(source[name].shape) != tuple(leaf.shape):
+            mismatched.append(f"{name}: {tuple(source[name].shape)} vs {tuple(leaf.shape)}")
+        else:
+            loaded[name] = np.asarray(source[name], np.float32)
+    if mismatched:
+        raise ValueError(
+            f"the encoder in {directory} does not fit this model: " + "; ".join(mismatched[:20])
+        )
+    return loaded, kept
+
+
+# ============================================================================ the loop
+def _steps(config, train_len: int) -> tuple[int, int, float]:
+    steps_per_epoch = train_len / config.batch_size
+    total = int(config.total_steps) or int(math.ceil(config.num_epochs * steps_per_epoch))
+    warmup = int(config.warmup_steps) or int(round(config.warmup_epochs * steps_per_epoch))
+    if total <= 0:
+        raise ValueError("set config.total_steps or config.num_epochs to a positive number")
+    return total, warmup, steps_per_epoch
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices=None,
+    return_params: bool = False,
+    return_state: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) as `config` says, in `workdir`; returns a summary dict.
+
+    The summary has `step`, `history` (the train metrics logged by this call), `eval` (the last
+    evaluation), `stopped_early` (a signal or preemption stopped the run), the paths written and,
+    with return_params, the final params as numpy arrays (return_state: the live sharded state).
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    task = config.task
+    mcfg = hiera_config(config)
+    model = build_model(config)
+    mesh = sharding.create_mesh(config.mesh_shape, devices)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+
+    if config.batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices of the mesh"
+        )
+    eval_batch = int(config.eval_batch_size) or int(config.batch_size)
+    if eval_batch % mesh.size:
+        raise ValueError(f"eval_batch_size {eval_batch} must be divisible by {mesh.size} devices")
+
+    # ------------------------------------------------------------------ data
+    train_source = data_lib.make_source(config.data, config.data.train_split, mcfg.input_size)
+    eval_source = data_lib.make_source(
+        config.data, config.data.eval_split, mcfg.input_size, train_source=train_source
+    )
+    if train_source.channels != mcfg.in_chans:
+        log.info("data has %d channels, model %d: converting", train_source.channels, mcfg.in_chans)
+    num_classes = mcfg.num_classes
+    if (
+        task == "classification"
+        and getattr(train_source, "num_classes", num_classes) != num_classes
+    ):
+        raise ValueError(
+            f"the dataset has {train_source.num_classes} classes but the model "
+            f"num_classes={num_classes}; set --config.model.num_classes"
+        )
+    with_labels = task == "classification"
+    train_loader = data_lib.TrainLoader(
+        train_source,
+        data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=True),
+        global_batch=config.batch_size,
+        seed=config.seed,
+        num_classes=num_classes,
+        data_config=config.data,
+        with_labels=with_labels,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    eval_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=False)
+    total_steps, warmup_steps, steps_per_epoch = _steps(config, len(train_source))
+
+    # ------------------------------------------------------------------ state, born sharded
+    abstract_params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
+    peak_lr = optim.learning_rate(config.optim.lr, config.batch_size, config.optim.lr_scaling_batch)
+    tx, lr_fn = optim.build_optimizer(
+        config.optim,
+        abstract_params,
+        peak_lr=peak_lr,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        depth=mcfg.depth,
+    )
+
+    def init_state(key):
+        params = init_params(model, key)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+    state_sh = sharding.state_shardings(abstract_state, mesh, config.shard_min_size)
+    batch_sh = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+    train_batch_sh = {"image": batch_sh, **({"label": batch_sh} if with_labels else {})}
+    eval_batch_sh = {
+        "image": batch_sh,
+        "valid": batch_sh,
+        **({"label": batch_sh} if with_labels else {}),
+    }
+
+    key = jax.random.key(config.seed)
+    init_key, train_key = jax.random.split(key)
+    eval_key = jax.random.fold_in(key, 2**20)
+    step_fn = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        lr_fn=lr_fn,
+        task=task,
+        label_smoothing=float(config.label_smoothing),
+        num_classes=num_classes,
+    )
+    with jax.set_mesh(mesh):
+        p_init = jax.jit(init_state, out_shardings=state_sh)
+        p_train = jax.jit(
+            step_fn,
+            in_shardings=(state_sh, train_batch_sh, repl),  # state, batch, rng
+            out_shardings=(state_sh, repl),
+            donate_argnums=(0,),
+        )
+        p_eval = jax.jit(
+            functools.partial(eval_step, model=model, task=task),
+            in_shardings=(state_sh["params"], eval_batch_sh, repl),
+            out_shardings=repl,
+        )
+        p_recon = jax.jit(
+            functools.partial(reconstruct, model=model),
+            in_shardings=(state_sh["params"], batch_sh, repl),
+            out_shardings=repl,
+        )
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    meta_base = {"task": task, "model": mcfg.to_dict(), "config": config.to_json()}
+    latest = ckpt.latest_step()
+    notes = [f"ignored unfinished checkpoint {ckpt_dir}/{name}" for name in ckpt.partial]
+    with jax.set_mesh(mesh):
+        if latest is not None:
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract_state,
+                state_sh,
+            )
+            state, _ = ckpt.restore(latest, target)
+            notes.append(f"resumed from {ckpt_dir}/{latest}")
+            resumed_from = latest
+        else:
+            state = p_init(init_key)
+            resumed_from = None
+            if config.init_from:
+                loaded, kept = load_encoder(config.init_from, abstract_state["params"])
+                flat = flax.traverse_util.flatten_dict(state["params"], sep="/")
+                flat_sh = flax.traverse_util.flatten_dict(state_sh["params"], sep="/")
+                for name, value in loaded.items():
+                    flat[name] = jax.device_put(value, flat_sh[name])
+                state["params"] = flax.traverse_util.unflatten_dict(flat, sep="/")
+                notes.append(
+                    f"initialised {len(loaded)} encoder tensors from {config.init_from}; "
+                    f"fresh init for {', '.join(kept)}"
+                )
+    start_step = int(jax.device_get(state["step"]))
+
+    logger = MetricLogger(
+        workdir,
+        total_steps=total_steps,
+        start_step=start_step,
+        enabled=is_main,
+        hparams=config.to_dict(),
+        progress=progress,
+    )
+    for note in notes:
+        logger.print(note)
+    n_params = optim.count_params(abstract_state["params"])
+    logger.print(
+        f"{task}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, batch {config.batch_size}, "
+        f"{total_steps} steps ({steps_per_epoch:.1f}/epoch), peak lr {peak_lr:.3g}, "
+        + (
+            f"resumed at step {start_step}"
+            if resumed_from is not None
+            else "from scratch"
+            if not config.init_from
+            else f"encoder from {config.init_from}"
+        )
+    )
+
+    pictures_dir = os.path.join(workdir, "pictures")
+    vis_images = None
+    if task == "mae" and config.num_vis > 0:
+        os.makedirs(pictures_dir, exist_ok=True)
+        n_vis = min(int(config.num_vis), len(eval_source))
+        vis = [eval_transform(eval_source.load(i, None)[0], None) for i in range(n_vis)]
+        padded = -(-n_vis // mesh.size) * mesh.size
+        vis += [vis[0]] * (padded - n_vis)
+        vis_images = np.stack(vis).astype(np.float32)
+
+    def evaluate(params, step) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        batches = data_lib.eval_batches(
+            eval_source,
+            eval_transform,
+            global_batch=eval_batch,
+            max_examples=int(config.eval_max_examples),
+            with_labels=with_labels,
+            process_index=process_index,
+            process_count=process_count,
+            workers=config.data.workers,
+        )
+        with jax.set_mesh(mesh):
+            for i, local in enumerate(batches):
+                out = p_eval(
+                    params, sharding.global_batch(local, mesh), jax.random.fold_in(eval_key, i)
+                )
+                for k, v in jax.device_get(out).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            count = max(sums.pop("count", 0.0), 1.0)
+            result = {k: v / count for k, v in sums.items()}
+            if vis_images is not None:
+                images = jax.device_put(vis_images, batch_sh)
+                pred, visible = jax.device_get(p_recon(params, images, eval_key))
+                if is_main:
+                    n = min(int(config.num_vis), len(eval_source))
+                    path = os.path.join(pictures_dir, f"reconstruction_{step:06d}.png")
+                    visualize.save_reconstruction_png(
+                        path,
+                        vis_images[:n],
+                        pred[:n],
+                        visible[:n],
+                        mcfg,
+                        config.data.mean,
+                        config.data.std,
+                    )
+                    visualize.save_reconstruction_png(
+                        os.path.join(pictures_dir, "latest.png"),
+                        vis_images[:n],
+                        pred[:n],
+                        visible[:n],
+                        mcfg,
+                        config.data.mean,
+                        config.data.std,
+                    )
+        return result
+
+    # ------------------------------------------------------------------ train
+    stop = StopSignal()
+    history: list[dict[str, float]] = []
+    last_eval: dict[str, float] = {}
+    step = start_step
+    stopped_early = False
+    try:
+        batches = train_loader.iterate(start_step, prefetch=int(config.data.prefetch))
+        t0, t0_step = time.time(), step
+        while step < total_steps:
+            local = next(batches)
+            with jax.set_mesh(mesh):
+                batch = sharding.global_batch(local, mesh)
+                with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
+                    state, metrics = p_train(state, batch, train_key)
+            step += 1
+            if step % max(1, config.log_every) == 0 or step == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
+                elapsed = max(time.time() - t0, 1e-9)
+                metrics["images_per_sec"] = (step - t0_step) * config.batch_size / elapsed
+                t0, t0_step = time.time(), step
+                metrics["epoch"] = step / steps_per_epoch
+                logger.write("train", step, metrics)
+                history.append({"step": step, **metrics})
+            logger.advance(step)
+
+            preempted = stop.requested or (process_count > 1 and ckpt.reached_preemption(step))
+            is_last = step == total_steps
+            if (
+                (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
+                or is_last
+                or preempted
+            ):
+                ckpt.save(step, state, {**meta_base, "step": step, "data_position": step})
+            if preempted:
+                ckpt.wait()
+                logger.print(
+                    f"stopped by signal at step {step}; checkpoint saved to {ckpt_dir}/{step}"
+                )
+                stopped_early = True
+                break
+            due = config.eval_every > 0 and step % config.eval_every == 0
+            if due or (is_last and config.eval_every >= 0):
+                last_eval = evaluate(state["params"], step)
+                logger.write("eval", step, last_eval)
+        if step >= total_steps and start_step >= total_steps:
+            logger.print(f"already trained to step {total_steps}; nothing to do")
+    finally:
+        stop.restore()
+        ckpt.close()
+        logger.close()
+
+    summary: dict[str, Any] = {
+        "step": step,
+        "history": history,
+        "eval": last_eval,
+        "stopped_early": stopped_early,
+        "resumed_from": resumed_from,
+        "workdir": workdir,
+        "checkpoint_dir": ckpt_dir,
+        "pictures_dir": pictures_dir if vis_images is not None else None,
+        "metrics_file": os.path.join(workdir, "metrics.jsonl"),
+        "model_dir": None,
+    }
+    final_params = None
+    if (config.export_model and not stopped_early) or return_params:
+        if process_count > 1:
+            from jax.experimental import multihost_utils
+
+            final_params = multihost_utils.process_allgather(state["params"], tiled=True)
+        else:
+            final_params = jax.device_get(state["params"])
+    if config.export_model and not stopped_early:
+        model_type = "pretraining" if task == "mae" else "classification"
+        summary["model_dir"] = save_pretrained(
+            os.path.join(workdir, "model"), final_params, mcfg, model_type=model_type
+        )
+    if return_params:
+        summary["params"] = final_params
+    if return_state:
+        summary["state"] = state  # the live, sharded arrays (tests check their shardings)
+        summary["mesh"] = mesh
+    return summary

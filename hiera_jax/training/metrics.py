@@ -1,0 +1,100 @@
+"""What a person sees: a progress bar (tqdm on a terminal, plain lines otherwise), a JSON-lines
+log (`workdir/metrics.jsonl`) and TensorBoard event files (`workdir/tensorboard`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _scalar(value: Any) -> float:
+    return float(value)
+
+
+class MetricLogger:
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int,
+        start_step: int,
+        enabled: bool = True,
+        hparams: dict | None = None,
+        progress: bool | None = None,
+    ):
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.tb_dir = os.path.join(workdir, "tensorboard")
+        self.bar = None
+        self.tb = None
+        self.tty = sys.stderr.isatty() if progress is None else progress
+        if not enabled:
+            return
+        self._jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 - closed in close()
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(logdir=self.tb_dir)
+            if hparams:
+                self.tb.add_text("config", "```\n" + json.dumps(hparams, indent=2) + "\n```", 0)
+        except ImportError:
+            log.warning("tensorboardX is not installed: no TensorBoard event files")
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {k: _scalar(v) for k, v in metrics.items()}
+        record = {"kind": kind, "step": int(step), "time": time.time(), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+            self.tb.flush()
+        if kind == "train" and self.bar is not None:
+            names = {"loss": "loss", "lr": "lr", "images_per_sec": "img/s"}
+            shown = {names[k]: values[k] for k in names if k in values}
+            self.bar.set_postfix(
+                {k: (f"{v:.0f}" if k == "img/s" else f"{v:.3g}") for k, v in shown.items()},
+                refresh=False,
+            )
+        elif self.bar is None or kind != "train":
+            text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+            self.print(f"[{kind}] step {step}: {text}")
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,259 @@
+"""Pretrain then finetune end to end, what a person sees (PNG, JSON lines, TensorBoard), and the
+optimizer and input pieces the recipes rely on."""
+
+from __future__ import annotations
+
+import os
+
+import train_helpers as th
+
+th.force_cpu_devices()
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from hiera_jax.io import load_pretrained  # noqa: E402
+from hiera_jax.training import data as data_lib  # noqa: E402
+from hiera_jax.training import optim  # noqa: E402
+from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
+from hiera_jax.training.metrics import read_jsonl  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < th.N_DEVICES, reason="needs 8 (simulated) devices set before jax import"
+)
+
+
+def _train(task, values, workdir, **kw):
+    """On 2 of the 8 devices, mesh (1, 2): cheaper to compile, still FSDP-sharded."""
+    values = {**values, "mesh_shape": (1, 2)}
+    config = th.make_config(task, values) if isinstance(task, str) else task
+    return train_and_evaluate(config, str(workdir), devices=jax.devices()[:2], progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    mae_dir = tmp_path_factory.mktemp("mae")
+    values = th.overrides(total_steps=6, eval_every=0, export_model=True, num_vis=4)
+    return mae_dir, _train("mae", values, mae_dir)
+
+
+def test_pretrain_then_finetune(tmp_path, mae_run):
+    mae_dir, mae = mae_run
+    assert mae["step"] == 6 and np.isfinite(mae["eval"]["loss"])
+    # What a person gets: the reconstruction grid, JSON lines, TensorBoard events, the model.
+    png = Image.open(os.path.join(mae["pictures_dir"], "reconstruction_000006.png"))
+    assert png.size[0] > png.size[1] / 4 * 3 - 10  # 4 rows of input | masked | reconstruction
+    records = read_jsonl(mae["metrics_file"])
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [6]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(mae_dir / "tensorboard"))
+    _, mae_params = load_pretrained(mae["model_dir"])
+
+    # Finetune from the MAE workdir. Step 1 runs at lr 0 (warmup starts at 0, and AdamW's
+    # decay is scaled by lr too), so after it the encoder must equal the MAE encoder exactly.
+    ft_dir = str(tmp_path / "finetune")
+    values = th.overrides(
+        total_steps=1, warmup_steps=2, init_from=str(mae_dir), checkpoint_every=1, eval_every=-1
+    )
+    first = _train("classification", values, ft_dir, return_params=True)
+    params = flax.traverse_util.flatten_dict(first["params"], sep="/")
+    source = flax.traverse_util.flatten_dict(mae_params, sep="/")
+    encoder = [k for k in params if k.startswith(("patch_embed", "pos_embed", "blocks_"))]
+    assert len(encoder) == len(
+        [k for k in source if k.startswith(("patch_embed", "pos_embed", "blocks_"))]
+    )
+    for name in encoder:
+        np.testing.assert_array_equal(params[name], np.asarray(source[name]), err_msg=name)
+    assert "head/kernel" in params and "head/kernel" not in source
+
+    # Continue the same workdir to step 6 (resumes the finetuning checkpoint, not the MAE one).
+    values.update(total_steps=6, eval_every=0)
+    second = _train("classification", values, ft_dir)
+    assert second["resumed_from"] == 1 and second["step"] == 6
+    ev = second["eval"]
+    assert set(ev) == {"loss", "top1", "top5"}
+    assert 0.0 <= ev["top1"] <= ev["top5"] <= 1.0
+    assert ev["top5"] > 0.3  # 5 of 10 classes: chance is 0.5 only for a uniform model
+
+
+def test_init_from_rejects_a_mismatched_encoder(tmp_path, mae_run):
+    mae_dir, _ = mae_run
+    values = th.overrides(total_steps=1, init_from=str(mae_dir), model__embed_dim=8)
+    with pytest.raises(ValueError, match="does not fit"):
+        _train("classification", values, tmp_path / "ft")
+    with pytest.raises(FileNotFoundError, match="model directory"):
+        values = th.overrides(total_steps=1, init_from=str(tmp_path / "nothing"))
+        _train("classification", values, tmp_path / "ft2")
+
+
+def test_video_mae_on_moving_digits(tmp_path):
+    from configs import moving_digits_mae
+
+    config = moving_digits_mae.get_config()
+    values = th.overrides(
+        total_steps=2, eval_every=0, num_vis=2, eval_max_examples=8, mesh_shape=(1, 2)
+    )
+    for key, value in values.items():
+        if key.startswith("model.decoder_num_heads"):
+            continue
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    summary = _train(config, values, tmp_path)
+    assert summary["step"] == 2 and np.isfinite(summary["eval"]["loss"])
+    assert os.path.exists(os.path.join(summary["pictures_dir"], "latest.png"))
+
+
+# ---------------------------------------------------------------------------- pieces
+def test_layer_decay_and_weight_decay_groups():
+    params = {
+        "patch_embed": {"proj": {"kernel": np.zeros((3, 3, 1, 4)), "bias": np.zeros(4)}},
+        "pos_embed": np.zeros((1, 4, 4)),
+        "blocks_0": {"mlp": {"fc1": {"kernel": np.zeros((4, 8))}}},
+        "blocks_1": {"norm1": {"scale": np.zeros(4)}},
+        "norm": {"scale": np.zeros(4)},
+        "head": {"kernel": np.zeros((4, 10)), "bias": np.zeros(10)},
+    }
+    scales = flax.traverse_util.flatten_dict(
+        optim.layer_scales(params, depth=2, decay=0.5), sep="/"
+    )
+    assert scales["patch_embed/proj/kernel"] == scales["pos_embed"] == 0.5**3
+    assert scales["blocks_0/mlp/fc1/kernel"] == 0.5**2
+    assert scales["blocks_1/norm1/scale"] == 0.5
+    assert scales["head/kernel"] == scales["norm/scale"] == 1.0
+    mask = flax.traverse_util.flatten_dict(optim.decay_mask(params), sep="/")
+    assert mask == {
+        "patch_embed/proj/kernel": True,
+        "patch_embed/proj/bias": False,
+        "pos_embed": False,
+        "blocks_0/mlp/fc1/kernel": True,
+        "blocks_1/norm1/scale": False,
+        "norm/scale": False,
+        "head/kernel": True,
+        "head/bias": False,
+    }
+
+
+def test_schedule_warmup_then_cosine():
+    lr = optim.schedule(1.0, total_steps=110, warmup_steps=10, min_lr=0.0)
+    assert float(lr(0)) == 0.0
+    assert float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(60)) == pytest.approx(0.5, abs=1e-6)  # cosine midpoint
+    assert float(lr(110)) == pytest.approx(0.0, abs=1e-7)
+    assert optim.learning_rate(8e-4, 1024, 4096) == pytest.approx(2e-4)
+
+
+def test_mixup_cutmix_labels_are_distributions():
+    cfg = th.make_config("classification").data
+    cfg.mixup, cfg.cutmix = 0.8, 1.0
+    images = np.random.default_rng(0).normal(size=(8, 32, 32, 1)).astype(np.float32)
+    onehot = np.eye(10, dtype=np.float32)[np.arange(8)]
+    for seed in range(6):
+        mixed, labels = data_lib.mix_batch(images, onehot, np.random.default_rng(seed), cfg)
+        np.testing.assert_allclose(labels.sum(-1), 1.0, rtol=1e-6)
+        lam = labels[0, 0]
+        assert labels[0, 7] == pytest.approx(1 - lam)  # row 0 mixed with the reversed row 7
+        assert mixed.shape == images.shape
+
+
+def test_randaugment_and_erasing_keep_shapes():
+    assert data_lib.parse_randaug("rand-m9-mstd0.5-inc1") == {
+        "m": 9.0,
+        "mstd": 0.5,
+        "n": 2.0,
+        "inc": 1.0,
+    }
+    cfg = th.make_config("classification").data
+    cfg.randaug, cfg.reprob = "rand-m9-mstd0.5-inc1", 1.0
+    transform = data_lib.Transform(cfg, (32, 32), 1, train=True)
+    image = data_lib.DigitsSource("test").load(0, None)[0]
+    outs = [transform(image, np.random.default_rng(s)) for s in range(10)]
+    assert all(o.shape == (32, 32, 1) and o.dtype == np.float32 for o in outs)
+    assert len({o.tobytes() for o in outs}) == 10
+
+
+def test_folder_source(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(3):
+                Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
+    train = data_lib.FolderSource(str(tmp_path), "train")
+    val = data_lib.FolderSource(str(tmp_path), "val", classes=train.classes)
+    assert len(train) == 6 and train.num_classes == 2 and train.classes == ["cat", "dog"]
+    image, label = val.load(4, None)
+    assert image.shape == (20, 24, 3) and label == 1
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data_lib.FolderSource(str(tmp_path), "test")
+
+
+def _tiny_tfds(data_dir):
+    """A 3-class RGB dataset written as ArrayRecord by a TFDS builder, without TensorFlow."""
+    import io
+
+    import tensorflow_datasets as tfds
+
+    class TinyShapes(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=3),
+                }
+            )
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {"train": self._generate_examples(12), "validation": self._generate_examples(6)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((20, 24, 3), 10 * i, np.uint8)).save(buf, "PNG")
+                yield i, {"image": buf.getvalue(), "label": i % 3}
+
+    TinyShapes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return "tiny_shapes"
+
+
+def test_tfds_array_record_source(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    import sys
+
+    name = _tiny_tfds(tmp_path)
+    source = data_lib.TfdsSource(name, str(tmp_path), "train", "image", "label")
+    assert len(source) == 12 and source.num_classes == 3 and source.channels == 3
+    seen = set()
+    for index in range(len(source)):  # TFDS shuffles records on write: check pairs, not order
+        image, label = source.load(index, None)
+        assert image.shape == (20, 24, 3) and image.dtype == np.uint8
+        assert label == (int(image[0, 0, 0]) // 10) % 3
+        seen.add(int(image[0, 0, 0]))
+    assert seen == {10 * i for i in range(12)}
+    cfg = th.make_config("classification").data
+    cfg.mean, cfg.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    loader = data_lib.TrainLoader(
+        source,
+        data_lib.Transform(cfg, (16, 16), 3, train=True),
+        global_batch=4,
+        seed=0,
+        num_classes=3,
+        data_config=cfg,
+        with_labels=True,
+    )
+    batch = loader.batch(2)
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].shape == (4, 3)
+    assert "tensorflow" not in sys.modules  # read without TensorFlow
+    with pytest.raises(FileNotFoundError, match="tfds build imagenet2012"):
+        data_lib.TfdsSource("imagenet2012", str(tmp_path), "train", "image", "label")

@@ -1,0 +1,71 @@
+"""Shared helpers for the training tests (tiny models on the bundled digits, 8 CPU devices)."""
+
+from __future__ import annotations
+
+import os
+
+N_DEVICES = 8
+_FLAG = f"--xla_force_host_platform_device_count={N_DEVICES}"
+
+
+def force_cpu_devices() -> None:
+    """Ask XLA for 8 host devices; must run before jax is first imported."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + _FLAG).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# digits_mae / digits_finetune shrunk for CI: a 2-stage Hiera of width 16/32, 1 decoder block,
+# batch 16. Keys are dotted config paths; the same dict drives in-process runs and CLI flags.
+TINY = {
+    "model.embed_dim": 16,
+    "model.num_heads": 1,
+    "model.decoder_embed_dim": 16,
+    "model.decoder_depth": 1,
+    "model.decoder_num_heads": 1,
+    "batch_size": 16,
+    "eval_batch_size": 16,
+    "eval_max_examples": 32,
+    "total_steps": 6,
+    "warmup_steps": 2,
+    "log_every": 1,
+    "eval_every": -1,
+    "checkpoint_every": 0,
+    "export_model": False,
+    "shard_min_size": 0,
+    "num_vis": 0,
+    "data.workers": 1,
+    "init_from": "",
+}
+
+
+def overrides(**extra) -> dict:
+    """TINY plus `extra` (use `__` for dots: model__embed_dim=8)."""
+    return {**TINY, **{k.replace("__", "."): v for k, v in extra.items()}}
+
+
+def make_config(task: str = "mae", values: dict | None = None):
+    """The digits config for `task` with dotted `values` applied."""
+    from configs import digits_finetune, digits_mae
+
+    config = (digits_mae if task == "mae" else digits_finetune).get_config()
+    for dotted, value in (values if values is not None else TINY).items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def cli_flags(values: dict) -> list[str]:
+    """The same overrides as `--config.a.b=value` flags for train.py."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            value = "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+        out.append(f"--config.{key}={value}")
+    return out
