@@ -28,18 +28,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Hiera (JAX) predictions and feature maps for image or video files.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (or clips)")
-    parser.add_argument("--checkpoint", help="model directory (converter / save_pretrained / train.py)")
+    parser.add_argument(
+        "--checkpoint", help="model directory (converter / save_pretrained / train.py)"
+    )
     parser.add_argument(
         "--model",
         choices=list_models(),
         metavar="NAME",
         help="without --checkpoint: a RANDOMLY initialised variant, for a demo (e.g. hiera_tiny_224)",
     )
-    parser.add_argument("--input-size", type=int, help="run at this square size (resamples pos embeds)")
+    parser.add_argument(
+        "--input-size", type=int, help="run at this square size (resamples pos embeds)"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--temporal-stride", type=int, default=4, help="video: frames between samples")
+    parser.add_argument(
+        "--temporal-stride", type=int, default=4, help="video: frames between samples"
+    )
     parser.add_argument("--features", metavar="OUT.npz", help="write per-stage feature maps here")
     parser.add_argument("--seed", type=int, default=0, help="init seed of a random --model")
     return parser.parse_args(argv)
