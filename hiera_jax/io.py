@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hiera_jax import pos_embed
 from hiera_jax.config import HieraConfig
 from hiera_jax.convert import MODEL_TYPES, abstract_params, build_model
 
@@ -80,12 +81,27 @@ def load_pretrained(directory: str, **overrides: Any):
     """`(model, params)` from a directory written by `save_pretrained` or the converter.
 
     `overrides` replace config fields that do not change parameter shapes (e.g. `dtype`,
-    `remat`, `drop_path_rate`, `mask_ratio`).
+    `remat`, `drop_path_rate`, `mask_ratio`). `input_size` may also differ from the checkpoint's:
+    the position embeddings are then resampled to the new token grid (bicubic in space, linear
+    in time for video; see `hiera_jax.pos_embed`).
     """
     directory = os.path.abspath(directory)
     config, model_type, _ = read_config(directory)
+    input_size = overrides.pop("input_size", None)
     if overrides:
         config = config.replace(**overrides)
+    target_config = config
+    if input_size is not None:
+        if isinstance(input_size, int):  # a square side; video keeps its frame count
+            input_size = (*config.input_size[:-2], input_size, input_size)
+        input_size = tuple(input_size)
+        try:
+            target_config = config.replace(input_size=input_size)
+        except ValueError as err:
+            raise ValueError(
+                f"cannot run the checkpoint in {directory} (trained at {config.input_size}) at "
+                f"input_size={input_size}: {err}"
+            ) from err
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir} not found: the checkpoint has no parameters")
@@ -123,4 +139,7 @@ def load_pretrained(directory: str, **overrides: Any):
             params = checkpointer.restore(params_dir, target)
         except Exception as err:
             raise ValueError(f"cannot restore checkpoint {params_dir}: {err}") from err
-    return build_model(config, model_type), params
+    if target_config != config:
+        params = pos_embed.resize_pos_embed_params(params, config, target_config)
+        params = jax.tree.map(lambda a: jax.device_put(a, device), params)
+    return build_model(target_config, model_type), params

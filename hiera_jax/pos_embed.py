@@ -1,0 +1,125 @@
+"""Position-embedding resampling, so weights trained at one input size run at another.
+
+The kernels follow PyTorch's `F.interpolate(..., align_corners=False, antialias=False)`: bicubic
+(a = -0.75, no clamping of the source coordinate, edge indices clamped) on 2-D token grids, as
+MAE/DeiT `interpolate_pos_embed` and HF `interpolate_pos_encoding` do, and linear for the 1-D
+temporal table of video models. They are written in NumPy as separable interpolation matrices
+(float64), so the result does not depend on torch and equals the input at the native size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hiera_jax.config import HieraConfig
+
+_CUBIC_A = -0.75  # torch's bicubic coefficient (PIL and jax.image.resize use -0.5)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional positions `t` -> [n, 4]."""
+    a = _CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def interpolation_matrix(size_in: int, size_out: int, mode: str = "cubic") -> np.ndarray:
+    """[size_out, size_in] matrix M with `M @ x` = torch 1-D interpolation of x (align_corners=False)."""
+    matrix = np.zeros((size_out, size_in), np.float64)
+    scale = size_in / size_out
+    dst = np.arange(size_out, dtype=np.float64)
+    src = (dst + 0.5) * scale - 0.5
+    rows = np.arange(size_out)
+    if mode == "cubic":
+        base = np.floor(src)
+        weights = _cubic_weights(src - base)
+        for tap in range(4):
+            idx = np.clip(base.astype(np.int64) - 1 + tap, 0, size_in - 1)
+            np.add.at(matrix, (rows, idx), weights[:, tap])
+    elif mode == "linear":
+        src = np.maximum(src, 0.0)  # torch clamps negative coordinates for (bi)linear
+        lo = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+        hi = np.minimum(lo + 1, size_in - 1)
+        frac = src - lo
+        np.add.at(matrix, (rows, lo), 1.0 - frac)
+        np.add.at(matrix, (rows, hi), frac)
+    else:
+        raise ValueError(f"mode must be 'cubic' or 'linear', got {mode!r}")
+    return matrix
+
+
+def resize_grid(table: np.ndarray, grid_in: Sequence[int], grid_out: Sequence[int]) -> np.ndarray:
+    """[1, H*W, C] raster tokens on `grid_in` -> [1, H'*W', C] on `grid_out` (bicubic).
+
+    For a 3-D grid (T, H, W) every frame is resized bicubically in space, then the time axis
+    linearly: the two tables of a video model are kept separate, as they were trained.
+    """
+    table = np.asarray(table)
+    grid_in, grid_out = tuple(grid_in), tuple(grid_out)
+    channels = table.shape[-1]
+    if table.shape != (1, math.prod(grid_in), channels):
+        raise ValueError(
+            f"position table of shape {table.shape} does not match the token grid {grid_in}"
+        )
+    x = table.reshape(*grid_in, channels).astype(np.float64)
+    if len(grid_in) == 1:
+        x = np.einsum("ot,tc->oc", interpolation_matrix(grid_in[0], grid_out[0], "linear"), x)
+    elif len(grid_in) == 2:
+        mh = interpolation_matrix(grid_in[0], grid_out[0])
+        mw = interpolation_matrix(grid_in[1], grid_out[1])
+        x = np.einsum("oh,hwc,pw->opc", mh, x, mw)
+    elif len(grid_in) == 3:
+        mt = interpolation_matrix(grid_in[0], grid_out[0], "linear")
+        mh = interpolation_matrix(grid_in[1], grid_out[1])
+        mw = interpolation_matrix(grid_in[2], grid_out[2])
+        x = np.einsum("st,thwc,oh,pw->sopc", mt, x, mh, mw)
+    else:
+        raise ValueError(f"token grids have 1 to 3 axes, got {grid_in}")
+    return x.reshape(1, math.prod(grid_out), channels).astype(table.dtype)
+
+
+def resize_pos_embed_params(
+    params: Mapping[str, Any], from_config: HieraConfig, to_config: HieraConfig
+) -> dict:
+    """Params of a model built for `from_config`, with position tables resampled for `to_config`.
+
+    Only `input_size` may differ between the configs: the other fields must give the same
+    parameter shapes. Handles `pos_embed` (images), `pos_embed_spatial` / `pos_embed_temporal`
+    (video, resized separately) and the MAE `decoder_pos_embed`.
+    """
+    if from_config.replace(input_size=to_config.input_size) != to_config:
+        raise ValueError(
+            "resize_pos_embed_params only changes input_size; the configs differ otherwise"
+        )
+    if len(from_config.input_size) != len(to_config.input_size):
+        raise ValueError(
+            f"cannot resample between input sizes {from_config.input_size} and "
+            f"{to_config.input_size}: the number of axes differs (image vs video)"
+        )
+    out = dict(params)
+    grid_in, grid_out = from_config.tokens_spatial_shape, to_config.tokens_spatial_shape
+    if "pos_embed" in out:
+        out["pos_embed"] = resize_grid(out["pos_embed"], grid_in, grid_out)
+    if "pos_embed_spatial" in out:
+        out["pos_embed_spatial"] = resize_grid(out["pos_embed_spatial"], grid_in[1:], grid_out[1:])
+    if "pos_embed_temporal" in out:
+        out["pos_embed_temporal"] = resize_grid(
+            out["pos_embed_temporal"], grid_in[:1], grid_out[:1]
+        )
+    if "decoder_pos_embed" in out:
+        out["decoder_pos_embed"] = resize_grid(
+            out["decoder_pos_embed"],
+            from_config.tokens_spatial_shape_final,
+            to_config.tokens_spatial_shape_final,
+        )
+    return out
