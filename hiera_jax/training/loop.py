@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -365,15 +366,7 @@ def train_and_evaluate(
                         config.data.mean,
                         config.data.std,
                     )
-                    visualize.save_reconstruction_png(
-                        os.path.join(pictures_dir, "latest.png"),
-                        vis_images[:n],
-                        pred[:n],
-                        visible[:n],
-                        mcfg,
-                        config.data.mean,
-                        config.data.std,
-                    )
+                    shutil.copyfile(path, os.path.join(pictures_dir, "latest.png"))
         return result
 
     # ------------------------------------------------------------------ train
