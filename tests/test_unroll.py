@@ -19,6 +19,11 @@ def _config(name):
     return hiera_jax.get_config(name)
 
 
+def _official_reroll(cfg):
+    schedule, ends = list(cfg.unroll_schedule), list(cfg.stage_ends)
+    return Reroll(cfg.input_size, cfg.patch_stride, schedule, ends, cfg.q_pool)
+
+
 def _raster_tokens(cfg, batch=2, channels=5):
     n = cfg.num_tokens
     return np.random.RandomState(0).randn(batch, n, channels).astype(np.float32)
@@ -42,13 +47,7 @@ def test_reroll_inverts_unroll_at_every_stage(name):
     x = jnp.asarray(_raster_tokens(cfg))
     tokens = unroll(x, cfg.tokens_spatial_shape, cfg.unroll_schedule)
     grid = x.reshape(x.shape[0], *cfg.tokens_spatial_shape, -1)
-    official = Reroll(
-        cfg.input_size,
-        cfg.patch_stride,
-        list(cfg.unroll_schedule),
-        list(cfg.stage_ends),
-        cfg.q_pool,
-    )
+    official = _official_reroll(cfg)
     for stage, end in enumerate(cfg.stage_ends):
         schedule, size = cfg.reroll_plan(stage)
         assert grid.shape[1:-1] == size
@@ -73,13 +72,7 @@ def test_masked_reroll_and_undo_windowing_match_official():
     cfg = hiera_jax.get_config("mae_hiera_tiny_224")
     kept_units = 19
     x = np.random.RandomState(1).randn(2, kept_units * 64, 4).astype(np.float32)
-    official = Reroll(
-        cfg.input_size,
-        cfg.patch_stride,
-        list(cfg.unroll_schedule),
-        list(cfg.stage_ends),
-        cfg.q_pool,
-    )
+    official = _official_reroll(cfg)
     schedule, size = cfg.reroll_plan(0)
     ours = reroll(jnp.asarray(x), size, schedule, masked=True)
     expected = official(torch.from_numpy(x), 0, mask=torch.ones(1)).numpy()
