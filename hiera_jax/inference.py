@@ -32,11 +32,12 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from hiera_jax.config import HieraConfig, get_config
 from hiera_jax.convert import build_model
-from hiera_jax.io import load_pretrained, read_config
+from hiera_jax.io import load_pretrained, read_config, read_preprocessing
 from hiera_jax.model import HieraEncoder, HieraForImageClassification, init_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # timm IMAGENET_DEFAULT_STD
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" conversion
 RESIZE_RATIO = 256 / 224  # the official example resizes the short side to 256 for a 224 crop
 VIDEO_TEMPORAL_STRIDE = 4  # the official Kinetics models see 16 frames, 4 apart
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -105,9 +106,17 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 
 def preprocess_image(
-    image: Any, crop_size: int | Sequence[int] = 224, resize_size: int | None = None
+    image: Any,
+    crop_size: int | Sequence[int] = 224,
+    resize_size: int | None = None,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """One image (PIL, path, uint8 or [0, 1] float array) -> normalised float32 [H, W, 3]."""
+    """One image (PIL, path, uint8 or [0, 1] float array) -> normalised float32 [H, W, C].
+
+    C = len(mean): 3 for the official models; 1 gives grayscale (ITU-R 601 luma, as PIL's "L").
+    """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
     if resize_size is None:
         resize_size = int(RESIZE_RATIO * min(crop_h, crop_w))
@@ -130,9 +139,11 @@ def preprocess_image(
         x = np.asarray(channels[0], dtype=np.float32) / np.float32(255.0)  # ToTensor
     else:
         x = np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=-1)
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
-    return (x - mean) / std
+    if len(mean) == 1:
+        x = (x @ np.asarray(GRAY_WEIGHTS, np.float32))[..., None]
+    elif len(mean) != 3:
+        raise ValueError(f"images can be preprocessed to 1 or 3 channels, not {len(mean)}")
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 # ---------------------------------------------------------------------- video
@@ -211,10 +222,12 @@ def preprocess_video(
     *,
     start: int | None = None,
     source: str = "clip",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """A clip (frames as PIL / arrays, or [T, H, W, C]) -> normalised float32 [T', H, W, 3]."""
+    """A clip (frames as PIL / arrays, or [T, H, W, C]) -> normalised float32 [T', H, W, C]."""
     idx = clip_indices(len(frames), num_frames, stride, start=start, source=source)
-    return np.stack([preprocess_image(frames[int(i)], crop_size) for i in idx])
+    return np.stack([preprocess_image(frames[int(i)], crop_size, mean=mean, std=std) for i in idx])
 
 
 # ---------------------------------------------------------------------- prediction
@@ -259,7 +272,15 @@ class Predictor:
         names: Sequence[str] | None = None,
         temporal_stride: int = VIDEO_TEMPORAL_STRIDE,
         source: str = "model",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ):
+        if len(mean) != config.in_chans or len(std) != config.in_chans:
+            raise ValueError(
+                f"{source}: mean/std have {len(mean)}/{len(std)} values but the model takes "
+                f"{config.in_chans} channels"
+            )
+        self.mean, self.std = tuple(mean), tuple(std)
         self.config = config
         self.params = params
         self.model_type = model_type
@@ -276,10 +297,18 @@ class Predictor:
     def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
         """Load a `save_pretrained` / converter / train.py directory (`input_size`, `dtype`...)."""
         _, model_type, _ = read_config(directory)
+        # Normalise as the model was trained (train.py stores it); ImageNet's for converted ones.
+        norm = read_preprocessing(directory) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         batch_size = overrides.pop("batch_size", 8)
         model, params = load_pretrained(directory, **overrides)
         return cls(
-            model.config, params, model_type=model_type, batch_size=batch_size, source=directory
+            model.config,
+            params,
+            model_type=model_type,
+            batch_size=batch_size,
+            source=directory,
+            mean=norm["mean"],
+            std=norm["std"],
         )
 
     @classmethod
@@ -306,11 +335,17 @@ class Predictor:
                 frames = load_video(item) if isinstance(item, (str, os.PathLike)) else item
                 out.append(
                     preprocess_video(
-                        frames, cfg.input_size[0], self.temporal_stride, crop, source=name
+                        frames,
+                        cfg.input_size[0],
+                        self.temporal_stride,
+                        crop,
+                        source=name,
+                        mean=self.mean,
+                        std=self.std,
                     )
                 )
             else:
-                out.append(preprocess_image(item, crop))
+                out.append(preprocess_image(item, crop, mean=self.mean, std=self.std))
         if not out:
             raise ValueError("no inputs given")
         return np.stack(out)

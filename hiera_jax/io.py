@@ -33,6 +33,7 @@ def save_pretrained(
     *,
     model_type: str,
     name: str | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> str:
     """Write `params` and `config` to `directory` (created; an existing params dir is replaced)."""
     if model_type not in MODEL_TYPES:
@@ -50,6 +51,8 @@ def save_pretrained(
             "name": name,
             "config": config.to_dict(),
         }
+        if preprocessing is not None:  # e.g. {"mean": [...], "std": [...]} of the training data
+            meta["preprocessing"] = {k: list(v) for k, v in preprocessing.items()}
         tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
@@ -75,6 +78,13 @@ def read_config(directory: str) -> tuple[HieraConfig, str, str | None]:
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}")
     return config, model_type, meta.get("name")
+
+
+def read_preprocessing(directory: str) -> dict[str, Any] | None:
+    """The input normalisation a directory was saved with (train.py stores its data mean/std)."""
+    read_config(directory)  # the same clear errors for a missing or broken config.json
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        return json.load(f).get("preprocessing")
 
 
 def load_pretrained(directory: str, **overrides: Any):

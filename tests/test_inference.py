@@ -292,3 +292,44 @@ def test_bfloat16_close_to_float32(small_checkpoint, image_files):
     logit_err = _rel(logits16, logits32)
     print(f"bf16 vs f32 relative error: logits {logit_err:.2e}, stage4 {err:.2e}")
     assert 1e-4 < logit_err < 5e-2 and 1e-4 < err < 5e-2  # really bf16, and close
+
+
+def test_train_py_style_checkpoint_keeps_its_normalisation_and_channels(tmp_path):
+    """A 1-channel model saved with its data mean/std (as train.py does) predicts on a PNG."""
+    cfg = hiera_jax.HieraConfig(
+        input_size=(32, 32),
+        in_chans=1,
+        embed_dim=8,
+        num_heads=1,
+        num_classes=10,
+        stages=(1, 1),
+        mask_unit_attn=(True, False),
+        q_pool=1,
+        mask_unit_size=(4, 4),
+        patch_kernel=(3, 3),
+        patch_stride=(2, 2),
+        patch_padding=(1, 1),
+    )
+    model = hiera_jax.HieraForImageClassification(cfg)
+    params = hiera_jax.init_params(model, jax.random.key(0))
+    directory = str(tmp_path / "digits")
+    hiera_jax.save_pretrained(
+        directory,
+        params,
+        cfg,
+        model_type="classification",
+        preprocessing={"mean": (0.5,), "std": (0.5,)},
+    )
+    pixels = np.random.RandomState(0).randint(0, 256, (36, 36), np.uint8)
+    Image.fromarray(pixels, "L").save(tmp_path / "digit.png")
+
+    predictor = inference.Predictor.from_pretrained(directory)
+    batch = predictor.preprocess([str(tmp_path / "digit.png")])
+    # 36 = int(256 / 224 * 32): no resize, a centre 32x32 crop, then (x - 0.5) / 0.5 on one channel.
+    expected = (pixels[2:34, 2:34].astype(np.float32) / 255.0 - 0.5) / 0.5
+    np.testing.assert_allclose(batch[..., 0][0], expected, atol=1e-6)
+    assert batch.shape == (1, 32, 32, 1)
+    probs = predictor.predict([str(tmp_path / "digit.png")])
+    np.testing.assert_allclose(
+        probs, jax.nn.softmax(model.apply({"params": params}, batch)), rtol=1e-5, atol=1e-7
+    )

@@ -446,7 +446,11 @@ def train_and_evaluate(
     if config.export_model and not stopped_early:
         model_type = "pretraining" if task == "mae" else "classification"
         summary["model_dir"] = save_pretrained(
-            os.path.join(workdir, "model"), final_params, mcfg, model_type=model_type
+            os.path.join(workdir, "model"),
+            final_params,
+            mcfg,
+            model_type=model_type,
+            preprocessing={"mean": config.data.mean, "std": config.data.std},
         )
     if return_params:
         summary["params"] = final_params
