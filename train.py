@@ -2,7 +2,7 @@
 
     python train.py                                             # embedded default: digits MAE
     python train.py --config configs/digits_finetune.py --workdir runs/digits_finetune
-    python train.py --config configs/in1k_mae.py:base --workdir gs://.../run --config.batch_size=4096
+    python train.py --config configs/in1k_mae.py:base --workdir /mnt/gcs/run --config.batch_size=4096
 
 Everything lives in `hiera_jax.training`; this file only parses flags. Multi-host: add
 `--multi_process` (TPU pods, SLURM, Open MPI and k8s auto-detect) or the explicit coordinator flags.

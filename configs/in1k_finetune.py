@@ -5,7 +5,8 @@
     python train.py --config configs/in1k_finetune.py:base --workdir $WORKDIR \
         --config.init_from=$MAE_WORKDIR --config.data.data_dir=$TFDS_DATA_DIR
     # from the released MAE weights, converted once:
-    python convert/convert_pytorch.py mae_hiera_base_224 mae_in1k /tmp/mae_b && \
+    python convert/convert_pytorch.py --model mae_hiera_base_224 \
+            --input mae_hiera_base_224.pth --output /tmp/mae_b && \
         python train.py --config configs/in1k_finetune.py:base --config.init_from=/tmp/mae_b ...
 
 Values from the authors' training branch: AdamW (0.9, 0.999), lr T/S/B 2e-3, B+/L/H 1e-3 at

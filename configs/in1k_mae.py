@@ -5,9 +5,9 @@
     # one host (8 GPUs or a TPU VM); ImageNet prepared as ArrayRecord in $TFDS_DATA_DIR:
     python train.py --config configs/in1k_mae.py:base --workdir $WORKDIR \
         --config.data.data_dir=$TFDS_DATA_DIR
-    # TPU pod slice (every host runs the same command):
+    # TPU pod slice (every host runs the same command; the workdir is a gcsfuse mount):
     gcloud compute tpus tpu-vm ssh $TPU --worker=all --command "cd hiera-jax && \
-        python train.py --multi_process --config configs/in1k_mae.py:large --workdir gs://$BUCKET/mae_l"
+        python train.py --multi_process --config configs/in1k_mae.py:large --workdir /mnt/gcs/mae_l"
 
 Values from the authors' training branch: AdamW (0.9, 0.95), lr 8e-4 at batch 4096 scaled
 linearly, wd 0.05 (not on norms, biases, position embeddings), 40 warmup epochs then cosine to 0,

@@ -60,8 +60,8 @@ def save_pretrained(
     return directory
 
 
-def read_config(directory: str) -> tuple[HieraConfig, str, str | None]:
-    """(config, model_type, name) from a pretrained directory, with clear errors."""
+def _read_meta(directory: str) -> tuple[HieraConfig, str, dict[str, Any]]:
+    """Parse and check `config.json` once: (config, model_type, the whole JSON)."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -77,14 +77,18 @@ def read_config(directory: str) -> tuple[HieraConfig, str, str | None]:
         raise ValueError(f"{path} is not a valid hiera-jax config: {err!r}") from err
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}")
+    return config, model_type, meta
+
+
+def read_config(directory: str) -> tuple[HieraConfig, str, str | None]:
+    """(config, model_type, name) from a pretrained directory, with clear errors."""
+    config, model_type, meta = _read_meta(directory)
     return config, model_type, meta.get("name")
 
 
 def read_preprocessing(directory: str) -> dict[str, Any] | None:
     """The input normalisation a directory was saved with (train.py stores its data mean/std)."""
-    read_config(directory)  # the same clear errors for a missing or broken config.json
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        return json.load(f).get("preprocessing")
+    return _read_meta(directory)[2].get("preprocessing")
 
 
 def load_pretrained(directory: str, **overrides: Any):
