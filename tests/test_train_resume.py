@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 from hiera_jax.io import load_pretrained  # noqa: E402
 from hiera_jax.training import data as data_lib  # noqa: E402
+from hiera_jax.training import pipeline  # noqa: E402
 from hiera_jax.training.checkpoint import CheckpointError  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 from hiera_jax.training.metrics import read_jsonl  # noqa: E402
@@ -170,32 +171,47 @@ def test_batches_are_a_function_of_seed_and_step():
     source = data_lib.DigitsSource("train")
     transform = data_lib.Transform(config.data, (32, 32), 1, train=True)
 
-    def loader(index=0, count=1):
-        return data_lib.TrainLoader(
-            source,
-            transform,
-            global_batch=16,
-            seed=3,
-            num_classes=10,
-            data_config=config.data,
-            with_labels=True,
-            process_index=index,
-            process_count=count,
+    def batches(index=0, count=1):
+        return iter(
+            pipeline.train_dataset(
+                source,
+                transform,
+                global_batch=16,
+                seed=3,
+                num_classes=10,
+                data_config=config.data,
+                with_labels=True,
+                process_index=index,
+                process_count=count,
+            )
         )
 
-    a, b = loader(), loader()
-    np.testing.assert_array_equal(a.batch(7)["image"], b.batch(7)["image"])
-    assert not np.array_equal(a.batch(7)["image"], a.batch(8)["image"])
-    # A resumed iterator starting at step 7 yields what a fresh one yields there.
-    it = a.iterate(5)
-    next(it), next(it)
-    np.testing.assert_array_equal(next(it)["image"], b.batch(7)["image"])
+    def take(it, n):
+        return [next(it) for _ in range(n)]
+
+    a, b = take(batches(), 9), take(batches(), 9)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not np.array_equal(a[7]["image"], a[8]["image"])
+    assert a[7]["position"][0] == 7 * 16
+    pipeline.check_position(a[7], 7, 16, 0)
+    with pytest.raises(RuntimeError, match="batch_size changed"):
+        pipeline.check_position(a[7], 6, 16, 0)
+    # The grain iterator's saved state resumes at the next batch.
+    it = batches()
+    take(it, 5)
+    state = it.get_state()
+    resumed = batches()
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], a[5]["image"])
     # Two processes each build their half of the same global batch (before mixing).
     config.data.mixup = config.data.cutmix = 0.0
-    whole = loader().batch(4)
-    halves = [loader(i, 2).batch(4) for i in range(2)]
-    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), whole["image"])
-    np.testing.assert_array_equal(np.concatenate([h["label"] for h in halves]), whole["label"])
+    whole = take(batches(), 5)[4]
+    halves = [take(batches(i, 2), 5)[4] for i in range(2)]
+    for key in ("image", "label", "position"):
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
     # One epoch visits every training example once.
-    seen = [a.example_index(s, r) for s in range(len(source) // 16) for r in range(16)]
+    n = len(source) // 16 * 16
+    seen = [pipeline.example_index(len(source), 3, p) for p in range(n)]
     assert len(set(seen)) == len(seen)

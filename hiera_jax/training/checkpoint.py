@@ -2,8 +2,8 @@
 keep-last-N, resume from the latest step, and loud failures for corrupt checkpoints.
 
 Each step directory holds `state` (step, params, optimizer state; sharded arrays restored directly
-into the current mesh's shardings) and `meta` (JSON: step, task, model config, data position).
-The data position is the step itself (see `data.py`), so restoring the state restores the input.
+into the current mesh's shardings), `meta` (JSON: step, task, model config) and `data` (the input
+iterator's state, one JSON file per process, written by grain's orbax handler).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import threading
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -42,7 +43,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
-            item_names=("state", "meta"),
+            item_names=("state", "meta", "data"),
         )
 
     def latest_step(self) -> int | None:
@@ -51,14 +52,30 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+    def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore_data(self, step: int, data_iterator: Any) -> bool:
+        """Set `data_iterator` to its state saved at `step`; False if this checkpoint holds none
+        for this process layout (older checkpoint, or a different number of processes)."""
+        directory = os.path.join(self.directory, str(step), "data")
+        index, count = jax.process_index(), jax.process_count()
+        if not os.path.isfile(os.path.join(directory, f"process_{index}-of-{count}.json")):
+            return False
+        try:
+            self.manager.restore(
+                step,
+                args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)),
+            )
+        except Exception as err:
+            raise CheckpointError(
+                f"the input pipeline state in {directory} cannot be restored "
+                f"({type(err).__name__}: {err}); was data.backend or the dataset changed?"
+            ) from err
+        return True
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -42,7 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"  # digits | moving_digits | tfds (ArrayRecord) | folder
+    c.data.source = "digits"  # digits | moving_digits | tfds | folder
+    # grain (random access, no TensorFlow: digits, ArrayRecord TFDS, class folders) or tf
+    # (tf.data, pip install -e '.[tf]': TFRecord TFDS, tfds ImageFolder); auto: grain unless a
+    # TFDS dataset is prepared only as TFRecord.
+    c.data.backend = "auto"
     c.data.name = ""  # tfds dataset name (e.g. imagenet2012)
     c.data.data_dir = ""  # tfds data_dir, or the root of a class-subfolder image tree
     c.data.train_split = "train"
@@ -63,8 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_pct = 0.875  # eval: resize to size / crop_pct, center crop
     c.data.mean = (0.485, 0.456, 0.406)
     c.data.std = (0.229, 0.224, 0.225)
-    c.data.workers = 4  # threads decoding and augmenting batches ahead of the step
+    c.data.workers = 4  # threads decoding and augmenting examples ahead of the step
     c.data.prefetch = 2  # batches prepared ahead
+    c.data.shuffle_buffer = 10_000  # tf backend: encoded examples in the tf.data shuffle buffer
 
     # Device mesh ("data", "fsdp"); one -1 takes the remaining devices.
     c.mesh_shape = (-1, 1)

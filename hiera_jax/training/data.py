@@ -1,24 +1,18 @@
-"""Input pipeline: sources, the official augmentations, deterministic sharded batches.
+"""Input sources and the official augmentations; the loaders are `pipeline.py` (grain) and
+`tfdata.py` (tf.data, optional).
 
-Every batch is a pure function of `(seed, step)`: example position `p = step * batch + row`
-walks a per-epoch permutation `perm(seed, p // N)`, and each example's augmentation draws from
-`rng(seed, step, row)`. So the data position of a run *is* its step (saved in every checkpoint):
-a resumed run sees exactly the batches the uninterrupted run would have, on any number of
-processes, and nothing about the iterator needs its own checkpoint. Each process builds only its
-own rows of the global batch (per-process input for multi-host runs).
-
-Sources (random access, no TensorFlow): scikit-learn's bundled handwritten digits, moving-digit
+Random-access sources (no TensorFlow): scikit-learn's bundled handwritten digits, moving-digit
 clips made from them, a TFDS dataset prepared as ArrayRecord (`tfds.data_source`), and a folder
-of class subfolders. Nothing is downloaded: a missing dataset raises with how to prepare it.
+of class subfolders. `make_source` picks the backend. Nothing is downloaded: a missing dataset
+raises with how to prepare it. `Transform` augments one example from the rng it is given, so a
+loader that derives that rng from (seed, position) makes every batch reproducible.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -142,7 +136,8 @@ class TfdsSource:
                 "Nothing is downloaded during training. Prepare it once, e.g.\n"
                 f"  tfds build {name} --data_dir=DATA_DIR --file_format=array_record\n"
                 "(ImageNet needs the manual tar files in DATA_DIR/downloads/manual, see the "
-                "tfds catalog). A dataset already prepared as TFRecord can be converted once "
+                "tfds catalog). A dataset prepared as TFRecord is read through tf.data with "
+                "data.backend='tf' (pip install -e '.[tf]'), or converted once to ArrayRecord "
                 "(this step needs TensorFlow): tfds convert_format "
                 "--dataset_version_dir=DATA_DIR/NAME/VERSION --out_file_format=array_record"
             ) from err
@@ -203,7 +198,18 @@ class FolderSource:
 
 
 def make_source(data_config: Any, split: str, input_size: Sequence[int], train_source=None):
-    kind = data_config.source
+    """The split `data_config` names, read by grain (random access) or tf.data (`tfdata.py`).
+
+    data.backend: 'grain' reads digits, moving digits, ArrayRecord TFDS datasets and class
+    folders without TensorFlow; 'tf' reads TFDS datasets in any prepared format (TFRecord) and
+    class folders through `tfds.folder_dataset.ImageFolder`; 'auto' takes grain unless a TFDS
+    dataset is prepared only as TFRecord.
+    """
+    kind, backend = data_config.source, data_config.backend
+    if backend not in ("auto", "grain", "tf"):
+        raise ValueError(f"data.backend must be auto, grain or tf, got {backend!r}")
+    if kind in ("digits", "moving_digits") and backend == "tf":
+        raise ValueError(f"data.source={kind!r} is generated in memory: use data.backend='grain'")
     if kind == "digits":
         return DigitsSource(split)
     if kind == "moving_digits":
@@ -211,19 +217,41 @@ def make_source(data_config: Any, split: str, input_size: Sequence[int], train_s
             raise ValueError("moving_digits needs a video model: input_size (T, H, W)")
         return MovingDigitsSource(split, input_size[0], input_size[1:])
     if kind == "tfds":
-        return TfdsSource(
-            data_config.name,
-            data_config.data_dir,
-            split,
-            data_config.image_key,
-            data_config.label_key,
-        )
+        from hiera_jax.training import tfdata
+
+        if backend == "tf":
+            return tfdata.TfDataSource(data_config, split)
+        try:
+            return TfdsSource(
+                data_config.name,
+                data_config.data_dir,
+                split,
+                data_config.image_key,
+                data_config.label_key,
+            )
+        except FileNotFoundError:
+            if backend == "auto" and tfdata.prepared_as_tfrecord(
+                data_config.name, data_config.data_dir
+            ):
+                return tfdata.TfDataSource(data_config, split)
+            raise
     if kind == "folder":
+        if backend == "tf":
+            from hiera_jax.training import tfdata
+
+            return tfdata.TfDataSource(data_config, split)
         classes = getattr(train_source, "classes", None)
         return FolderSource(
             data_config.data_dir, split, channels=len(data_config.mean), classes=classes
         )
     raise ValueError(f"data.source must be digits, moving_digits, tfds or folder, got {kind!r}")
+
+
+def first_images(source, n: int) -> list[np.ndarray]:
+    """The first n images of a split, for the reconstruction pictures."""
+    if hasattr(source, "first"):
+        return source.first(n)
+    return [source.load(i, None)[0] for i in range(n)]
 
 
 # ============================================================================ augmentations
@@ -466,122 +494,3 @@ def mix_batch(images, labels_onehot, rng, cfg) -> tuple[np.ndarray, np.ndarray]:
         images = images * lam + flipped * (1.0 - lam)
     labels = labels_onehot * lam + labels_onehot[::-1] * (1.0 - lam)
     return images.astype(np.float32), labels.astype(np.float32)
-
-
-# ============================================================================ batches
-class TrainLoader:
-    """Process-local rows of global training batches, a pure function of (seed, step)."""
-
-    def __init__(
-        self,
-        source,
-        transform: Transform,
-        *,
-        global_batch: int,
-        seed: int,
-        num_classes: int,
-        data_config: Any,
-        with_labels: bool,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        if global_batch % process_count:
-            raise ValueError(
-                f"batch_size {global_batch} is not divisible by {process_count} processes"
-            )
-        if len(source) == 0:
-            raise ValueError("the training split is empty")
-        self.source, self.transform = source, transform
-        self.global_batch, self.seed = global_batch, seed
-        self.local_batch = global_batch // process_count
-        self.row0 = process_index * self.local_batch
-        self.num_classes, self.cfg, self.with_labels = num_classes, data_config, with_labels
-        self.workers = max(1, int(data_config.workers))
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.workers)
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            if len(self._perm_cache) > 2:
-                self._perm_cache.pop(min(self._perm_cache))
-            rng = np.random.default_rng([self.seed, 7, epoch])
-            self._perm_cache[epoch] = rng.permutation(len(self.source))
-        return self._perm_cache[epoch]
-
-    def example_index(self, step: int, row: int) -> int:
-        position = step * self.global_batch + row
-        n = len(self.source)
-        return int(self.permutation(position // n)[position % n])
-
-    def _example(self, step: int, row: int):
-        rng = np.random.default_rng([self.seed, step, row])
-        image, label = self.source.load(self.example_index(step, row), rng)
-        return self.transform(image, rng), label
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        rows = range(self.row0, self.row0 + self.local_batch)
-        results = list(self._pool.map(lambda r: self._example(step, r), rows))
-        images = np.stack([r[0] for r in results]).astype(np.float32)
-        out = {"image": images}
-        if self.with_labels:
-            labels = np.asarray([r[1] for r in results], np.int64)
-            onehot = np.eye(self.num_classes, dtype=np.float32)[labels]
-            images, onehot = mix_batch(
-                images,
-                onehot,
-                np.random.default_rng([self.seed, step, 2**31 + self.row0]),
-                self.cfg,
-            )
-            out = {"image": images, "label": onehot}
-        return out
-
-    def iterate(self, start_step: int, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-        """Batches for start_step, start_step + 1, ... prepared `prefetch` steps ahead."""
-        with concurrent.futures.ThreadPoolExecutor(max(1, prefetch)) as pool:
-            pending = collections.deque()
-            step = start_step
-            while True:
-                while len(pending) <= prefetch:
-                    pending.append(pool.submit(self.batch, step + len(pending)))
-                yield pending.popleft().result()
-                step += 1
-
-
-def eval_batches(
-    source,
-    transform: Transform,
-    *,
-    global_batch: int,
-    max_examples: int = 0,
-    with_labels: bool,
-    process_index: int = 0,
-    process_count: int = 1,
-    workers: int = 4,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The eval split in order, padded to full global batches; `valid` marks real rows."""
-    total = len(source) if not max_examples else min(max_examples, len(source))
-    local = global_batch // process_count
-    row0 = process_index * local
-    num_batches = -(-total // global_batch)
-
-    def example(pos):
-        if pos >= total:
-            return None
-        image, label = source.load(pos, None)
-        return transform(image, np.random.default_rng([0, pos])), label
-
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        for b in range(num_batches):
-            positions = [b * global_batch + row0 + r for r in range(local)]
-            results = list(pool.map(example, positions))
-            first = next(r for r in results if r is not None) if any(results) else None
-            if first is None:  # this process's rows are all padding
-                first = example(0)
-            images = np.stack([(r or first)[0] for r in results]).astype(np.float32)
-            batch = {
-                "image": images,
-                "valid": np.asarray([r is not None for r in results], np.bool_),
-            }
-            if with_labels:
-                batch["label"] = np.asarray([(r or first)[1] for r in results], np.int32)
-            yield batch

@@ -26,7 +26,7 @@ import optax
 from hiera_jax.io import load_pretrained, save_pretrained
 from hiera_jax.model import init_params
 from hiera_jax.training import data as data_lib
-from hiera_jax.training import optim, sharding, visualize
+from hiera_jax.training import optim, pipeline, sharding, tfdata, visualize
 from hiera_jax.training.checkpoint import Checkpointer, StopSignal
 from hiera_jax.training.config import build_model, hiera_config
 from hiera_jax.training.metrics import MetricLogger
@@ -136,6 +136,14 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
 
 
 # ============================================================================ the loop
+def seek(train_iter, step: int, local_batch: int) -> None:
+    """Put a fresh input iterator at the first batch of `step` (batches are a function of it)."""
+    if hasattr(train_iter, "seek"):
+        train_iter.seek(step)
+    else:  # a grain DatasetIterator over `local_batch`-sized batches of single examples
+        train_iter.set_state({"next_index": step * local_batch})
+
+
 def _steps(config, train_len: int) -> tuple[int, int, float]:
     steps_per_epoch = train_len / config.batch_size
     total = int(config.total_steps) or int(math.ceil(config.num_epochs * steps_per_epoch))
@@ -194,9 +202,8 @@ def train_and_evaluate(
             f"num_classes={num_classes}; set --config.model.num_classes"
         )
     with_labels = task == "classification"
-    train_loader = data_lib.TrainLoader(
-        train_source,
-        data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=True),
+    use_tf = isinstance(train_source, tfdata.TfDataSource)
+    input_kwargs = dict(
         global_batch=config.batch_size,
         seed=config.seed,
         num_classes=num_classes,
@@ -205,6 +212,12 @@ def train_and_evaluate(
         process_index=process_index,
         process_count=process_count,
     )
+    train_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=True)
+    if use_tf:
+        train_iter = tfdata.TfDataTrainIterator(train_source, train_transform, **input_kwargs)
+    else:
+        train_iter = iter(pipeline.train_dataset(train_source, train_transform, **input_kwargs))
+    local_batch = config.batch_size // process_count
     eval_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=False)
     total_steps, warmup_steps, steps_per_epoch = _steps(config, len(train_source))
 
@@ -280,6 +293,9 @@ def train_and_evaluate(
             )
             state, _ = ckpt.restore(latest, target)
             notes.append(f"resumed from {ckpt_dir}/{latest}")
+            if not ckpt.restore_data(latest, train_iter):
+                notes.append("no saved input state for this process layout: input from the step")
+                seek(train_iter, latest, local_batch)
             resumed_from = latest
         else:
             state = p_init(init_key)
@@ -325,14 +341,14 @@ def train_and_evaluate(
     if task == "mae" and config.num_vis > 0:
         os.makedirs(pictures_dir, exist_ok=True)
         n_vis = min(int(config.num_vis), len(eval_source))
-        vis = [eval_transform(eval_source.load(i, None)[0], None) for i in range(n_vis)]
+        vis = [eval_transform(im, None) for im in data_lib.first_images(eval_source, n_vis)]
         padded = -(-n_vis // mesh.size) * mesh.size
         vis += [vis[0]] * (padded - n_vis)
         vis_images = np.stack(vis).astype(np.float32)
 
     def evaluate(params, step) -> dict[str, float]:
         sums: dict[str, float] = {}
-        batches = data_lib.eval_batches(
+        batches = (tfdata if use_tf else pipeline).eval_batches(
             eval_source,
             eval_transform,
             global_batch=eval_batch,
@@ -376,10 +392,12 @@ def train_and_evaluate(
     step = start_step
     stopped_early = False
     try:
-        batches = train_loader.iterate(start_step, prefetch=int(config.data.prefetch))
         t0, t0_step = time.time(), step
         while step < total_steps:
-            local = next(batches)
+            local = next(train_iter)
+            if step == start_step:  # the restored input is where the restored state is
+                pipeline.check_position(local, step, config.batch_size, process_index * local_batch)
+            del local["position"]
             with jax.set_mesh(mesh):
                 batch = sharding.global_batch(local, mesh)
                 with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
@@ -404,7 +422,7 @@ def train_and_evaluate(
                 or is_last
                 or preempted
             ):
-                ckpt.save(step, state, {**meta_base, "step": step, "data_position": step})
+                ckpt.save(step, state, {**meta_base, "step": step}, data_iterator=train_iter)
             if preempted:
                 ckpt.wait()
                 logger.print(
@@ -421,6 +439,8 @@ def train_and_evaluate(
     finally:
         stop.restore()
         ckpt.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
         logger.close()
 
     summary: dict[str, Any] = {

@@ -1,0 +1,165 @@
+"""grain input pipelines over random-access sources (the default backend; no TensorFlow).
+
+Training reads an endless, per-epoch-shuffled stream. Global example position `p` maps to
+`order[p]`, a grain shuffle of the source reseeded every epoch, and its augmentation draws from
+`rng(seed, p)`. Process `i` of `n` reads the rows `i*L .. (i+1)*L - 1` of every global batch of
+`G = n*L` rows, so the global batch at step `s` holds positions `s*G .. s*G + G - 1` on any number
+of processes. The grain iterator's state (its next element) is saved in each checkpoint
+(`grain.checkpoint`, one JSON file per process) and restored on resume; because every batch is a
+pure function of (seed, step), `check_position` can also prove that the restored iterator is where
+the restored step says it must be.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from hiera_jax.training.data import Transform, mix_batch
+
+# An endless stream: grain iterates a MapDataset up to its length.
+ENDLESS = sys.maxsize // 4
+
+
+class _LocalPositions:
+    """Element i of this process -> global position (random access, endless)."""
+
+    def __init__(self, local_batch: int, global_batch: int, row0: int):
+        self.local_batch, self.global_batch, self.row0 = local_batch, global_batch, row0
+
+    def __len__(self) -> int:
+        return ENDLESS
+
+    def __getitem__(self, index: int) -> int:
+        step, row = divmod(int(index), self.local_batch)
+        return step * self.global_batch + self.row0 + row
+
+
+def _read_options(data_config: Any, local_batch: int) -> grain.ReadOptions:
+    return grain.ReadOptions(
+        num_threads=max(1, int(data_config.workers)),
+        prefetch_buffer_size=max(1, int(data_config.prefetch)) * local_batch,
+    )
+
+
+def finish_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    seed: int,
+    num_classes: int,
+    data_config: Any,
+    with_labels: bool,
+) -> dict[str, np.ndarray]:
+    """Stacked examples -> the step's batch: one-hot labels, mixup/cutmix inside the batch.
+
+    The mixing draw depends only on the seed and the batch's first position, so it is the same on
+    every backend and after a resume.
+    """
+    out = {"image": batch["image"].astype(np.float32), "position": batch["position"]}
+    if with_labels:
+        onehot = np.eye(num_classes, dtype=np.float32)[batch["label"]]
+        rng = np.random.default_rng([seed, 2**31, int(batch["position"][0])])
+        out["image"], out["label"] = mix_batch(out["image"], onehot, rng, data_config)
+    return out
+
+
+def train_dataset(
+    source,
+    transform: Transform,
+    *,
+    global_batch: int,
+    seed: int,
+    num_classes: int,
+    data_config: Any,
+    with_labels: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """This process's training batches as a grain IterDataset (iterate it; checkpoint its iterator).
+
+    Each batch is a dict with `image` float32 [L, ...], `position` int64 [L] (global example
+    positions) and, with labels, `label` float32 [L, num_classes] (one-hot, possibly mixed).
+    """
+    if global_batch % process_count:
+        raise ValueError(f"batch_size {global_batch} is not divisible by {process_count} processes")
+    if len(source) == 0:
+        raise ValueError("the training split is empty")
+    local_batch = global_batch // process_count
+    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+
+    def example(position: int) -> dict[str, Any]:
+        rng = np.random.default_rng([seed, position])
+        image, label = source.load(int(order[position]), rng)
+        return {"image": transform(image, rng), "label": label, "position": position}
+
+    local = grain.MapDataset.source(
+        _LocalPositions(local_batch, global_batch, process_index * local_batch)
+    ).map(example)
+    return (
+        local.to_iter_dataset(_read_options(data_config, local_batch))
+        .batch(local_batch, drop_remainder=True)
+        .map(
+            lambda b: finish_batch(
+                b,
+                seed=seed,
+                num_classes=num_classes,
+                data_config=data_config,
+                with_labels=with_labels,
+            )
+        )
+    )
+
+
+def example_index(source_len: int, seed: int, position: int) -> int:
+    """The source index a training position reads (for tests and debugging)."""
+    return int(grain.MapDataset.range(source_len).seed(seed).shuffle().repeat()[position])
+
+
+def check_position(batch: dict[str, np.ndarray], step: int, global_batch: int, row0: int) -> None:
+    """Raise if a batch is not the one `step` must see (a restored iterator out of step)."""
+    expected = step * global_batch + row0
+    got = int(batch["position"][0])
+    if got != expected:
+        raise RuntimeError(
+            f"the input pipeline is at example position {got} but step {step} needs {expected}: "
+            "the data iterator restored from the checkpoint does not match the training state "
+            "(was batch_size changed on resume?). Resume with the original batch_size, or start "
+            "a new workdir with init_from pointing at this run's model."
+        )
+
+
+def eval_batches(
+    source,
+    transform: Transform,
+    *,
+    global_batch: int,
+    max_examples: int = 0,
+    with_labels: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 4,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The eval split in order, padded to full global batches; `valid` marks real rows."""
+    total = len(source) if not max_examples else min(max_examples, len(source))
+    local_batch = global_batch // process_count
+    num_batches = -(-total // global_batch)
+    positions = _LocalPositions(local_batch, global_batch, process_index * local_batch)
+
+    def example(index: int) -> dict[str, Any]:
+        position = positions[index]
+        image, label = source.load(position if position < total else 0, None)  # 0: padding
+        out = {
+            "image": transform(image, np.random.default_rng([0, position])),
+            "valid": position < total,
+        }
+        if with_labels:
+            out["label"] = np.int32(label)
+        return out
+
+    options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * local_batch)
+    dataset = grain.MapDataset.range(num_batches * local_batch).map(example)
+    yield from dataset.to_iter_dataset(options).batch(local_batch)
