@@ -136,14 +136,6 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
 
 
 # ============================================================================ the loop
-def seek(train_iter, step: int, local_batch: int) -> None:
-    """Put a fresh input iterator at the first batch of `step` (batches are a function of it)."""
-    if hasattr(train_iter, "seek"):
-        train_iter.seek(step)
-    else:  # a grain DatasetIterator over `local_batch`-sized batches of single examples
-        train_iter.set_state({"next_index": step * local_batch})
-
-
 def _steps(config, train_len: int) -> tuple[int, int, float]:
     steps_per_epoch = train_len / config.batch_size
     total = int(config.total_steps) or int(math.ceil(config.num_epochs * steps_per_epoch))
@@ -213,10 +205,20 @@ def train_and_evaluate(
         process_count=process_count,
     )
     train_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=True)
-    if use_tf:
-        train_iter = tfdata.TfDataTrainIterator(train_source, train_transform, **input_kwargs)
-    else:
-        train_iter = iter(pipeline.train_dataset(train_source, train_transform, **input_kwargs))
+
+    def train_input(start_step: int = 0):
+        """A training input iterator at `start_step` (each batch is a function of its step)."""
+        if use_tf:
+            it = tfdata.TfDataTrainIterator(train_source, train_transform, **input_kwargs)
+            it.seek(start_step)
+            return it
+        return iter(
+            pipeline.train_dataset(
+                train_source, train_transform, start_step=start_step, **input_kwargs
+            )
+        )
+
+    train_iter = train_input()
     local_batch = config.batch_size // process_count
     eval_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=False)
     total_steps, warmup_steps, steps_per_epoch = _steps(config, len(train_source))
@@ -295,7 +297,8 @@ def train_and_evaluate(
             notes.append(f"resumed from {ckpt_dir}/{latest}")
             if not ckpt.restore_data(latest, train_iter):
                 notes.append("no saved input state for this process layout: input from the step")
-                seek(train_iter, latest, local_batch)
+                train_iter.close()
+                train_iter = train_input(latest)
             resumed_from = latest
         else:
             state = p_init(init_key)

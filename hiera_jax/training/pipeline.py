@@ -26,17 +26,18 @@ ENDLESS = sys.maxsize // 4
 
 
 class _LocalPositions:
-    """Element i of this process -> global position (random access, endless)."""
+    """Element i of this process -> global position (random access, endless from `start_step`)."""
 
-    def __init__(self, local_batch: int, global_batch: int, row0: int):
+    def __init__(self, local_batch: int, global_batch: int, row0: int, start_step: int = 0):
         self.local_batch, self.global_batch, self.row0 = local_batch, global_batch, row0
+        self.start_step = start_step
 
     def __len__(self) -> int:
         return ENDLESS
 
     def __getitem__(self, index: int) -> int:
         step, row = divmod(int(index), self.local_batch)
-        return step * self.global_batch + self.row0 + row
+        return (self.start_step + step) * self.global_batch + self.row0 + row
 
 
 def _read_options(data_config: Any, local_batch: int) -> grain.ReadOptions:
@@ -78,11 +79,16 @@ def train_dataset(
     with_labels: bool,
     process_index: int = 0,
     process_count: int = 1,
+    start_step: int = 0,
 ) -> grain.IterDataset:
-    """This process's training batches as a grain IterDataset (iterate it; checkpoint its iterator).
+    """This process's training batches from `start_step` on, as a grain IterDataset (iterate it;
+    checkpoint its iterator).
 
     Each batch is a dict with `image` float32 [L, ...], `position` int64 [L] (global example
     positions) and, with labels, `label` float32 [L, num_classes] (one-hot, possibly mixed).
+    Examples are prepared by `data.workers` threads, or with `data.worker_processes` > 0 by that
+    many processes (whole batches each, for augmentation that holds the GIL); the batches are
+    the same either way.
     """
     if global_batch % process_count:
         raise ValueError(f"batch_size {global_batch} is not divisible by {process_count} processes")
@@ -96,21 +102,33 @@ def train_dataset(
         image, label = source.load(int(order[position]), rng)
         return {"image": transform(image, rng), "label": label, "position": position}
 
-    local = grain.MapDataset.source(
-        _LocalPositions(local_batch, global_batch, process_index * local_batch)
-    ).map(example)
+    def finish(batch):
+        return finish_batch(
+            batch,
+            seed=seed,
+            num_classes=num_classes,
+            data_config=data_config,
+            with_labels=with_labels,
+        )
+
+    positions = _LocalPositions(local_batch, global_batch, process_index * local_batch, start_step)
+    local = grain.MapDataset.source(positions).map(example)
+    processes = int(data_config.get("worker_processes", 0))
+    if processes > 0:  # each process prepares whole batches; grain interleaves them in order
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags; train.py parses them
+            flags.FLAGS.mark_as_parsed()
+        batches = local.batch(local_batch, drop_remainder=True).map(finish)
+        return batches.to_iter_dataset(grain.ReadOptions(num_threads=1)).mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=processes, per_worker_buffer_size=max(1, int(data_config.prefetch))
+            )
+        )
     return (
         local.to_iter_dataset(_read_options(data_config, local_batch))
         .batch(local_batch, drop_remainder=True)
-        .map(
-            lambda b: finish_batch(
-                b,
-                seed=seed,
-                num_classes=num_classes,
-                data_config=data_config,
-                with_labels=with_labels,
-            )
-        )
+        .map(finish)
     )
 
 
