@@ -14,7 +14,8 @@ batch 1024 scaled linearly, wd 0.05 with the MAE exclusions, 5 warmup epochs, co
 epochs T 300, S 200, B/B+ 100, L/H 50; layer decay T/S 0.65, B/B+ 0.7, L/H 0.85; drop path 0.1
 (H 0.3); RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, switch
 prob 0.5, label smoothing 0.1; eval resize 256 + center crop 224 (crop_pct 0.875).
-Best guesses: bfloat16 compute (they used fp16 AMP), remat/FSDP for L/H, eval cadence.
+Best guesses: bfloat16 compute (they used fp16 AMP), remat/FSDP for L/H, eval cadence, and
+16 input processes per host (RandAugment in PIL holds the GIL; tune to the host's cores).
 """
 
 from hiera_jax.training.config import base_config
@@ -56,7 +57,8 @@ def get_config(arg=None):
     c.data.cutmix = 1.0
     c.data.mixup_switch_prob = 0.5
     c.data.crop_pct = 0.875
-    c.data.workers = 32
+    c.data.workers = 4
+    c.data.worker_processes = 16
     c.data.prefetch = 4
     c.label_smoothing = 0.1
     c.batch_size = 1024

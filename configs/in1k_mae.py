@@ -2,7 +2,8 @@
 
 `arg` picks the size: tiny | small | base | base_plus | large | huge (default base).
 
-    # one host (8 GPUs or a TPU VM); ImageNet prepared as ArrayRecord in $TFDS_DATA_DIR:
+    # one host (8 GPUs or a TPU VM); ImageNet prepared in $TFDS_DATA_DIR, as ArrayRecord (read
+    # by grain) or as TFRecord (read by tf.data: pip install -e '.[tf]'), found automatically:
     python train.py --config configs/in1k_mae.py:base --workdir $WORKDIR \
         --config.data.data_dir=$TFDS_DATA_DIR
     # TPU pod slice (every host runs the same command; the workdir is a gcsfuse mount):

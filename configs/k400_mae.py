@@ -5,8 +5,8 @@
     python train.py --config configs/k400_mae.py:base --workdir $WORKDIR \
         --config.data.name=kinetics400 --config.data.data_dir=$TFDS_DATA_DIR
 
-Kinetics is not in the TFDS catalog as a ready builder: prepare it yourself as a TFDS dataset in
-ArrayRecord format with a `video` feature (uint8 [T, H, W, 3], e.g. decoded at 30 fps, short
+Kinetics is not in the TFDS catalog as a ready builder: prepare it yourself as a TFDS dataset
+(ArrayRecord for grain, or TFRecord for tf.data with `.[tf]`) with a `video` feature (uint8 [T, H, W, 3], e.g. decoded at 30 fps, short
 side 320) and a `label` feature, under `data.name` in `data.data_dir`.
 
 From the paper (video MAE, after MAE-ST): mask ratio 0.9, AdamW (0.9, 0.95), lr 8e-4, wd 0.05,

@@ -290,3 +290,35 @@ def test_training_resumes_with_and_without_the_saved_input_state(
     for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_array_equal(a, b)
     assert ("input from the step" in capsys.readouterr().out) == drop_input_state
+
+
+def test_worker_processes_give_the_same_batches_as_threads():
+    config = th.make_config("classification", th.overrides(data__mixup=0.8, data__cutmix=1.0))
+    config.data.randaug = "rand-m9-mstd0.5-inc1"
+    source = data_lib.DigitsSource("train")
+    transform = data_lib.Transform(config.data, (32, 32), 1, train=True)
+
+    def batches(processes):
+        config.data.worker_processes = processes
+        it = iter(
+            pipeline.train_dataset(
+                source,
+                transform,
+                global_batch=16,
+                seed=1,
+                num_classes=10,
+                data_config=config.data,
+                with_labels=True,
+            )
+        )
+        out = [next(it) for _ in range(4)]
+        state = it.get_state()
+        it.close()
+        return out, state
+
+    threads, _ = batches(0)
+    processes, state = batches(2)
+    assert state["iterators_in_use_states"]  # grain's multiprocess state, saved per checkpoint
+    for a, b in zip(threads, processes):
+        for key in ("image", "label", "position"):
+            np.testing.assert_array_equal(a[key], b[key])

@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mean = (0.485, 0.456, 0.406)
     c.data.std = (0.229, 0.224, 0.225)
     c.data.workers = 4  # threads decoding and augmenting examples ahead of the step
+    c.data.worker_processes = 0  # grain: >0 prepares whole batches in this many processes
     c.data.prefetch = 2  # batches prepared ahead
     c.data.shuffle_buffer = 10_000  # tf backend: encoded examples in the tf.data shuffle buffer
 

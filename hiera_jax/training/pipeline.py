@@ -113,14 +113,18 @@ def train_dataset(
 
     positions = _LocalPositions(local_batch, global_batch, process_index * local_batch, start_step)
     local = grain.MapDataset.source(positions).map(example)
-    processes = int(data_config.get("worker_processes", 0))
+    processes = int(data_config.worker_processes)
     if processes > 0:  # each process prepares whole batches; grain interleaves them in order
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain reads absl flags; train.py parses them
             flags.FLAGS.mark_as_parsed()
         batches = local.batch(local_batch, drop_remainder=True).map(finish)
-        return batches.to_iter_dataset(grain.ReadOptions(num_threads=1)).mp_prefetch(
+        options = grain.ReadOptions(
+            num_threads=max(1, int(data_config.workers)),
+            prefetch_buffer_size=max(1, int(data_config.prefetch)),
+        )
+        return batches.to_iter_dataset(options).mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=processes, per_worker_buffer_size=max(1, int(data_config.prefetch))
             )
