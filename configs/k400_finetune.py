@@ -9,7 +9,8 @@ Data as in k400_mae.py. Best guesses after MAE-ST's finetuning recipe (the Hiera
 to it; not verified): AdamW (0.9, 0.999), lr 1e-3 at batch 256 scaled linearly,
 5 warmup epochs, cosine; epochs B/B+ 150, L 100, H 75; layer decay B/B+ 0.75, L/H 0.85; drop path
 B/B+ 0.1, L 0.2, H 0.3; RandAugment m7 n4, mixup 0.8, cutmix 1.0, label smoothing 0.1,
-random erasing 0.25; single-clip center-crop evaluation (the paper reports multi-view).
+random erasing 0.25, repeated augmentation 2 (`data.repeated_aug`); single-clip center-crop
+evaluation (the paper reports multi-view).
 """
 
 from hiera_jax.training.config import base_config
@@ -44,6 +45,7 @@ def get_config(arg=None):
     c.data.frame_stride = 4
     c.data.crop_scale = (0.08, 1.0)
     c.data.flip = True
+    c.data.repeated_aug = 2
     c.data.randaug = "rand-m7-n4-mstd0.5-inc1"
     c.data.reprob = 0.25
     c.data.mixup = 0.8

@@ -12,8 +12,9 @@ side 320) and a `label` feature, under `data.name` in `data.data_dir`.
 From the paper (video MAE, after MAE-ST): mask ratio 0.9, AdamW (0.9, 0.95), lr 8e-4, wd 0.05,
 cosine schedule, 16 frames with temporal stride 4, RandomResizedCrop + flip. Best guesses (not
 verified against a released recipe): batch 512 with lr given at 512, 800 epochs, 120 warmup
-epochs, drop path as for images, bfloat16, remat and 8-way FSDP for L/H. The authors' MAE-ST
-recipe also repeats each clip 4x per batch (repeated augmentation); that is not implemented.
+epochs, drop path as for images, bfloat16, remat and 8-way FSDP for L/H. As in MAE-ST, each video
+appears 4 times in a row with different crops (`data.repeated_aug=4`; batch_size counts clips,
+and an epoch shows every video 4 times). Each repeat decodes the video again.
 """
 
 from hiera_jax.training.config import base_config
@@ -41,6 +42,7 @@ def get_config(arg=None):
     c.data.frame_stride = 4
     c.data.crop_scale = (0.5, 1.0)  # best guess (MAE-ST jitters scale rather than area)
     c.data.flip = True
+    c.data.repeated_aug = 4
     c.data.workers = 32
     c.data.prefetch = 4
     c.batch_size = 512

@@ -322,3 +322,37 @@ def test_worker_processes_give_the_same_batches_as_threads():
     for a, b in zip(threads, processes):
         for key in ("image", "label", "position"):
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_repeated_augmentation_repeats_each_example_with_new_draws():
+    config = th.make_config("mae", th.overrides(data__repeated_aug=3))
+    source = data_lib.MovingDigitsSource("train", 4, (16, 16))  # its clips come from the rng
+    transform = data_lib.Transform(config.data, (4, 16, 16), 1, train=True)
+    it = iter(
+        pipeline.train_dataset(
+            source,
+            transform,
+            global_batch=6,
+            seed=0,
+            num_classes=10,
+            data_config=config.data,
+            with_labels=False,
+        )
+    )
+    images = np.concatenate([next(it)["image"] for _ in range(2)])
+    for group in images.reshape(4, 3, *images.shape[1:]):
+        assert len({g.tobytes() for g in group}) == 3  # three different draws per group ...
+    # ... of one source example: with labels, each group of three shares its label.
+    reference = iter(
+        pipeline.train_dataset(
+            data_lib.DigitsSource("train"),
+            data_lib.Transform(config.data, (32, 32), 1, train=True),
+            global_batch=6,
+            seed=0,
+            num_classes=10,
+            data_config=config.data,
+            with_labels=True,
+        )
+    )
+    labels = next(reference)["label"].argmax(-1)
+    assert labels[0] == labels[1] == labels[2] and labels[3] == labels[4] == labels[5]

@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = True
     c.data.randaug = ""  # timm-style, e.g. "rand-m9-mstd0.5-inc1"; "" = off
     c.data.reprob = 0.0  # random erasing probability (pixel mode)
+    c.data.repeated_aug = 1  # each example R times in a row, differently augmented (MAE-ST video)
     c.data.mixup = 0.0  # mixup alpha (0 = off)
     c.data.cutmix = 0.0  # cutmix alpha (0 = off)
     c.data.mixup_prob = 1.0

@@ -221,7 +221,9 @@ def train_and_evaluate(
     train_iter = train_input()
     local_batch = config.batch_size // process_count
     eval_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=False)
-    total_steps, warmup_steps, steps_per_epoch = _steps(config, len(train_source))
+    # An epoch shows every example once, i.e. `repeated_aug` times with repeated augmentation.
+    examples_per_epoch = len(train_source) * max(1, int(config.data.repeated_aug))
+    total_steps, warmup_steps, steps_per_epoch = _steps(config, examples_per_epoch)
 
     # ------------------------------------------------------------------ state, born sharded
     abstract_params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))

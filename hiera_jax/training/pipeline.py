@@ -1,8 +1,9 @@
 """grain input pipelines over random-access sources (the default backend; no TensorFlow).
 
 Training reads an endless, per-epoch-shuffled stream. Global example position `p` maps to
-`order[p]`, a grain shuffle of the source reseeded every epoch, and its augmentation draws from
-`rng(seed, p)`. Process `i` of `n` reads the rows `i*L .. (i+1)*L - 1` of every global batch of
+`order[p // R]`, a grain shuffle of the source reseeded every epoch (R = `data.repeated_aug`
+consecutive positions read the same example: repeated augmentation), and its augmentation draws
+from `rng(seed, p)`. Process `i` of `n` reads the rows `i*L .. (i+1)*L - 1` of every global batch of
 `G = n*L` rows, so the global batch at step `s` holds positions `s*G .. s*G + G - 1` on any number
 of processes. The grain iterator's state (its next element) is saved in each checkpoint
 (`grain.checkpoint`, one JSON file per process) and restored on resume; because every batch is a
@@ -97,9 +98,11 @@ def train_dataset(
     local_batch = global_batch // process_count
     order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
 
+    repeats = max(1, int(data_config.repeated_aug))
+
     def example(position: int) -> dict[str, Any]:
         rng = np.random.default_rng([seed, position])
-        image, label = source.load(int(order[position]), rng)
+        image, label = source.load(int(order[position // repeats]), rng)
         return {"image": transform(image, rng), "label": label, "position": position}
 
     def finish(batch):

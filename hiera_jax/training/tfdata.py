@@ -228,6 +228,9 @@ class TfDataTrainIterator:
         ds = ds.shuffle(  # before repeat: every epoch visits each example once
             int(self.cfg.shuffle_buffer), seed=self.seed, reshuffle_each_iteration=True
         ).repeat()
+        repeats = max(1, int(self.cfg.repeated_aug))
+        if repeats > 1:  # repeated augmentation: each record R times in a row
+            ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
         ds = ds.skip(self.consumed)  # records are still encoded here: skipping reads, not decodes
         ds = ds.map(
             lambda ex: {"image": self.source.decode(ex["image"]), "label": ex["label"]},
