@@ -67,3 +67,14 @@ def test_bfloat16_and_remat_train(tmp_path):
     assert {np.asarray(x).dtype for x in jax.tree.leaves(summary["params"])} == {
         np.dtype("float32")
     }
+
+
+def test_url_workdir_and_init_from_are_refused_with_the_mount_advice(tmp_path):
+    from hiera_jax.training.loop import load_encoder
+
+    config = th.make_config("mae")
+    with pytest.raises(ValueError, match="gcsfuse"):
+        train_and_evaluate(config, "gs://bucket/run", progress=False)
+    with pytest.raises(ValueError, match="init_from=gs://bucket/mae is a URL"):
+        load_encoder("gs://bucket/mae", {})
+    assert not os.path.exists("gs:")  # nothing was created under a mangled local path

@@ -98,12 +98,22 @@ def reconstruct(params, images, key, *, model):
 
 
 # ============================================================================ init from a checkpoint
+def local_path(path: str, what: str) -> str:
+    """`path`, unless it is a URL: everything here goes through the local filesystem."""
+    if "://" in str(path):
+        raise ValueError(
+            f"{what}={path} is a URL; training reads and writes local paths. Mount the bucket "
+            "(e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs`) and pass the mounted path."
+        )
+    return path
+
+
 def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
     """Encoder leaves of a hiera-jax model directory (or a workdir with `model/`), shape-checked.
 
     Returns ({flat path: np.ndarray} for every encoder leaf of `params`, names left at init).
     """
-    path = os.path.abspath(path)
+    path = os.path.abspath(local_path(path, "init_from"))
     candidates = [path, os.path.join(path, "model")]
     directory = next(
         (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
@@ -160,7 +170,7 @@ def train_and_evaluate(
     evaluation), `stopped_early` (a signal or preemption stopped the run), the paths written and,
     with return_params, the final params as numpy arrays (return_state: the live sharded state).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = os.path.abspath(local_path(workdir, "workdir"))
     os.makedirs(workdir, exist_ok=True)
     task = config.task
     mcfg = hiera_config(config)
