@@ -41,10 +41,11 @@ class _LocalPositions:
         return (self.start_step + step) * self.global_batch + self.row0 + row
 
 
-def _read_options(data_config: Any, local_batch: int) -> grain.ReadOptions:
+def _read_options(data_config: Any) -> grain.ReadOptions:
+    """`workers` threads, each preparing a whole batch; enough batches ahead to keep them busy."""
+    workers = max(1, int(data_config.workers))
     return grain.ReadOptions(
-        num_threads=max(1, int(data_config.workers)),
-        prefetch_buffer_size=max(1, int(data_config.prefetch)) * local_batch,
+        num_threads=workers, prefetch_buffer_size=max(workers, int(data_config.prefetch))
     )
 
 
@@ -87,9 +88,8 @@ def train_dataset(
 
     Each batch is a dict with `image` float32 [L, ...], `position` int64 [L] (global example
     positions) and, with labels, `label` float32 [L, num_classes] (one-hot, possibly mixed).
-    Examples are prepared by `data.workers` threads, or with `data.worker_processes` > 0 by that
-    many processes (whole batches each, for augmentation that holds the GIL); the batches are
-    the same either way.
+    Batches are prepared by `data.workers` threads, and with `data.worker_processes` > 0 in that
+    many processes (for augmentation that holds the GIL); the batches are the same either way.
     """
     if global_batch % process_count:
         raise ValueError(f"batch_size {global_batch} is not divisible by {process_count} processes")
@@ -115,28 +115,27 @@ def train_dataset(
         )
 
     positions = _LocalPositions(local_batch, global_batch, process_index * local_batch, start_step)
-    local = grain.MapDataset.source(positions).map(example)
+    # Whole batches are the unit of parallel work: grain's per-element bookkeeping costs more CPU
+    # than a small image's augmentation (measured: 2x the CPU per batch on the digits).
+    batches = (
+        grain.MapDataset.source(positions)
+        .map(example)
+        .batch(local_batch, drop_remainder=True)
+        .map(finish)
+        .to_iter_dataset(_read_options(data_config))
+    )
     processes = int(data_config.worker_processes)
     if processes > 0:  # each process prepares whole batches; grain interleaves them in order
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain reads absl flags; train.py parses them
             flags.FLAGS.mark_as_parsed()
-        batches = local.batch(local_batch, drop_remainder=True).map(finish)
-        options = grain.ReadOptions(
-            num_threads=max(1, int(data_config.workers)),
-            prefetch_buffer_size=max(1, int(data_config.prefetch)),
-        )
-        return batches.to_iter_dataset(options).mp_prefetch(
+        batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=processes, per_worker_buffer_size=max(1, int(data_config.prefetch))
             )
         )
-    return (
-        local.to_iter_dataset(_read_options(data_config, local_batch))
-        .batch(local_batch, drop_remainder=True)
-        .map(finish)
-    )
+    return batches
 
 
 def example_index(source_len: int, seed: int, position: int) -> int:
@@ -185,6 +184,6 @@ def eval_batches(
             out["label"] = np.int32(label)
         return out
 
-    options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * local_batch)
-    dataset = grain.MapDataset.range(num_batches * local_batch).map(example)
-    yield from dataset.to_iter_dataset(options).batch(local_batch)
+    options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=max(2, workers))
+    dataset = grain.MapDataset.range(num_batches * local_batch).map(example).batch(local_batch)
+    yield from dataset.to_iter_dataset(options)
