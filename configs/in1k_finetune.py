@@ -16,6 +16,7 @@ epochs T 300, S 200, B/B+ 100, L/H 50; layer decay T/S 0.65, B/B+ 0.7, L/H 0.85;
 prob 0.5, label smoothing 0.1; eval resize 256 + center crop 224 (crop_pct 0.875).
 Best guesses: bfloat16 compute (they used fp16 AMP), remat/FSDP for L/H, eval cadence, and
 16 input processes per host (RandAugment in PIL holds the GIL; tune to the host's cores).
+Short of memory for batch 1024: --config.grad_accum_steps=N keeps the batch and the lr.
 """
 
 from hiera_jax.training.config import base_config

@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Steps: total_steps > 0 wins over num_epochs; the same for warmup.
     c.batch_size = 256  # global, over all processes
+    # Gradient accumulation: each step runs batch_size as this many equal microbatches, one after
+    # another, and makes one update with their mean gradient (less activation memory, same
+    # result). batch_size must be divisible by grad_accum_steps x the number of mesh devices.
+    c.grad_accum_steps = 1
     c.num_epochs = 1.0
     c.total_steps = 0
     c.warmup_epochs = 0.0
@@ -83,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_max_examples = 0  # 0 = the whole eval split
     c.num_vis = 8  # MAE: examples in the reconstruction grid
     c.log_every = 10
+    # MFU: model FLOP/s per device over this peak (dense bf16 FLOP/s of one chip). 0 = look it up
+    # by device kind (TPU v4-v6e, A100, H100, H200); unknown kinds (CPU) log TFLOP/s only.
+    c.peak_flops_per_device = 0.0
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpoints = True

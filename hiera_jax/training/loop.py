@@ -17,15 +17,18 @@ import time
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
+from hiera_jax import masking
 from hiera_jax.io import load_pretrained, save_pretrained
 from hiera_jax.model import init_params
 from hiera_jax.training import data as data_lib
+from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, pipeline, sharding, tfdata, visualize
 from hiera_jax.training.checkpoint import Checkpointer, StopSignal
 from hiera_jax.training.config import build_model, hiera_config
@@ -37,23 +40,24 @@ ENCODER_PREFIXES = ("patch_embed", "pos_embed", "blocks_")
 
 
 # ============================================================================ steps
-def train_step(state, batch, key, *, model, tx, lr_fn, task, label_smoothing, num_classes):
-    """One optimizer step: (state, batch, key) -> (state, metrics). Randomness: fold_in(key, step)."""
+def train_step(
+    state, batch, key, *, model, tx, lr_fn, task, label_smoothing, num_classes, accum_steps=1
+):
+    """One optimizer step: (state, batch, key) -> (state, metrics). Randomness: fold_in(key, step).
+
+    With accum_steps A > 1 the batch runs as A microbatches, one after another (`lax.scan`), and
+    their averaged gradient makes one update. Microbatch i holds rows i, A+i, 2A+i, ... so every
+    device keeps its own rows (JAX_NOTES 5.7). MAE draws the keep-mask for the whole batch first,
+    so each row is masked as it is with A = 1; dropout and drop path draw per microbatch.
+    """
     step = state["step"]
     mask_key, drop_key = jax.random.split(jax.random.fold_in(key, step))
 
-    def loss_fn(params):
+    def loss_fn(params, batch, mask, rngs):
         if task == "mae":
-            loss, *_ = model.apply(
-                {"params": params},
-                batch["image"],
-                train=True,
-                rngs={"mask": mask_key, "dropout": drop_key},
-            )
+            loss, *_ = model.apply({"params": params}, batch["image"], mask, train=True, rngs=rngs)
             return loss, {}
-        logits = model.apply(
-            {"params": params}, batch["image"], train=True, rngs={"dropout": drop_key}
-        )
+        logits = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
         targets = batch["label"]
         if label_smoothing:
             targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
@@ -61,11 +65,79 @@ def train_step(state, batch, key, *, model, tx, lr_fn, task, label_smoothing, nu
         accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
         return loss, {"accuracy": accuracy}
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params = state["params"]
+    if accum_steps == 1:
+        rngs = {"mask": mask_key, "dropout": drop_key}
+        (loss, aux), grads = grad_fn(params, batch, None, rngs)
+    else:
+        mask = draw_keep_mask(model, mask_key, batch["image"].shape[0]) if task == "mae" else None
+        micro = split_microbatches({"batch": batch, "mask": mask}, accum_steps)
+
+        def accumulate(grad_sum, inputs):
+            index, mb = inputs
+            rngs = {"dropout": jax.random.fold_in(drop_key, index)}
+            (loss, aux), grads = grad_fn(params, mb["batch"], mb["mask"], rngs)
+            return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, (losses, auxes) = jax.lax.scan(
+            accumulate, zeros, (jnp.arange(accum_steps), micro)
+        )
+        # Equal microbatches: the mean of their means is the full-batch mean.
+        grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+        loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxes)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step), **aux}
     return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def split_microbatches(tree, accum_steps: int):
+    """[B, ...] -> [A, B/A, ...] with microbatch i = rows i, A+i, 2A+i, ...
+
+    Reshaping to [B/A, A, ...] and swapping keeps every row on the device that holds it; the
+    naive [A, B/A] split would move rows between devices (all-gathers).
+    """
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
+        tree,
+    )
+
+
+def draw_keep_mask(model, key, batch_size: int):
+    """The keep-mask HieraForPreTraining draws itself when given rngs={"mask": key}.
+
+    flax derives the module's `make_rng("mask")` key from `key`; drawing it at the same top-level
+    scope reproduces it, so an accumulated step masks each row exactly as an A = 1 step does.
+    """
+    cfg = model.config
+
+    def draw(module):
+        return masking.random_keep_mask(
+            module.make_rng("mask"), batch_size, cfg.num_mask_units, cfg.mask_ratio
+        )
+
+    return nn.apply(draw, model)({}, rngs={"mask": key})
+
+
+def model_flops_per_step(step_fn, model, abstract_args, p_train=None) -> float | None:
+    """Model FLOPs of one train step: XLA's global count of the step lowered on `abstract_args`.
+
+    Counted without remat (its recompute is not model work) and without accumulation (XLA counts
+    a scan body once). Pass `p_train`, the jitted step, when it is that plain step: it is lowered
+    itself, and its first call reuses the trace. Call under the mesh. None (with a warning) if
+    XLA gives no count.
+    """
+    try:
+        if p_train is None:
+            plain_model = model.clone(config=model.config.replace(remat=False))
+            plain = functools.partial(step_fn, model=plain_model, accum_steps=1)
+            return flops_lib.count_flops(plain, *abstract_args)
+        return flops_lib.lowered_flops(p_train.lower(*abstract_args))
+    except Exception as e:  # noqa: BLE001 - MFU is a report; never stop training for it
+        log.warning("could not count the FLOPs of a train step: %s", e)
+        return None
 
 
 def eval_step(params, batch, key, *, model, task):
@@ -179,9 +251,14 @@ def train_and_evaluate(
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
 
-    if config.batch_size % mesh.size:
+    accum_steps = int(config.grad_accum_steps)
+    if accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+    if config.batch_size % (accum_steps * mesh.size):
         raise ValueError(
-            f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices of the mesh"
+            f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
+            f"{accum_steps} x the {mesh.size} devices of the mesh = {accum_steps * mesh.size} "
+            "(every device runs grad_accum_steps equal microbatches)"
         )
     eval_batch = int(config.eval_batch_size) or int(config.batch_size)
     if eval_batch % mesh.size:
@@ -264,6 +341,7 @@ def train_and_evaluate(
 
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(key)
+    train_key = jax.device_put(train_key, repl)  # as p_train's FLOP count lowered it: one trace
     eval_key = jax.random.fold_in(key, 2**20)
     step_fn = functools.partial(
         train_step,
@@ -273,6 +351,7 @@ def train_and_evaluate(
         task=task,
         label_smoothing=float(config.label_smoothing),
         num_classes=num_classes,
+        accum_steps=accum_steps,
     )
     with jax.set_mesh(mesh):
         p_init = jax.jit(init_state, out_shardings=state_sh)
@@ -292,6 +371,29 @@ def train_and_evaluate(
             in_shardings=(state_sh["params"], batch_sh, repl),
             out_shardings=repl,
         )
+        # Model FLOPs per step for MFU, from p_train's arguments as shapes (as the loop passes them).
+        batch_shapes = {"image": (config.batch_size, *mcfg.input_size, mcfg.in_chans)}
+        if with_labels:
+            batch_shapes["label"] = (config.batch_size, num_classes)
+        train_args = (
+            jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract_state,
+                state_sh,
+            ),
+            {
+                k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=batch_sh)
+                for k, v in batch_shapes.items()
+            },
+            jax.ShapeDtypeStruct(train_key.shape, train_key.dtype, sharding=repl),
+        )
+        plain = not mcfg.remat and accum_steps == 1  # p_train is the step to count
+        flops_per_step = model_flops_per_step(
+            step_fn, model, train_args, p_train if plain else None
+        )
+    peak_flops = flops_lib.peak_flops_per_device(
+        mesh.devices.flat[0].device_kind, float(config.peak_flops_per_device)
+    )
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
@@ -339,8 +441,15 @@ def train_and_evaluate(
     for note in notes:
         logger.print(note)
     n_params = optim.count_params(abstract_state["params"])
+    batch_text = f"batch {config.batch_size}"
+    if accum_steps > 1:
+        batch_text += f" as {accum_steps} microbatches"
+    if flops_per_step:
+        batch_text += f", {flops_per_step / 1e9:.3g} GFLOP/step"
+        if peak_flops:
+            batch_text += f" (MFU against {peak_flops / 1e12:.0f} TFLOP/s/device)"
     logger.print(
-        f"{task}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, batch {config.batch_size}, "
+        f"{task}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {batch_text}, "
         f"{total_steps} steps ({steps_per_epoch:.1f}/epoch), peak lr {peak_lr:.3g}, "
         + (
             f"resumed at step {start_step}"
@@ -424,6 +533,11 @@ def train_and_evaluate(
                     raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
                 elapsed = max(time.time() - t0, 1e-9)
                 metrics["images_per_sec"] = (step - t0_step) * config.batch_size / elapsed
+                if flops_per_step:
+                    achieved = flops_per_step * (step - t0_step) / elapsed / mesh.size
+                    metrics["tflops_per_sec_per_device"] = achieved / 1e12
+                    if peak_flops:
+                        metrics["mfu"] = achieved / peak_flops
                 t0, t0_step = time.time(), step
                 metrics["epoch"] = step / steps_per_epoch
                 logger.write("train", step, metrics)
@@ -469,6 +583,8 @@ def train_and_evaluate(
         "pictures_dir": pictures_dir if vis_images is not None else None,
         "metrics_file": os.path.join(workdir, "metrics.jsonl"),
         "model_dir": None,
+        "flops_per_step": flops_per_step,
+        "mfu": history[-1].get("mfu") if history else None,  # of the last logged interval
     }
     final_params = None
     if (config.export_model and not stopped_early) or return_params:

@@ -1,0 +1,82 @@
+"""The MFU report's two inputs: XLA's FLOP count of a step, and the peak FLOP/s of a chip."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import train_helpers as th
+
+from hiera_jax.model import init_params
+from hiera_jax.training import flops
+from hiera_jax.training.config import build_model
+from hiera_jax.training.loop import model_flops_per_step, train_step
+
+
+def test_xla_counts_a_matmul_as_two_multiply_adds_per_output():
+    m, k, n = 64, 128, 32
+    a = jax.ShapeDtypeStruct((m, k), jnp.float32)
+    b = jax.ShapeDtypeStruct((k, n), jnp.float32)
+    assert flops.count_flops(jnp.matmul, a, b) == 2 * m * k * n
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),  # v5e
+        ("TPU v5", 459e12),  # v5p
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),  # v6e
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("cpu", None),  # unknown: TFLOP/s are logged, MFU is not
+    ],
+)
+def test_peak_flops_by_device_kind(kind, peak):
+    assert flops.peak_flops_per_device(kind) == peak
+
+
+def test_peak_flops_override_wins():
+    assert flops.peak_flops_per_device("cpu", 5e12) == 5e12
+    assert flops.peak_flops_per_device("TPU v4", 1e14) == 1e14
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_train_step_counts_about_three_forwards(remat):
+    """Backward costs about twice the forward; remat recompute and Adam are not model work."""
+    config = th.make_config("mae", th.overrides(model__remat=remat))
+    model = build_model(config)
+    batch = config.batch_size
+    image = jax.ShapeDtypeStruct(
+        (batch, *model.config.input_size, model.config.in_chans), "float32"
+    )
+    key = jax.random.key(0)
+    params = jax.eval_shape(lambda k: init_params(model, k), key)
+    tx = optax.adamw(1e-3)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        lr_fn=lambda s: 1e-3,
+        task="mae",
+        label_smoothing=0.0,
+        num_classes=10,
+    )
+    step_flops = model_flops_per_step(step, model, (state, {"image": image}, key))
+
+    def forward(params, x, key):
+        return model.apply({"params": params}, x, train=True, rngs={"mask": key})[0]
+
+    forward_flops = flops.count_flops(forward, params, image, key)
+    assert step_flops and forward_flops
+    assert 2.6 < step_flops / forward_flops < 3.4, (step_flops, forward_flops)
+    if remat:  # counted as lowered, the step with remat recomputes every block's forward
+        assert flops.count_flops(step, state, {"image": image}, key) > 1.2 * step_flops
