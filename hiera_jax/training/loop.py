@@ -447,7 +447,7 @@ def train_and_evaluate(
     if flops_per_step:
         batch_text += f", {flops_per_step / 1e9:.3g} GFLOP/step"
         if peak_flops:
-            batch_text += f" (MFU against {peak_flops / 1e12:.0f} TFLOP/s/device)"
+            batch_text += f" (MFU against {peak_flops / 1e12:.3g} TFLOP/s/device)"
     logger.print(
         f"{task}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {batch_text}, "
         f"{total_steps} steps ({steps_per_epoch:.1f}/epoch), peak lr {peak_lr:.3g}, "

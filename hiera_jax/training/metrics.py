@@ -62,10 +62,10 @@ class MetricLogger:
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
             self.tb.flush()
         if kind == "train" and self.bar is not None:
-            names = {"loss": "loss", "lr": "lr", "images_per_sec": "img/s"}
+            names = {"loss": "loss", "lr": "lr", "images_per_sec": "img/s", "mfu": "mfu"}
             shown = {names[k]: values[k] for k in names if k in values}
             self.bar.set_postfix(
-                {k: (f"{v:.0f}" if k == "img/s" else f"{v:.3g}") for k, v in shown.items()},
+                {k: _bar_text(k, v) for k, v in shown.items()},
                 refresh=False,
             )
         elif self.bar is None or kind != "train":
@@ -98,3 +98,11 @@ class MetricLogger:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _bar_text(name: str, value: float) -> str:
+    if name == "img/s":
+        return f"{value:.0f}"
+    if name == "mfu":
+        return f"{value:.1%}"
+    return f"{value:.3g}"
