@@ -341,7 +341,6 @@ def train_and_evaluate(
 
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(key)
-    train_key = jax.device_put(train_key, repl)  # as p_train's FLOP count lowered it: one trace
     eval_key = jax.random.fold_in(key, 2**20)
     step_fn = functools.partial(
         train_step,
@@ -385,7 +384,7 @@ def train_and_evaluate(
                 k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=batch_sh)
                 for k, v in batch_shapes.items()
             },
-            jax.ShapeDtypeStruct(train_key.shape, train_key.dtype, sharding=repl),
+            jax.ShapeDtypeStruct(train_key.shape, train_key.dtype),  # as the loop passes it
         )
         plain = not mcfg.remat and accum_steps == 1  # p_train is the step to count
         flops_per_step = model_flops_per_step(
