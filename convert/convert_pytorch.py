@@ -1,10 +1,12 @@
 """Convert a PyTorch Hiera checkpoint into a hiera-jax model directory.
 
     python convert/convert_pytorch.py --model hiera_base_224 --input hiera_base_224.pth --output ckpt/
-    python convert/convert_pytorch.py --model hiera_tiny_224 --input hf-dir/ --output ckpt/  # no torch needed
+    python convert/convert_pytorch.py --model hiera_tiny_224 --input hf-dir/ --output ckpt/
 
 `--input` is an official `.pth` (`{"model_state": ...}`), a timm `.pth`/`.safetensors`, or a Hugging
-Face directory (`config.json` + `model.safetensors`). The output loads with
+Face directory (`config.json` + `model.safetensors` or `pytorch_model.bin`). None needs torch:
+pickled files are read by a restricted unpickler that refuses anything but tensors
+(`hiera_jax.torch_pickle`). The output loads with
 `model, params = hiera_jax.load_pretrained("ckpt/")`.
 """
 

@@ -1,7 +1,9 @@
 """Reading PyTorch checkpoint files: official/timm `.pth`, `.safetensors`, Hugging Face directories.
 
-Safetensors (and so every Hugging Face checkpoint) are read with `safetensors.numpy`, so they
-convert without torch installed; only pickled `.pth`/`.bin` files need torch.
+None of them needs torch. Safetensors (most Hugging Face checkpoints) are read with
+`safetensors.numpy`; pickled files (`.pth`, `.pt`, `.bin`, `.ckpt`) with `hiera_jax.torch_pickle`,
+a restricted unpickler that takes tensors and plain containers and refuses anything else (a pickle
+can run code) with a ValueError naming what it refused.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hiera_jax import torch_pickle
 from hiera_jax.config import HieraConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -52,19 +55,7 @@ def read_state_dict(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 def _read_pickle(path: str) -> dict[str, Any]:
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            f"reading {path} needs PyTorch (pip install 'hiera-jax[convert]'); "
-            "safetensors files and Hugging Face directories convert without it"
-        ) from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"cannot read {path} as a PyTorch checkpoint (corrupt or truncated?): {err}"
-        ) from err
+    state = torch_pickle.load(path)  # ValueError for refused globals and unreadable files
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
