@@ -79,6 +79,10 @@ class HieraConfig:
         dims = len(self.input_size)
         if dims not in (2, 3):
             raise ValueError(f"input_size must be (H, W) or (T, H, W), got {self.input_size}")
+        if any(isinstance(s, bool) or int(s) != s or s < 1 for s in self.input_size):
+            raise ValueError(f"input_size must hold positive integers, got {self.input_size}")
+        if int(self.in_chans) != self.in_chans or self.in_chans < 1:
+            raise ValueError(f"in_chans must be a positive integer, got {self.in_chans}")
         for name in ("q_stride", "mask_unit_size", "patch_kernel", "patch_stride", "patch_padding"):
             if len(getattr(self, name)) != dims:
                 raise ValueError(

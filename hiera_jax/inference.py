@@ -40,6 +40,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)  # timm IMAGENET_DEFAULT_STD
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" conversion
 RESIZE_RATIO = 256 / 224  # the official example resizes the short side to 256 for a 224 crop
 VIDEO_TEMPORAL_STRIDE = 4  # the official Kinetics models see 16 frames, 4 apart
+FLOAT_IMAGE_RANGE = (-0.5, 1.5)  # float images outside this are refused (0-255 data?)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
 _CLASS_FILES = {1000: "imagenet1k_classes.txt", 400: "kinetics400_classes.txt"}
@@ -64,38 +65,90 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return _pil_to_rgb(image, os.fspath(path))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image file not found: {path}") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except ValueError as err:
+        if str(err).startswith(f"{os.fspath(path)}: "):  # the value checks of _pil_to_rgb
+            raise
+        raise OSError(f"cannot read image {path}: {err}") from err
+    except (UnidentifiedImageError, OSError) as err:
         raise OSError(f"cannot read image {path}: {err}") from err
 
 
-def _to_pil(image: Any) -> Image.Image | list[Image.Image]:
+def _pil_to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
+    """An RGB PIL image; 16-bit images are scaled to 8 bits (PIL's own convert would clip them)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        array = np.asarray(image, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(
+                f"{source}: 32-bit integer image with values in [{array.min()}, {array.max()}]; "
+                "convert it to uint8 (0-255) or a float array in [0, 1]"
+            )
+        gray = np.round(array / 257.0).astype(np.uint8)  # 65535 -> 255
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        check_float_range(array, source)
+        gray = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def check_float_range(array: np.ndarray, source: str = "image") -> None:
+    """The value-range policy for float images: finite and in [0, 1] (a little overshoot is fine).
+
+    Floats outside [-0.5, 1.5] are almost surely 0-255 data (or already normalised input), which
+    would otherwise be taken as very bright [0, 1] images and give confident wrong answers.
+    """
+    if not np.isfinite(array).all():
+        raise ValueError(f"{source}: the image array holds NaN or inf values")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < FLOAT_IMAGE_RANGE[0] or hi > FLOAT_IMAGE_RANGE[1]:
+        raise ValueError(
+            f"{source}: float images must be in [0, 1] (got range [{lo:.4g}, {hi:.4g}]); pass "
+            "uint8 for 0-255 data or divide by 255"
+        )
+
+
+def _to_pil(image: Any, source: str = "image") -> Image.Image | list[Image.Image]:
     """PIL RGB image, or one float ('F') PIL image per channel for float arrays in [0, 1]."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return _pil_to_rgb(image, source)
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[..., None]
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        raise ValueError(
+            f"{source}: image array of shape {array.shape} looks channels-first [C, H, W]; "
+            "images are channels-last [H, W, C]: pass x.transpose(1, 2, 0)"
+        )
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"expected an image array [H, W] or [H, W, C] with C in (1, 3, 4), got shape "
-            f"{array.shape}"
+            f"{source}: expected an image array [H, W] or [H, W, C] with C in (1, 3, 4), got "
+            f"shape {array.shape}"
         )
-    array = array[..., :3]
+    if array.size == 0:
+        raise ValueError(f"{source}: empty image array of shape {array.shape}")
+    array = array[..., :3]  # RGBA: the alpha channel is dropped
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     if array.dtype == np.uint8:
         return Image.fromarray(array, "RGB")
     if np.issubdtype(array.dtype, np.floating):
+        check_float_range(array, source)
         # Floats are taken as ToTensor-style values in [0, 1]; resampled per channel in 'F' mode.
         return [
             Image.fromarray(np.ascontiguousarray(array[..., c], np.float32), "F") for c in range(3)
         ]
-    raise ValueError(f"image arrays must be uint8 (0-255) or float (0-1), got {array.dtype}")
+    raise ValueError(
+        f"{source}: image arrays must be uint8 (0-255) or float in [0, 1], got {array.dtype}; "
+        "convert 0-255 integers with x.astype(np.uint8)"
+    )
 
 
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -112,15 +165,18 @@ def preprocess_image(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    source: str = "image",
 ) -> np.ndarray:
     """One image (PIL, path, uint8 or [0, 1] float array) -> normalised float32 [H, W, C].
 
     C = len(mean): 3 for the official models; 1 gives grayscale (ITU-R 601 luma, as PIL's "L").
+    Float arrays outside [-0.5, 1.5] or not finite raise ValueError (see `check_float_range`);
+    `source` names the image in errors.
     """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
     if resize_size is None:
         resize_size = int(RESIZE_RATIO * min(crop_h, crop_w))
-    pil = _to_pil(image)
+    pil = _to_pil(image, os.fspath(image) if isinstance(image, (str, os.PathLike)) else source)
     channels = pil if isinstance(pil, list) else [pil]
     width, height = channels[0].size
     new_h, new_w = resized_size(height, width, resize_size)
@@ -226,8 +282,22 @@ def preprocess_video(
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
     """A clip (frames as PIL / arrays, or [T, H, W, C]) -> normalised float32 [T', H, W, C]."""
+    if isinstance(frames, (str, os.PathLike, Image.Image)) or not hasattr(frames, "__len__"):
+        raise ValueError(
+            f"{source}: a clip is a sequence of frames or an array [T, H, W, C], got "
+            f"{type(frames).__name__}"
+        )
+    if hasattr(frames, "ndim") and frames.ndim != 4:
+        raise ValueError(f"{source}: a clip array must be [T, H, W, C], got shape {frames.shape}")
     idx = clip_indices(len(frames), num_frames, stride, start=start, source=source)
-    return np.stack([preprocess_image(frames[int(i)], crop_size, mean=mean, std=std) for i in idx])
+    return np.stack(
+        [
+            preprocess_image(
+                frames[int(i)], crop_size, mean=mean, std=std, source=f"{source} frame {int(i)}"
+            )
+            for i in idx
+        ]
+    )
 
 
 # ---------------------------------------------------------------------- prediction
@@ -260,7 +330,27 @@ def _bucket(n: int, batch_size: int) -> int:
 
 
 class Predictor:
-    """Jitted, batched class probabilities, top-k names and feature maps for one model."""
+    """Jitted, batched class probabilities, top-k names and feature maps for one model.
+
+    Inputs are a sequence (list, or a batch array along its first axis) of raw images: PIL
+    images, file paths, or channels-last arrays [H, W] / [H, W, C] with C in (1, 3, 4) (RGBA
+    loses its alpha; one channel is repeated for RGB models, RGB becomes luma for 1-channel
+    models). Video models take clips instead: a file path, a folder of frames, a sequence of
+    frames or an array [T, H, W, C].
+
+    Value-range policy, so 0-255 data can never pass as a washed-out [0, 1] image:
+
+    - uint8 arrays (and PIL images) are 0-255; 16-bit PIL images are scaled to 0-255.
+    - float arrays are [0, 1] (ToTensor-style). Values below -0.5 or above 1.5 raise
+      ValueError ("float images must be in [0, 1] ..."): pass uint8 for 0-255 data or divide
+      by 255. The margin admits resampling overshoot, nothing more.
+    - other dtypes (int64, bool, ...), NaN or inf, an empty input list or batch, a single image
+      where a sequence is expected, and channels-first [C, H, W] arrays raise ValueError.
+
+    `preprocessed=True` skips the pipeline: the batch must already be the model's normalised
+    float input [B, (T), H, W, C]; integer dtypes, NaN/inf, empty batches and values far outside
+    what normalising [0, 1] pixels with this predictor's mean/std gives raise ValueError.
+    """
 
     def __init__(
         self,
@@ -324,13 +414,32 @@ class Predictor:
         )
 
     # preprocessing -------------------------------------------------------------
+    def _check_sequence(self, inputs: Any) -> None:
+        """ValueError when `inputs` is one image (or clip) rather than a sequence of them."""
+        kind = "clip" if self.config.is_video else "image"
+        if isinstance(inputs, (str, os.PathLike, Image.Image)):
+            raise ValueError(
+                f"expected a sequence of inputs, got one {type(inputs).__name__}; for one {kind} "
+                f"pass [{kind}]"
+            )
+        if hasattr(inputs, "ndim"):  # an array: a batch along its first axis
+            one = 4 if self.config.is_video else 3  # [T, H, W, C] / [H, W, C]
+            if inputs.ndim < one or (inputs.ndim == one and inputs.shape[-1] in (1, 3, 4)):
+                layout = "[B, T, H, W, C]" if self.config.is_video else "[B, H, W, C]"
+                raise ValueError(
+                    f"expected a batch {layout} or a list of {kind}s, got an array of shape "
+                    f"{tuple(inputs.shape)} (one {kind}?); for one {kind} pass [{kind}]"
+                )
+
     def preprocess(self, inputs: Iterable[Any]) -> np.ndarray:
         """Images (or clips for video models) of any size -> the model's input batch."""
+        self._check_sequence(inputs)
         cfg = self.config
         crop = tuple(cfg.input_size[-2:])
         out = []
-        for item in inputs:
-            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else "clip"
+        for index, item in enumerate(inputs):
+            path = isinstance(item, (str, os.PathLike))
+            name = os.fspath(item) if path else f"input {index}"
             if cfg.is_video:
                 frames = load_video(item) if isinstance(item, (str, os.PathLike)) else item
                 out.append(
@@ -345,10 +454,38 @@ class Predictor:
                     )
                 )
             else:
-                out.append(preprocess_image(item, crop, mean=self.mean, std=self.std))
+                out.append(preprocess_image(item, crop, mean=self.mean, std=self.std, source=name))
         if not out:
-            raise ValueError("no inputs given")
+            raise ValueError("no inputs given (empty list or batch)")
         return np.stack(out)
+
+    def _check_preprocessed(self, inputs: Any) -> np.ndarray:
+        """A normalised float32 batch, or ValueError for input that cannot be one."""
+        batch = np.asarray(inputs)
+        if not np.issubdtype(batch.dtype, np.floating):
+            raise ValueError(
+                f"preprocessed=True takes the model's normalised float input, got dtype "
+                f"{batch.dtype}; pass raw images without preprocessed=True (uint8 0-255 or float "
+                "0-1), or normalise as (x / 255 - mean) / std"
+            )
+        if batch.ndim == 0 or batch.shape[0] == 0:
+            raise ValueError(f"no inputs given (empty batch of shape {batch.shape})")
+        batch = batch.astype(np.float32, copy=False)
+        if not np.isfinite(batch).all():
+            raise ValueError("preprocessed input holds NaN or inf values")
+        # Normalised pixels lie in [(0 - mean) / std, (1 - mean) / std]; allow pixel values in
+        # [-1, 2] (resampling overshoot) before calling the batch raw pixels.
+        mean, std = np.asarray(self.mean), np.asarray(self.std)
+        lo_ok, hi_ok = float(np.min((-1 - mean) / std)), float(np.max((2 - mean) / std))
+        lo, hi = float(batch.min()), float(batch.max())
+        if lo < lo_ok or hi > hi_ok:
+            raise ValueError(
+                f"preprocessed input has values in [{lo:.4g}, {hi:.4g}], outside what normalised "
+                f"images give (about [{float(np.min(-mean / std)):.3g}, "
+                f"{float(np.max((1 - mean) / std)):.3g}] for mean {self.mean}, std {self.std}); "
+                "pass raw images without preprocessed=True, or normalise as (x / 255 - mean) / std"
+            )
+        return batch
 
     def _run(self, fn, batch: np.ndarray):
         """`fn(params, x)` over `batch` in padded chunks of at most `batch_size`."""
@@ -375,13 +512,17 @@ class Predictor:
                 f"{self.source} is a {self.model_type} checkpoint with no classifier head: it "
                 "gives features, not class probabilities"
             )
-        batch = np.asarray(inputs, np.float32) if preprocessed else self.preprocess(inputs)
+        batch = self._check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
         return self._run(self._probs, batch)
 
     def top_k(self, inputs: Iterable[Any], k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per input, the `k` most probable (class name, probability), best first."""
+        """Per input, the `k` most probable (class name, probability), best first.
+
+        `k` must be a positive integer; above the number of classes it gives every class.
+        """
+        check_top_k(k)
         probs = self.predict(inputs)
-        k = min(k, probs.shape[-1])
+        k = min(int(k), probs.shape[-1])
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
         return [[(self.names[i], float(p[i])) for i in row] for row, p in zip(order, probs)]
 
@@ -389,9 +530,15 @@ class Predictor:
         self, inputs: Iterable[Any] | np.ndarray, *, preprocessed: bool = False
     ) -> dict[str, np.ndarray]:
         """Per-stage maps `stage{i}`: [B, (T), H, W, C] in spatial order, channels-last."""
-        batch = np.asarray(inputs, np.float32) if preprocessed else self.preprocess(inputs)
+        batch = self._check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
         maps = self._run(self._maps, batch)
         return {f"stage{i + 1}": m for i, m in enumerate(maps)}
+
+
+def check_top_k(k: Any) -> None:
+    """ValueError unless `k` is a positive integer (0 would print nothing, -1 almost everything)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (top-k) must be a positive integer, got {k!r}")
 
 
 def predict(

@@ -60,14 +60,36 @@ def save_pretrained(
     return directory
 
 
+def _missing_config_message(directory: str, path: str) -> str:
+    """Why `directory` has no config.json, with the fix (a train.py workdir holds it in model/)."""
+    if not os.path.exists(directory):
+        return f"{directory} does not exist, so it is not a hiera-jax model directory"
+    if not os.path.isdir(directory):
+        return f"{directory} is a file, not a hiera-jax model directory (config.json + params/)"
+    model_dir = os.path.join(directory, "model")
+    if os.path.isfile(os.path.join(model_dir, CONFIG_FILE)):
+        return (
+            f"{path} not found: {directory} is a training workdir; the model is in {model_dir} "
+            "(load that directory)"
+        )
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        return (
+            f"{path} not found: {directory} is a training workdir with checkpoints but no "
+            f"exported model in {model_dir} (the run has not finished, or ran with "
+            f"export_model=False); rerun `python train.py --config CONFIG --workdir {directory}` "
+            f"to resume it: it writes {model_dir} when it ends"
+        )
+    return (
+        f"{path} not found: {directory} is not a hiera-jax model directory "
+        "(make one with convert/convert_pytorch.py or hiera_jax.save_pretrained)"
+    )
+
+
 def _read_meta(directory: str) -> tuple[HieraConfig, str, dict[str, Any]]:
     """Parse and check `config.json` once: (config, model_type, the whole JSON)."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: {directory} is not a hiera-jax model directory "
-            "(make one with convert/convert_pytorch.py or hiera_jax.save_pretrained)"
-        )
+        raise FileNotFoundError(_missing_config_message(directory, path))
     try:
         with open(path) as f:
             meta = json.load(f)

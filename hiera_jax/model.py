@@ -38,24 +38,49 @@ class HieraModelOutput:
 
 
 def check_input(config: HieraConfig, x: jnp.ndarray) -> None:
-    """ValueError naming the expected layout for an input of the wrong rank, size or channels."""
+    """ValueError for an input of the wrong dtype, rank, layout, size or channels.
+
+    Static checks only (dtype and shape), so they run once while tracing and cost nothing in jit.
+    """
     expected = (*config.input_size, config.in_chans)
     layout = "[B, T, H, W, C]" if config.is_video else "[B, H, W, C]"
+    shape = tuple(x.shape)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"the model takes normalised float input, got dtype {x.dtype} (input shape {shape}); "
+            "preprocess images with hiera_jax.inference (preprocess_image or Predictor), or as "
+            "(x / 255 - mean) / std in float32"
+        )
     if x.ndim != len(expected) + 1:
         raise ValueError(
             f"expected input of rank {len(expected) + 1} {layout} (channels-last) with "
-            f"{layout[4:-1]} = {expected}, got shape {tuple(x.shape)}"
+            f"{layout[4:-1]} = {expected}, got shape {shape}"
         )
-    if tuple(x.shape[1:-1]) != tuple(config.input_size):
+    if shape[-1] != config.in_chans and shape[1] == config.in_chans:
+        # Channels-first ([B, C, H, W] / [B, C, T, H, W], the PyTorch layout): say how to fix it.
+        first = "[B, C, T, H, W]" if config.is_video else "[B, C, H, W]"
+        perm = (0, *range(2, x.ndim), 1)
+        moved = tuple(shape[i] for i in perm)
+        size_note = ""
+        if moved[1:-1] != tuple(config.input_size):
+            size_note = (
+                f"; the model also expects size {tuple(config.input_size)}, and this input is "
+                f"{moved[1:-1]}"
+            )
+        raise ValueError(
+            f"input shape {shape} looks channels-first {first}, but the models take "
+            f"channels-last {layout}: transpose it with x.transpose{perm}{size_note}"
+        )
+    if shape[1:-1] != tuple(config.input_size):
         raise ValueError(
             f"expected input size {tuple(config.input_size)} for this model, got "
-            f"{tuple(x.shape[1:-1])} (input shape {tuple(x.shape)}, layout {layout}); build "
-            f"the model with input_size={tuple(x.shape[1:-1])} to run at another size"
+            f"{shape[1:-1]} (input shape {shape}, layout {layout}); build "
+            f"the model with input_size={shape[1:-1]} to run at another size"
         )
-    if x.shape[-1] != config.in_chans:
+    if shape[-1] != config.in_chans:
         raise ValueError(
             f"expected {config.in_chans} channels in the last axis ({layout}), got "
-            f"{x.shape[-1]} (input shape {tuple(x.shape)})"
+            f"{shape[-1]} (input shape {shape})"
         )
 
 

@@ -8,23 +8,57 @@
 channels-last), `files` (the inputs, in order) and, for classifiers, `probs`.
 Video models (`*_16x224`) take `.npy` [T, H, W, C] arrays, folders of frames, animated GIFs or,
 with PyAV installed, video files; a clip is 16 frames at temporal stride 4.
+
+Errors (missing or unreadable inputs, a bad checkpoint, an unknown model, bad options) print one
+line `error: ...` on stderr and exit with code 2; `--verbose` adds the traceback. `--top-k` above
+the model's number of classes shows every class, with a note on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
 from hiera_jax.config import list_models
 
+PROG = "python -m hiera_jax.predict"
+EXIT_ERROR = 2  # bad arguments, inputs or checkpoints (as argparse's usage errors)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit code 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {PROG} --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    """Print `error: message` as one line on stderr and exit with code 2."""
+    line = " ".join(str(message).split())
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(EXIT_ERROR)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m hiera_jax.predict",
+    parser = _Parser(
+        prog=PROG,
         description="Hiera (JAX) predictions and feature maps for image or video files.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (or clips)")
@@ -33,25 +67,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        choices=list_models(),
         metavar="NAME",
-        help="without --checkpoint: a RANDOMLY initialised variant, for a demo (e.g. hiera_tiny_224)",
+        help="without --checkpoint: a RANDOMLY initialised variant, for a demo (e.g. "
+        f"hiera_tiny_224); one of {', '.join(list_models())}",
     )
     parser.add_argument(
-        "--input-size", type=int, help="run at this square size (resamples pos embeds)"
+        "--input-size",
+        type=_positive_int,
+        help="run at this square size (resamples pos embeds)",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--temporal-stride", type=int, default=4, help="video: frames between samples"
+        "--top-k",
+        type=_positive_int,
+        default=5,
+        help="classes shown per input (>= 1; more than the model has shows them all, with a note)",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--temporal-stride", type=_positive_int, default=4, help="video: frames between samples"
     )
     parser.add_argument("--features", metavar="OUT.npz", help="write per-stage feature maps here")
     parser.add_argument("--seed", type=int, default=0, help="init seed of a random --model")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the traceback of an error as well"
+    )
+    args = parser.parse_args(argv)
+    if args.model is not None and args.model not in list_models():
+        close = difflib.get_close_matches(args.model, list_models(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(
+            f"unknown model name {args.model!r}{hint}; known models: {', '.join(list_models())}"
+        )
+    if not args.checkpoint and not args.model:
+        parser.error("give --checkpoint DIR, or --model NAME for a random-weight demo")
+    return args
 
 
 def build_predictor(args: argparse.Namespace):
+    """The Predictor for `--checkpoint` (or a random `--model`); OSError / ValueError if not."""
     from hiera_jax import inference
 
     overrides = {"dtype": args.dtype}
@@ -66,44 +120,56 @@ def build_predictor(args: argparse.Namespace):
             msg = str(err)
             if args.checkpoint not in msg and os.path.abspath(args.checkpoint) not in msg:
                 msg = f"{args.checkpoint}: {msg}"
-            raise SystemExit(f"error: cannot load checkpoint {args.checkpoint}: {msg}") from err
-    if not args.model:
-        raise SystemExit("error: give --checkpoint DIR, or --model NAME for a random-weight demo")
+            raise ValueError(f"cannot load checkpoint {args.checkpoint}: {msg}") from err
     if args.input_size:
         dims = 3 if "16x" in args.model else 2
         overrides["input_size"] = (16,) * (dims - 2) + (args.input_size, args.input_size)
+    try:
+        return inference.Predictor.random(
+            args.model, seed=args.seed, batch_size=args.batch_size, **overrides
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"cannot build {args.model} at --input-size {args.input_size}: {err}"
+        ) from err
+
+
+def _warn_random(args: argparse.Namespace) -> None:
     print(
         "\n" + "!" * 78 + f"\nWARNING: no --checkpoint given: {args.model} has RANDOM weights "
         f"(seed {args.seed}).\nIts predictions and features are MEANINGLESS; use it only to try "
         "the pipeline.\n" + "!" * 78 + "\n",
         file=sys.stderr,
     )
-    predictor = inference.Predictor.random(
-        args.model, seed=args.seed, batch_size=args.batch_size, **overrides
-    )
-    return predictor
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The command for parsed `args`; OSError / ValueError for anything the user can fix."""
+    missing = [path for path in args.inputs if not os.path.exists(path)]
+    if missing:  # before loading a model
+        raise FileNotFoundError(f"input file not found: {', '.join(missing)}")
     predictor = build_predictor(args)
     predictor.temporal_stride = args.temporal_stride
-    try:
-        batch = predictor.preprocess(args.inputs)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    batch = predictor.preprocess(args.inputs)
+    if not args.checkpoint:
+        _warn_random(args)
     outputs: dict[str, np.ndarray] = {}
     if predictor.has_head:
         probs = predictor.predict(batch, preprocessed=True)
         outputs["probs"] = probs
         k = min(args.top_k, probs.shape[-1])
+        if k < args.top_k:
+            print(
+                f"note: --top-k {args.top_k} is more than the model's {k} classes; showing all {k}",
+                file=sys.stderr,
+            )
         for path, row in zip(args.inputs, probs):
             print(path)
             for rank, idx in enumerate(np.argsort(-row, kind="stable")[:k], start=1):
                 print(f"  {rank}. {row[idx]:.4f}  {predictor.names[idx]}  (class {idx})")
     elif not args.features:
-        raise SystemExit(
-            f"error: {args.checkpoint} is a {predictor.model_type} checkpoint with no classifier "
+        raise ValueError(
+            f"{args.checkpoint} is a {predictor.model_type} checkpoint with no classifier "
             "head; use --features OUT.npz to extract feature maps"
         )
     if args.features:
@@ -113,6 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in maps.items())
         print(f"wrote {args.features}: {shapes}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI: 0 on success; errors print one line on stderr and exit with code 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (OSError, ValueError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        _fail(str(err))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def test_given_mask_is_used_and_wrong_counts_are_errors():
     "shape, message",
     [
         ((2, 128, 128), "expected input of rank 4"),
-        ((2, 3, 128, 128), "expected input size \\(128, 128\\)"),
+        ((2, 3, 128, 128), r"looks channels-first \[B, C, H, W\].*x\.transpose\(0, 2, 3, 1\)"),
+        ((2, 3, 96, 96), r"x\.transpose\(0, 2, 3, 1\); the model also expects size \(128, 128\)"),
         ((2, 96, 96, 3), "expected input size \\(128, 128\\)"),
         ((2, 128, 128, 1), "expected 3 channels"),
     ],

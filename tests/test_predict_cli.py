@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -72,29 +73,38 @@ def test_random_model_warns_loudly(setup, capsys):
     assert "1. " in captured.out and "4. " not in captured.out
 
 
+def _error_line(argv, capsys) -> str:
+    """The one `error: ...` line the CLI prints for `argv` (it exits with code 2)."""
+    with pytest.raises(SystemExit) as info:
+        predict.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
 def test_bad_inputs_name_the_file(setup, tmp_path, capsys):
     _, ckpt, _, _, images = setup
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
-    with pytest.raises(SystemExit, match="broken.png"):
-        predict.main(["--checkpoint", ckpt, images[0], str(broken)])
-    with pytest.raises(SystemExit, match="nowhere.jpg"):
-        predict.main(["--checkpoint", ckpt, str(tmp_path / "nowhere.jpg")])
+    assert "broken.png" in _error_line(["--checkpoint", ckpt, images[0], str(broken)], capsys)
+    assert "nowhere.jpg" in _error_line(
+        ["--checkpoint", ckpt, str(tmp_path / "nowhere.jpg")], capsys
+    )
     # A checkpoint whose config does not fit its weights.
     bad = tmp_path / "mismatch"
     shutil.copytree(ckpt, bad)
     meta = json.loads((bad / "config.json").read_text())
     meta["config"]["stages"] = [1, 1, 2, 1]
     (bad / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(SystemExit, match=r"mismatch.*does not fit.*blocks_4"):
-        predict.main(["--checkpoint", str(bad), images[0]])
-    with pytest.raises(SystemExit, match="not a hiera-jax model directory"):
-        predict.main(["--checkpoint", str(tmp_path), images[0]])
-    with pytest.raises(SystemExit, match="--checkpoint DIR, or --model NAME"):
-        predict.main([images[0]])
+    err = _error_line(["--checkpoint", str(bad), images[0]], capsys)
+    assert re.search(r"mismatch.*does not fit.*blocks_4", err)
+    err = _error_line(["--checkpoint", str(tmp_path), images[0]], capsys)
+    assert "not a hiera-jax model directory" in err
+    assert "--checkpoint DIR, or --model NAME" in _error_line([images[0]], capsys)
 
 
-def test_too_short_clip_names_the_file(tmp_path):
+def test_too_short_clip_names_the_file(tmp_path, capsys):
     config = hiera_jax.get_config("hiera_base_16x224", embed_dim=8, stages=(1, 1, 1, 1))
     shapes = abstract_params(config, "classification")  # no init needed: it fails before the model
     params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
@@ -104,6 +114,6 @@ def test_too_short_clip_names_the_file(tmp_path):
     frames.mkdir()
     for i in range(20):  # a folder of 20 frames: fewer than the 61 a 16x4 clip needs
         Image.fromarray(np.full((64, 64, 3), i, np.uint8)).save(frames / f"{i:03d}.png")
-    with pytest.raises(SystemExit, match=r"frames has 20 frames.*at least 61"):
-        predict.main(["--checkpoint", ckpt, str(frames)])
+    err = _error_line(["--checkpoint", ckpt, str(frames)], capsys)
+    assert re.search(r"frames has 20 frames.*at least 61", err)
     assert os.path.isdir(frames)
