@@ -3,6 +3,8 @@
     python train.py                                             # embedded default: digits MAE
     python train.py --config configs/digits_finetune.py --workdir runs/digits_finetune
     python train.py --config configs/in1k_mae.py:base --workdir /mnt/gcs/run --config.batch_size=4096
+    # will it fit a v5e-64? compile the step for that slice here, on the CPU (pip install -e '.[tpu]')
+    python train.py --config configs/in1k_mae.py:base --workdir runs/aot --aot v5e:8x8
 
 Everything lives in `hiera_jax.training`; this file only parses flags. Multi-host: add
 `--multi_process` (TPU pods, SLURM, Open MPI and k8s auto-detect) or the explicit coordinator flags.
@@ -32,7 +34,66 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, no auto-detect).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host, no auto-detect).")
+flags.DEFINE_string(
+    "aot",
+    None,
+    "Fit check, nothing run: compile the train step for this TPU slice (TYPE:AxB[xC] in chips, "
+    "e.g. v5e:8x8, v5p:4x4x2, v4:4x4x2) and report memory, FLOPs and collectives.",
+)
+flags.DEFINE_integer("aot_slices", 1, "--aot: number of slices (multi-slice, data over DCN).")
+flags.DEFINE_float(
+    "aot_effort",
+    -1.0,
+    "--aot: "
+    + (
+        "XLA exec_time_optimization_effort in [-1, 1]: -1 compiles about 13x faster than 0 (the "
+        "default of a real run) and moves memory figures by 1-2%; 0 gives the exact program."
+    ),
+)
 FLAGS = flags.FLAGS
+
+
+def config_name() -> str:
+    """`digits_mae`, `in1k_mae:base`, ... from the --config path."""
+    spec = FLAGS["config"].config_filename
+    path, _, arg = spec.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return f"{name}:{arg}" if arg else name
+
+
+def run_aot(config, workdir: str) -> None:
+    """--aot: compile for the slice, print the report, write it as JSON; exit 1 if it won't fit."""
+    from hiera_jax.training import aot
+
+    try:
+        report = aot.fit_check(
+            config,
+            FLAGS.aot,
+            num_slices=FLAGS.aot_slices,
+            effort=FLAGS.aot_effort,
+            config_name=config_name(),
+        )
+    except aot.DoesNotFit as e:
+        path = aot.write_report({**e.report, "advice": e.advice}, workdir)
+        tips = "; ".join(e.advice)
+        raise SystemExit(f"DOES NOT FIT: {e.reason}. Try: {tips}. (report: {path})") from None
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--aot {FLAGS.aot}: {e}") from None
+    path = aot.write_report(report, workdir)
+    print(aot.format_report(report), flush=True)
+    print(f"  report: {path}", flush=True)
+    print(aot.summary_line(report), flush=True)
+
+
+def enable_compilation_cache(config, workdir: str) -> None:
+    """JAX's persistent compilation cache, so a restarted or resumed run does not recompile."""
+    directory = str(config.get("compilation_cache_dir", ""))
+    if directory.lower() in ("none", "off"):
+        return
+    import jax
+
+    directory = directory or os.path.join(workdir, "compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
 
 
 def main(argv):
@@ -58,8 +119,12 @@ def main(argv):
 
     workdir = FLAGS.workdir
     if workdir is None:
-        name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename.split(":")[0]))[0]
-        workdir = os.path.join(".", "runs", name)
+        workdir = os.path.join(".", "runs", config_name().split(":")[0])
+    if FLAGS.aot:
+        run_aot(FLAGS.config, workdir)
+        return
+    if "://" not in workdir:
+        enable_compilation_cache(FLAGS.config, workdir)
     summary = train_and_evaluate(FLAGS.config, workdir)
     if jax.process_index() != 0:
         return

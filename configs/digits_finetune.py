@@ -3,7 +3,7 @@
 Run `python train.py` (digits MAE) first; this config copies the encoder from
 `./runs/digits_mae/model` (written when that run ends) and trains the classifier with the
 finetuning recipe scaled down: AdamW (0.9, 0.999), layer-wise lr decay, drop path, label
-smoothing, mixup/cutmix, RandAugment. Reports top-1/top-5 on the 360 held-out digits.
+smoothing, mixup/cutmix, RandAugment. Reports top-1/top-5 on the 359 held-out digits.
 
     python train.py --config configs/digits_finetune.py --workdir runs/digits_finetune
     python train.py --config configs/digits_finetune.py --config.init_from=''   # from scratch

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 import train_helpers as th
 
-from hiera_jax.model import init_params
-from hiera_jax.training import flops
-from hiera_jax.training.config import build_model
-from hiera_jax.training.loop import model_flops_per_step, train_step
+from hiera_jax.training import flops, sharding
+from hiera_jax.training.setup import build_setup, model_flops_per_step
 
 
 def test_xla_counts_a_matmul_as_two_multiply_adds_per_output():
@@ -51,32 +46,20 @@ def test_peak_flops_override_wins():
 def test_train_step_counts_about_three_forwards(remat):
     """Backward costs about twice the forward; remat recompute and Adam are not model work."""
     config = th.make_config("mae", th.overrides(model__remat=remat))
-    model = build_model(config)
-    batch = config.batch_size
+    mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+    setup = build_setup(config, mesh, examples_per_epoch=1000)
+    assert setup.is_plain_step is not remat
+    with jax.set_mesh(mesh):
+        step_flops = model_flops_per_step(setup, setup.abstract_train_args())
+    model = setup.model
     image = jax.ShapeDtypeStruct(
-        (batch, *model.config.input_size, model.config.in_chans), "float32"
+        (config.batch_size, *model.config.input_size, model.config.in_chans), "float32"
     )
-    key = jax.random.key(0)
-    params = jax.eval_shape(lambda k: init_params(model, k), key)
-    tx = optax.adamw(1e-3)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    step = functools.partial(
-        train_step,
-        model=model,
-        tx=tx,
-        lr_fn=lambda s: 1e-3,
-        task="mae",
-        label_smoothing=0.0,
-        num_classes=10,
-    )
-    step_flops = model_flops_per_step(step, model, (state, {"image": image}, key))
+    params = setup.abstract_state["params"]
 
     def forward(params, x, key):
         return model.apply({"params": params}, x, train=True, rngs={"mask": key})[0]
 
-    forward_flops = flops.count_flops(forward, params, image, key)
+    forward_flops = flops.count_flops(forward, params, image, jax.random.key(0))
     assert step_flops and forward_flops
     assert 2.6 < step_flops / forward_flops < 3.4, (step_flops, forward_flops)
-    if remat:  # counted as lowered, the step with remat recomputes every block's forward
-        assert flops.count_flops(step, state, {"image": image}, key) > 1.2 * step_flops

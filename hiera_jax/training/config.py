@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.export_model = True  # write `workdir/model` (save_pretrained format) at the end
+    # JAX's persistent compilation cache (train.py): a restarted or resumed run loads its compiled
+    # steps instead of compiling again. "" = workdir/compilation_cache; "off" = disabled.
+    c.compilation_cache_dir = ""
     return c
 
 

@@ -10,32 +10,15 @@ from typing import Any
 
 import jax
 
-# Published dense bfloat16 FLOP/s per chip, matched as lower-case substrings of
-# `jax.devices()[0].device_kind`; the first match wins, so specific names come first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("v5 lite", 197e12),  # TPU v5e reports "TPU v5 lite"
-    ("v5e", 197e12),
-    ("v6 lite", 918e12),  # TPU v6e (Trillium) reports "TPU v6 lite"
-    ("v6e", 918e12),
-    ("v5p", 459e12),
-    ("v5", 459e12),  # TPU v5p reports "TPU v5"
-    ("v4", 275e12),
-    ("a100", 312e12),
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("h200", 989e12),
-)
+from hiera_jax.training import chips
 
 
 def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
-    """Dense bf16 peak FLOP/s of one `device_kind` chip; `override` > 0 wins; None if unknown."""
+    """Dense bf16 peak FLOP/s of one `device_kind` device; `override` > 0 wins; None if unknown."""
     if override and override > 0:
         return float(override)
-    kind = device_kind.lower()
-    for name, flops in PEAK_BF16_FLOPS:
-        if name in kind:
-            return flops
-    return None
+    chip = chips.chip_for(device_kind)
+    return chip.peak_bf16_flops if chip else None
 
 
 def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
@@ -51,6 +34,27 @@ def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
-def count_flops(fn, *args, **kwargs) -> float | None:
-    """FLOPs of `fn(*args, **kwargs)`, traced on abstract arguments (ShapeDtypeStruct) only."""
-    return lowered_flops(jax.jit(fn).lower(*args, **kwargs))
+def compiled_flops(compiled: jax.stages.Compiled, num_devices: int) -> float | None:
+    """XLA's FLOP count of a compiled SPMD program, made global: per-device count x devices.
+
+    The fallback where the backend cannot count a lowered program (TPU). Remat recompute counts,
+    and so does work every device repeats (the optimizer update of replicated parameters under
+    pure data parallelism), once per device: a small over-count next to a real batch's FLOPs.
+    """
+    cost: Any = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) * num_devices if flops is not None and flops > 0 else None
+
+
+def count_flops(fn, *args, platform: str | None = None, **kwargs) -> float | None:
+    """FLOPs of `fn(*args, **kwargs)`, traced on abstract arguments (ShapeDtypeStruct) only.
+
+    `platform="cpu"` lowers for the CPU whatever the default backend (a count with no compile
+    where the accelerator's lowering gives none).
+    """
+    if platform is None:
+        return lowered_flops(jax.jit(fn).lower(*args, **kwargs))
+    traced = jax.jit(fn).trace(*args, **kwargs)
+    return lowered_flops(traced.lower(lowering_platforms=(platform,)))

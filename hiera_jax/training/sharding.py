@@ -45,6 +45,13 @@ def create_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> M
     """A `("data", "fsdp")` mesh with Auto axis types (linen-friendly; see JAX_NOTES §1)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:  # multi-slice TPU: data parallel over the slow links between slices
+        return Mesh(
+            multi_slice_grid(shape, devices, num_slices),
+            AXES,
+            axis_types=(AxisType.Auto,) * len(AXES),
+        )
     try:  # physical-topology-aware order on TPU/GPU; plain order elsewhere
         from jax.experimental import mesh_utils
 
@@ -52,6 +59,22 @@ def create_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> M
     except Exception:  # noqa: BLE001 - CPU subsets and odd topologies
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def multi_slice_grid(shape: tuple[int, int], devices: Sequence[Any], num_slices: int) -> np.ndarray:
+    """Devices of several slices as a (data, fsdp) grid: `data` spans the slices (DCN), `fsdp`
+    stays inside one slice (ICI), where its all-gathers are fast."""
+    from jax.experimental import mesh_utils
+
+    data, fsdp = shape
+    if data % num_slices:
+        raise ValueError(
+            f"mesh_shape {shape} on {num_slices} slices: the data axis ({data}) must be a multiple "
+            f"of the slice count (fsdp stays inside a slice of {len(devices) // num_slices} devices)"
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        (data // num_slices, fsdp), (num_slices, 1), devices
+    )
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 0) -> P:

@@ -1,0 +1,369 @@
+"""Will this run fit a TPU slice? Compile its train step for the slice here, ahead of time.
+
+`jax.experimental.topologies` gives compile-only devices of a TPU slice (libtpu, the `tpu` extra,
+is the real TPU compiler and runs on the CPU). `fit_check` builds exactly what `train_and_evaluate`
+builds on that slice (`setup.build_setup`: mesh shape rule, FSDP state shardings, the donated
+train step, batch sharding, gradient accumulation, remat, dtype), lowers and compiles it, and
+reports per-device memory, FLOPs, a roofline bound on step time and the collectives. Nothing is
+run: no data is read, no checkpoint written, no TPU touched.
+
+    python train.py --config configs/in1k_mae.py:base --workdir runs/aot --aot v5e:8x8
+
+What the figures are: the compiler's own buffer assignment (peak HBM per device, arguments,
+temporaries, code) and its FLOP and byte counts. What they are not: a measured step. The roofline
+bound ignores collectives and overlap, so the MFU ceiling is an upper bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from hiera_jax.training import chips, sharding
+from hiera_jax.training import flops as flops_lib
+from hiera_jax.training.setup import build_setup, unsharded
+
+TOPOLOGY_RE = re.compile(r"^(?P<kind>[a-z0-9]+):\d+x\d+(x\d+)?$")
+# The schedule's length only changes constants in the step, not its memory or FLOPs.
+NOMINAL_STEPS_PER_EPOCH = 1000
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
+EFFORT_HELP = (
+    "XLA's exec_time_optimization_effort in [-1, 1]: -1 (default here) compiles a Hiera base MAE "
+    "step about 13x faster than 0 (the compiler's default, what a real run uses) and moves the "
+    "memory figures by 1-2%; use 0 to see the exact program a run gets."
+)
+
+
+class DoesNotFit(Exception):
+    """The step needs more HBM than a device has; `reason` is one line, `advice` the fixes."""
+
+    def __init__(self, reason: str, advice: list[str], report: dict[str, Any]):
+        super().__init__(reason)
+        self.reason, self.advice, self.report = reason, advice, report
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
+    """Compile-only devices of a TPU slice named `TYPE:AxB[xC]` (v5e:4x4, v5p:2x2x2, v4:2x2x1)."""
+    match = TOPOLOGY_RE.match(topology or "")
+    if not match:
+        raise ValueError(
+            f"--aot {topology!r} is not a topology name: use TYPE:AxB or TYPE:AxBxC in chips, "
+            "e.g. v5e:8x8 (a v5e-64), v5p:4x4x2, v4:4x4x2, v6e:4x4"
+        )
+    if num_slices < 1:
+        raise ValueError(f"--aot_slices must be >= 1, got {num_slices}")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a second process may hold libtpu
+    # libtpu looks for a Cloud TPU VM's metadata; say there is none (quiet start-up warnings).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from jax.experimental import topologies
+
+    kwargs: dict[str, Any] = {}
+    if match["kind"] == "v4":
+        kwargs["chip_config_name"] = "megacore"  # one device per chip, as on a v4 TPU VM
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
+    try:
+        with _quiet_stderr():  # libtpu's start-up lines about a TPU VM we are not on
+            topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+    except Exception as e:  # noqa: BLE001 - turned into one line
+        import importlib.util
+
+        if importlib.util.find_spec("libtpu") is None:
+            raise RuntimeError(
+                "the TPU compiler (libtpu) is not installed: pip install -e '.[tpu]'"
+            ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"libtpu does not know the topology {topology!r}: {first}") from e
+    return list(topo.devices)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C++ writes to stderr (file descriptor 2) inside the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Count the collectives in compiled HLO text, with the bytes of their results (summed over
+    a combined collective's tuple; an async `-start` op's result is its last tuple element)."""
+    counts: Counter = Counter()
+    nbytes: Counter = Counter()
+    pattern = re.compile(
+        r"^\s*%?\S+\s*=\s*(?P<shape>.*?)\s(?P<op>"
+        + "|".join(COLLECTIVES)
+        + r")(?P<start>-start)?\("
+    )
+    for line in hlo_text.splitlines():
+        m = pattern.search(line)
+        if not m:
+            continue
+        counts[m["op"]] += 1
+        arrays = re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", m["shape"])
+        if m["start"]:
+            arrays = arrays[-1:]
+        for dtype, dims in arrays:
+            size = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            nbytes[m["op"]] += DTYPE_BYTES.get(dtype, 4) * size
+    return {op: {"count": counts[op], "bytes": float(nbytes[op])} for op in sorted(counts)}
+
+
+def _state_bytes_per_device(abstract_state: Any, state_sh: Any) -> float:
+    """Bytes of params + optimizer state one device holds under the FSDP shardings."""
+    total = 0.0
+    for leaf, sh in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(state_sh)):
+        shard = sh.shard_shape(leaf.shape)
+        total += np.prod(shard, dtype=np.float64) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _parse_oom(message: str) -> tuple[str, float | None, float | None]:
+    """(one line, needed bytes, available bytes) from a RESOURCE_EXHAUSTED compile error."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    m = re.search(r"\(([\d.]+)([KMGT]?)\)\s*exceeds available HBM\s*\(([\d.]+)([KMGT]?)\)", message)
+    line = next((ln.strip() for ln in message.splitlines() if "memory" in ln.lower()), "")
+    line = re.sub(r"^.*RESOURCE_EXHAUSTED:\s*", "", line or message.strip().splitlines()[0])
+    if not m:
+        return line, None, None
+    need = float(m[1]) * units[m[2]]
+    have = float(m[3]) * units[m[4]]
+    return line, need, have
+
+
+def _advice(config: ml_collections.ConfigDict, mesh, per_device_batch: int) -> list[str]:
+    """What to try when a step does not fit, most effective first."""
+    tips = []
+    if not config.model.get("remat", False):
+        tips.append("--config.model.remat=True (recompute activations in the backward pass)")
+    if mesh.shape["fsdp"] < mesh.size:
+        bigger = min(mesh.size, max(2, mesh.shape["fsdp"] * 4))
+        tips.append(
+            f"a larger fsdp axis: --config.mesh_shape='(-1,{bigger})' (parameters and optimizer "
+            f"state split {bigger} ways instead of {mesh.shape['fsdp']})"
+        )
+    accum = int(config.grad_accum_steps)
+    if per_device_batch // accum >= 2:
+        tips.append(
+            f"--config.grad_accum_steps={accum * 2} (the same update from microbatches of "
+            f"{per_device_batch // (accum * 2)} examples per device)"
+        )
+    tips.append(
+        f"a smaller per-device batch (now {per_device_batch}): a larger slice, or a smaller "
+        "--config.batch_size (the learning rate scales with it)"
+    )
+    if str(config.model.get("dtype", "float32")) == "float32":
+        tips.append("--config.model.dtype=bfloat16 (half the activation memory)")
+    return tips
+
+
+def fit_check(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    *,
+    num_slices: int = 1,
+    effort: float | None = -1.0,
+    config_name: str = "",
+) -> dict[str, Any]:
+    """Compile `config`'s train step for `topology` and report; DoesNotFit if it cannot fit."""
+    devices = topology_devices(topology, num_slices)
+    kind = devices[0].device_kind
+    chip = chips.chip_for(kind)
+    mesh = sharding.create_mesh(config.mesh_shape, devices)
+    setup = build_setup(config, mesh, NOMINAL_STEPS_PER_EPOCH * int(config.batch_size))
+    mcfg = setup.mcfg
+    per_device_batch = config.batch_size // mesh.size
+    report: dict[str, Any] = {
+        "topology": topology,
+        "num_slices": num_slices,
+        "devices": mesh.size,
+        "device_kind": kind,
+        "config": config_name,
+        "model": config.model.get("name") or "custom",
+        "task": setup.task,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "batch_size": int(config.batch_size),
+        "per_device_batch": per_device_batch,
+        "grad_accum_steps": setup.accum_steps,
+        "remat": bool(mcfg.remat),
+        "dtype": str(mcfg.dtype),
+        "compiler_effort": effort,
+        "hbm_per_device_bytes": chip.hbm_bytes if chip else None,
+        "state_bytes_per_device": _state_bytes_per_device(setup.abstract_state, setup.state_sh),
+    }
+    train_args = setup.abstract_train_args()
+    # Model FLOPs: the plain step (no remat, no accumulation) lowered for the CPU, global.
+    model_flops = flops_lib.count_flops(
+        setup.plain_step_fn(), *unsharded(train_args), platform="cpu"
+    )
+    report["flops"] = {
+        "model_per_step": model_flops,
+        "model_per_example": model_flops / config.batch_size if model_flops else None,
+    }
+    options = None if effort is None else {"exec_time_optimization_effort": float(effort)}
+    t0 = time.time()
+    with jax.set_mesh(mesh):
+        lowered = setup.jit_train_step().lower(*train_args)
+        try:
+            compiled = lowered.compile(options)
+        except Exception as e:  # noqa: BLE001 - only an out-of-memory is a verdict
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            line, need, have = _parse_oom(str(e))
+            report.update(fits=False, compile_seconds=time.time() - t0, error=line)
+            report["memory"] = {"needed": need, "available": have}
+            if need and have:
+                reason = (
+                    f"the step needs {need / 2**30:.2f} GiB of HBM per device, "
+                    f"{kind} has {have / 2**30:.2f} GiB available ({topology}, batch "
+                    f"{config.batch_size}, {per_device_batch} per device)"
+                )
+            else:
+                reason = f"on {topology}: {line}"
+            raise DoesNotFit(reason, _advice(config, mesh, per_device_batch), report) from None
+    report["compile_seconds"] = time.time() - t0
+
+    mem = compiled.memory_analysis()
+    memory = {
+        "arguments": float(mem.argument_size_in_bytes),
+        "outputs": float(mem.output_size_in_bytes),
+        "aliased": float(mem.alias_size_in_bytes),
+        "temporaries": float(mem.temp_size_in_bytes),
+        "generated_code": float(mem.generated_code_size_in_bytes),
+        "peak": float(getattr(mem, "peak_memory_in_bytes", 0))
+        or float(
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes
+        ),
+    }
+    report["memory"] = memory
+    hbm = report["hbm_per_device_bytes"]
+    report["headroom_bytes"] = hbm - memory["peak"] if hbm else None
+    report["fits"] = True  # the compiler assigned every buffer within its HBM
+
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    device_flops = float(cost.get("flops", 0.0))
+    device_bytes = float(cost.get("bytes accessed", 0.0))
+    report["flops"]["compiled_per_step"] = device_flops * mesh.size  # with remat recompute
+    report["flops"]["bytes_accessed_per_device"] = device_bytes
+    if chip:
+        compute_s = device_flops / chip.peak_bf16_flops
+        memory_s = device_bytes / chip.hbm_bandwidth
+        bound = max(compute_s, memory_s)
+        report["roofline"] = {
+            "peak_bf16_flops_per_device": chip.peak_bf16_flops,
+            "hbm_bandwidth_per_device": chip.hbm_bandwidth,
+            "compute_seconds": compute_s,
+            "memory_seconds": memory_s,
+            "step_lower_bound_seconds": bound,
+            "bound_by": "compute" if compute_s >= memory_s else "memory",
+            "mfu_ceiling": (
+                model_flops / mesh.size / chip.peak_bf16_flops / bound
+                if model_flops and bound > 0
+                else None
+            ),
+        }
+    report["collectives"] = _hlo_collectives(compiled.as_text() or "")
+    return report
+
+
+def _gib(x: float | None) -> str:
+    return "?" if x is None else f"{x / 2**30:.2f} GiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as a few lines for a person."""
+    mem, fl = r["memory"], r["flops"]
+    slices = f" x {r['num_slices']} slices" if r["num_slices"] > 1 else ""
+    lines = [
+        f"AOT fit check: {r['config'] or r['model']} ({r['task']}) on {r['topology']}{slices}: "
+        f"{r['devices']} x {r['device_kind']}, mesh {r['mesh']}, batch {r['batch_size']} "
+        f"({r['per_device_batch']}/device, grad_accum_steps {r['grad_accum_steps']}), "
+        f"remat {r['remat']}, {r['dtype']}; compiled in {r['compile_seconds']:.0f} s "
+        f"(effort {r['compiler_effort']})",
+        f"  HBM per device: {_gib(r['hbm_per_device_bytes'])}; peak {_gib(mem['peak'])} "
+        f"(headroom {_gib(r['headroom_bytes'])}) = arguments {_gib(mem['arguments'])} "
+        f"(params + optimizer state {_gib(r['state_bytes_per_device'])}) + temporaries "
+        f"{_gib(mem['temporaries'])} + outputs not aliased "
+        f"{_gib(mem['outputs'] - mem['aliased'])}; generated code {mem['generated_code'] / 2**20:.1f} MiB",
+    ]
+    if fl.get("model_per_step"):
+        lines.append(
+            f"  FLOPs: model {fl['model_per_step'] / 1e12:.3g} TFLOP/step "
+            f"({fl['model_per_example'] / 1e9:.3g} GFLOP/example); compiled "
+            f"{fl['compiled_per_step'] / 1e12:.3g} TFLOP/step (with remat recompute)"
+        )
+    roof = r.get("roofline")
+    if roof:
+        mfu = roof["mfu_ceiling"]
+        lines.append(
+            f"  Roofline: step >= {roof['step_lower_bound_seconds'] * 1e3:.1f} ms "
+            f"({roof['bound_by']}-bound: compute {roof['compute_seconds'] * 1e3:.1f} ms at "
+            f"{roof['peak_bf16_flops_per_device'] / 1e12:.0f} TFLOP/s, HBM traffic "
+            f"{roof['memory_seconds'] * 1e3:.1f} ms at {roof['hbm_bandwidth_per_device'] / 1e9:.0f} GB/s);"
+            f" MFU ceiling {mfu:.0%}" + ("" if mfu is None else " (collectives not counted)")
+        )
+    coll = r["collectives"]
+    if coll:
+        lines.append(
+            "  Collectives: "
+            + ", ".join(
+                f"{op} x{v['count']} ({v['bytes'] / 2**20:.0f} MiB)" for op, v in coll.items()
+            )
+        )
+    else:
+        lines.append("  Collectives: none")
+    return "\n".join(lines)
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    roof = r.get("roofline") or {}
+    mfu = roof.get("mfu_ceiling")
+    return (
+        f"FITS: {r['config'] or r['model']} on {r['topology']}"
+        + (f" x{r['num_slices']}" if r["num_slices"] > 1 else "")
+        + f": peak {_gib(r['memory']['peak'])} of {_gib(r['hbm_per_device_bytes'])} per device"
+        + (f", step >= {roof['step_lower_bound_seconds'] * 1e3:.0f} ms" if roof else "")
+        + (f", MFU <= {mfu:.0%}" if mfu else "")
+    )
+
+
+def report_path(workdir: str, topology: str, num_slices: int = 1) -> str:
+    suffix = f"_{num_slices}slices" if num_slices > 1 else ""
+    return os.path.join(workdir, f"aot_{topology}{suffix}.json")
+
+
+def write_report(report: dict[str, Any], workdir: str) -> str:
+    os.makedirs(workdir, exist_ok=True)
+    path = report_path(workdir, report["topology"], report["num_slices"])
+    with open(path, "w") as f:
+        json.dump(
+            dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report, f, indent=2
+        )
+    return path

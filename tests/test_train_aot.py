@@ -1,0 +1,123 @@
+"""The ahead-of-time fit check: `train.py --aot TOPOLOGY` compiles the real train step for a TPU
+slice with libtpu on this CPU machine, and the MFU FLOP count falls back to the compiled program
+where the backend cannot count a lowered one (TPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import train_helpers as th
+
+th.force_cpu_devices()
+
+import jax  # noqa: E402
+
+from hiera_jax.training import aot, sharding  # noqa: E402
+from hiera_jax.training.setup import build_setup, model_flops_per_step  # noqa: E402
+
+pytest.importorskip("libtpu", reason="the TPU compiler comes with the tpu extra")
+
+# The digits MAE model as the recipe has it (64 wide): narrower models spend a larger share of
+# their FLOPs outside matmuls, where TPU and CPU counts differ most (4% at width 16, 1.4% here).
+SMALL: dict = {}
+
+
+def cli(workdir, *args, **extra) -> subprocess.CompletedProcess:
+    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]
+    command = [sys.executable, "train.py", "--config", "configs/digits_mae.py"]
+    command += ["--workdir", str(workdir), *args, *flags]
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("XLA_FLAGS", None)  # a user's shell: one CPU device
+    return subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def cpu_flops(values: dict) -> float:
+    """The global FLOP count of the same step lowered on one CPU device."""
+    config = th.make_config("mae", values)
+    mesh = sharding.create_mesh((1, 1), jax.devices("cpu")[:1])
+    setup = build_setup(config, mesh, 1000)
+    with jax.set_mesh(mesh):
+        return model_flops_per_step(setup, setup.abstract_train_args())
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_aot_fit_check_reports_a_step_that_fits(tmp_path, slices):
+    run = cli(tmp_path, "--aot", "v5e:2x2", f"--aot_slices={slices}", batch_size=256)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout.strip().splitlines()
+    assert out[-1].startswith("FITS: digits_mae on v5e:2x2"), out
+    name = "aot_v5e:2x2.json" if slices == 1 else "aot_v5e:2x2_2slices.json"
+    report = json.load(open(tmp_path / name))
+    assert os.listdir(tmp_path) == [name]  # nothing else: no checkpoints, no metrics, no model
+    assert report["fits"] is True
+    assert report["devices"] == 4 * slices and report["device_kind"] == "TPU v5 lite"
+    assert report["mesh"] == {"data": 4 * slices, "fsdp": 1}
+    assert report["per_device_batch"] == 256 // (4 * slices)
+    mem = report["memory"]
+    for field in ("arguments", "temporaries", "generated_code", "peak"):
+        assert mem[field] > 0, field
+    assert mem["peak"] < report["hbm_per_device_bytes"] == 16 * 2**30
+    assert report["headroom_bytes"] == report["hbm_per_device_bytes"] - mem["peak"]
+    # The gradients are summed over the data axis: at least one all-reduce, of real bytes.
+    assert report["collectives"]["all-reduce"]["count"] >= 1
+    assert report["collectives"]["all-reduce"]["bytes"] > 0
+    # FLOPs: the TPU program's count (per device x devices) within 2% of the CPU count.
+    reference = cpu_flops({"batch_size": 256})
+    compiled = report["flops"]["compiled_per_step"]
+    assert abs(compiled - reference) / reference < 0.02, (compiled, reference)
+    assert abs(report["flops"]["model_per_step"] - reference) / reference < 1e-6
+    assert report["flops"]["model_per_example"] == pytest.approx(reference / 256)
+    roof = report["roofline"]
+    assert roof["step_lower_bound_seconds"] == max(roof["compute_seconds"], roof["memory_seconds"])
+    assert 0 < roof["mfu_ceiling"] <= 1
+
+
+def test_aot_fsdp_mesh_splits_the_state(tmp_path):
+    run = cli(tmp_path, "--aot", "v5e:2x2", batch_size=16, mesh_shape="(1,4)", shard_min_size=0)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.load(open(tmp_path / "aot_v5e:2x2.json"))
+    assert report["mesh"] == {"data": 1, "fsdp": 4}
+    assert report["collectives"]["all-gather"]["count"] >= 1  # parameters gathered for use
+
+
+def test_aot_step_that_cannot_fit_exits_with_one_line(tmp_path):
+    run = cli(tmp_path, "--aot", "v5e:2x2", batch_size=2**19, eval_batch_size=4)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    line = [ln for ln in run.stderr.splitlines() if "DOES NOT FIT" in ln]
+    assert len(line) == 1, run.stderr[-2000:]
+    assert "GiB of HBM per device" in line[0] and "15.75 GiB available" in line[0]
+    assert "remat" in line[0] and "grad_accum_steps" in line[0]
+    report = json.load(open(tmp_path / "aot_v5e:2x2.json"))
+    assert report["fits"] is False and report["memory"]["needed"] > report["memory"]["available"]
+
+
+@pytest.mark.parametrize(
+    "topology, message",
+    [("v5e-8", "is not a topology name"), ("v9z:2x2", "libtpu does not know the topology")],
+)
+def test_aot_bad_topology_is_one_line(tmp_path, topology, message):
+    run = cli(tmp_path, "--aot", topology)
+    assert run.returncode != 0
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert not os.path.exists(tmp_path / f"aot_{topology}.json")
+
+
+def test_flop_count_falls_back_to_the_compiled_program_on_tpu():
+    """`Lowered.cost_analysis` is None on TPU; the compiled step's count stands in (MFU on TPU)."""
+    devices = aot.topology_devices("v5e:2x2")
+    config = th.make_config("mae", {"batch_size": 256})
+    mesh = sharding.create_mesh((-1, 1), devices)
+    setup = build_setup(config, mesh, 1000)
+    with jax.set_mesh(mesh):
+        p_train = setup.jit_train_step()
+        train_args = setup.abstract_train_args()
+        assert p_train.lower(*train_args).cost_analysis() is None  # why the fallback exists
+        count = model_flops_per_step(setup, train_args, p_train)
+    reference = cpu_flops({"batch_size": 256})
+    assert count is not None
+    assert abs(count - reference) / reference < 0.02, (count, reference)
