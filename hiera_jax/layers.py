@@ -120,7 +120,11 @@ class MaskUnitAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, return_attention: bool = False
+    ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+        """[B, N, C] -> [B, N / q_stride, dim_out]; with `return_attention`, also the softmax
+        probabilities [B, heads, windows, n_q, n_k] (the Hugging Face `attentions` layout)."""
         batch, num_tokens, _ = x.shape
         head_dim = self.dim_out // self.heads
         num_windows = (
@@ -145,9 +149,13 @@ class MaskUnitAttention(nn.Module):
         out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs.astype(v.dtype), v)
         out = out / denom.astype(out.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, self.dim_out)  # [B, n_q, w, h, d]
-        return nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **dense_inits(self.mae_init))(
+        out = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **dense_inits(self.mae_init))(
             out
         )
+        if return_attention:
+            # [B, w, h, q, k] -> [B, h, w, q, k]; only built on request (same graph otherwise).
+            return out, (probs / denom).transpose(0, 2, 1, 3, 4)
+        return out
 
 
 class Mlp(nn.Module):
@@ -194,7 +202,10 @@ class HieraBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, train: bool = False, return_attention: bool = False
+    ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+        """[B, N, dim] -> [B, N / q_stride, dim_out] (and the attention probabilities on request)."""
         dim = x.shape[-1]
         x_norm = layer_norm("norm1", self.mae_init, self.dtype)(x)
         if dim != self.dim_out:
@@ -213,12 +224,20 @@ class HieraBlock(nn.Module):
             dtype=self.dtype,
             name="attn",
         )
-        x = x + drop_path(attn(x_norm), train=train)
+        attn_probs = None
+        if return_attention:
+            attn_out, attn_probs = attn(x_norm, return_attention=True)
+        else:
+            attn_out = attn(x_norm)
+        x = x + drop_path(attn_out, train=train)
         mlp = Mlp(
             int(self.dim_out * self.mlp_ratio), mae_init=self.mae_init, dtype=self.dtype, name="mlp"
         )
         y = mlp(layer_norm("norm2", self.mae_init, self.dtype)(x))
-        return x + drop_path(y, train=train)
+        x = x + drop_path(y, train=train)
+        if return_attention:
+            return x, attn_probs
+        return x
 
 
 def max_pool_unrolled(x: jnp.ndarray, stride: int) -> jnp.ndarray:

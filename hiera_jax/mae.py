@@ -79,6 +79,14 @@ class HieraForPreTraining(HieraEncoder):
 
     pred and label hold the dropped tokens only, flattened over the batch: [B·N_masked, pred_dim].
     mask is the keep-mask [B, #MUs] (True = kept) that was used.
+
+    The mask comes from `mask`, else from `noise` ([B, #MUs] floats: the lowest-noise units are
+    kept, Hugging Face's rule, so the same noise gives HF's mask), else from the `mask` rng.
+    `return_reconstruction`, `output_hidden_states` or `output_attentions` add a fifth element,
+    a dict: `pred` (every token, [B, N_pred, pred_dim], HF's `logits`) and `visible` (True =
+    visible, per prediction token, HF's `bool_masked_pos`) with return_reconstruction; the
+    encoder's `hidden_states` / `reshaped_hidden_states` (over kept units) and `attentions` as HF
+    `HieraForPreTraining` returns them with the other two (see `HieraModelOutput`).
     """
 
     mae_init: bool = True
@@ -89,8 +97,11 @@ class HieraForPreTraining(HieraEncoder):
         x: jnp.ndarray,
         mask: jnp.ndarray | None = None,
         *,
+        noise: jnp.ndarray | None = None,
         train: bool = False,
         return_reconstruction: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ):
         cfg = self.config
         dtype = self.compute_dtype
@@ -100,6 +111,16 @@ class HieraForPreTraining(HieraEncoder):
             raise ValueError(
                 f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {cfg.num_mask_units}"
             )
+        if mask is not None and noise is not None:
+            raise ValueError("pass either mask or noise to HieraForPreTraining, not both")
+        if noise is not None:
+            expected = (x.shape[0], cfg.num_mask_units)
+            if tuple(noise.shape) != expected:
+                raise ValueError(
+                    f"noise must have shape [batch, num_mask_units] = {expected}, "
+                    f"got {tuple(noise.shape)}"
+                )
+            mask = masking.mask_from_noise(noise, keep)
         if mask is None:
             if not self.has_rng("mask"):
                 raise ValueError(
@@ -111,7 +132,14 @@ class HieraForPreTraining(HieraEncoder):
         mask = jnp.asarray(mask)
 
         # ---------------------------------------------------------------- encoder
-        _, maps = self.encode(x, mask, train=train, return_intermediates=True)
+        _, maps, states = self.encode_with_states(
+            x,
+            mask,
+            train=train,
+            return_intermediates=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         # Resolution is constant after the last q-pool: fuse the stages before it and the last.
         maps = maps[: cfg.q_pool] + maps[-1:]
         mu_final = cfg.mask_unit_spatial_shape_final
@@ -169,8 +197,11 @@ class HieraForPreTraining(HieraEncoder):
         loss = jnp.mean((pred - label) ** 2)
         pred = pred.reshape(-1, cfg.pred_dim)
         label = label.reshape(-1, cfg.pred_dim)
-        if return_reconstruction:
-            return loss, pred, label, mask, {"pred": pred_all, "visible": visible}
+        if return_reconstruction or output_hidden_states or output_attentions:
+            extras = dict(states)
+            if return_reconstruction:
+                extras.update(pred=pred_all, visible=visible)
+            return loss, pred, label, mask, extras
         return loss, pred, label, mask
 
     def fusion_head(self, index: int, stage_map: jnp.ndarray, mu_final) -> jnp.ndarray:

@@ -21,9 +21,21 @@ def random_keep_mask(
     key: jax.Array, batch: int, num_mask_units: int, mask_ratio: float
 ) -> jnp.ndarray:
     """Keep the `num_kept` units with the lowest uniform noise in each row (official recipe)."""
-    keep = num_kept(num_mask_units, mask_ratio)
     noise = jax.random.uniform(key, (batch, num_mask_units))
-    rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    return mask_from_noise(noise, num_kept(num_mask_units, mask_ratio))
+
+
+def mask_from_noise(noise: jnp.ndarray, keep: int) -> jnp.ndarray:
+    """[B, #MUs] float noise -> keep-mask that keeps the `keep` lowest-noise units of each row.
+
+    Hugging Face's `random_masking` (and official `get_random_mask`) rule: argsort the noise and
+    keep the first `keep` units. Ties go to the lower index (a stable sort).
+    """
+    noise = jnp.asarray(noise)
+    if noise.ndim != 2:
+        raise ValueError(f"noise must be [batch, num_mask_units], got shape {tuple(noise.shape)}")
+    order = jnp.argsort(noise, axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1, stable=True)
     return rank < keep
 
 

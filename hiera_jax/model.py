@@ -30,11 +30,22 @@ class HieraModelOutput:
         classifiers), still unrolled otherwise (MAE encoders): use feature_maps[-1] for a map.
     feature_maps: per stage, [B, (T), H, W, C] in spatial order, or [B, #MUs_kept, *mu, C] with a
         mask; None unless requested.
+    hidden_states: with `output_hidden_states=True`, as Hugging Face returns them: the embeddings
+        (after the unroll and, with a mask, the selection of kept units) and the output of every
+        stage, each [B, N, C] in the unrolled token order (len(stages) + 1 entries).
+    reshaped_hidden_states: the same states rerolled as each stage sees them: [B, (T), H, W, C]
+        in spatial order (embeddings at the first stage's grid), or [B, #MUs_kept, *mu, C] with a
+        mask; the same maps as `feature_maps` for the stages.
+    attentions: with `output_attentions=True`, the softmax probabilities of the last block of each
+        stage, [B, heads, windows, n_q, n_k] (windows = 1 for global attention), as Hugging Face.
     """
 
     pooler_output: jnp.ndarray | None
     last_hidden_state: jnp.ndarray
     feature_maps: tuple[jnp.ndarray, ...] | None = None
+    hidden_states: tuple[jnp.ndarray, ...] | None = None
+    reshaped_hidden_states: tuple[jnp.ndarray, ...] | None = None
+    attentions: tuple[jnp.ndarray, ...] | None = None
 
 
 def check_input(config: HieraConfig, x: jnp.ndarray) -> None:
@@ -122,11 +133,32 @@ class HieraEncoder(nn.Module):
         return_intermediates: bool,
     ) -> tuple[jnp.ndarray, list[jnp.ndarray]]:
         """[B, (T), H, W, C] -> (last tokens [B, N, C], per-stage maps if requested)."""
+        tokens, maps, _ = self.encode_with_states(
+            x, mask, train=train, return_intermediates=return_intermediates
+        )
+        return tokens, maps
+
+    def encode_with_states(
+        self,
+        x: jnp.ndarray,
+        mask: jnp.ndarray | None,
+        *,
+        train: bool,
+        return_intermediates: bool,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[jnp.ndarray, list[jnp.ndarray], dict[str, tuple[jnp.ndarray, ...]]]:
+        """`encode`, plus the Hugging Face style states that were asked for.
+
+        The dict holds `hidden_states` and `reshaped_hidden_states` (with `output_hidden_states`)
+        and `attentions` (with `output_attentions`); see `HieraModelOutput`.
+        """
         cfg = self.config
+        masked = mask is not None
         check_input(cfg, x)
         keep = cfg.num_kept_mask_units
         pixel_mask = None
-        if mask is not None:
+        if masked:
             cfg.check_masking_supported()
             masking.check_mask(mask, x.shape[0], cfg.num_mask_units, keep)
             mask = mask.astype(bool)
@@ -143,16 +175,27 @@ class HieraEncoder(nn.Module):
         )(x.astype(dtype), pixel_mask)
         x = x + self.pos_embed().astype(x.dtype)
         x = unroll(x, cfg.tokens_spatial_shape, cfg.unroll_schedule)
-        if mask is not None:
+        if masked:
             x = masking.select_kept_tokens(x, mask, keep)
             # A traced mask with the wrong keep count cannot raise: poison the output instead.
             x = x * masking.count_guard(mask, keep).astype(x.dtype)
 
-        block_cls = nn.remat(HieraBlock, static_argnums=(2,)) if cfg.remat else HieraBlock
+        def rerolled(tokens: jnp.ndarray, stage: int) -> jnp.ndarray:
+            schedule, size = cfg.reroll_plan(stage)
+            return reroll(tokens, size, schedule, masked=masked)
+
+        hidden, reshaped, attentions = [], [], []
+        if output_hidden_states:
+            hidden.append(x)
+            reshaped.append(rerolled(x, 0))
+
+        block_cls = nn.remat(HieraBlock, static_argnums=(2, 3)) if cfg.remat else HieraBlock
         intermediates = []
         stage = 0
         for i, spec in enumerate(cfg.block_specs):
-            x = block_cls(
+            # Hugging Face reports the attention of the last block of each stage only.
+            want_attention = output_attentions and i in cfg.stage_ends
+            out = block_cls(
                 dim_out=spec.dim_out,
                 heads=spec.heads,
                 mlp_ratio=cfg.mlp_ratio,
@@ -163,17 +206,38 @@ class HieraEncoder(nn.Module):
                 mae_init=self.mae_init,
                 dtype=dtype,
                 name=f"blocks_{i}",
-            )(x, train)
+            )(x, train, want_attention)
+            if want_attention:
+                x, probs = out
+                attentions.append(probs)
+            else:
+                x = out
             if i in cfg.stage_ends:
+                stage_map = None
+                if return_intermediates or output_hidden_states:
+                    stage_map = rerolled(x, stage)
                 if return_intermediates:
-                    schedule, size = cfg.reroll_plan(stage)
-                    intermediates.append(reroll(x, size, schedule, masked=mask is not None))
+                    intermediates.append(stage_map)
+                if output_hidden_states:
+                    hidden.append(x)
+                    reshaped.append(stage_map)
                 stage += 1
-        return x, intermediates
+        states = {}
+        if output_hidden_states:
+            states["hidden_states"] = tuple(hidden)
+            states["reshaped_hidden_states"] = tuple(reshaped)
+        if output_attentions:
+            states["attentions"] = tuple(attentions)
+        return x, intermediates, states
 
 
 class HieraModel(HieraEncoder):
-    """Hiera backbone: pooled features, last hidden state and (on request) per-stage maps."""
+    """Hiera backbone: pooled features, last hidden state and (on request) per-stage maps.
+
+    `output_hidden_states=True` / `output_attentions=True` add the Hugging Face `HieraModel`
+    outputs of the same names (see `HieraModelOutput`); both default off, and then the outputs and
+    the compiled computation are those without them.
+    """
 
     @nn.compact
     def __call__(
@@ -183,8 +247,17 @@ class HieraModel(HieraEncoder):
         *,
         train: bool = False,
         return_intermediates: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> HieraModelOutput:
-        tokens, maps = self.encode(x, mask, train=train, return_intermediates=return_intermediates)
+        tokens, maps, states = self.encode_with_states(
+            x,
+            mask,
+            train=train,
+            return_intermediates=return_intermediates,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         pooled = None
         if mask is None:
             pooled = layer_norm("norm", self.mae_init, self.compute_dtype)(tokens.mean(axis=1))
@@ -192,11 +265,19 @@ class HieraModel(HieraEncoder):
             pooler_output=pooled,
             last_hidden_state=tokens,
             feature_maps=tuple(maps) if return_intermediates else None,
+            **states,
         )
 
 
 class HieraForImageClassification(HieraEncoder):
-    """Backbone + mean pool + LayerNorm + dropout + linear head; returns logits (no softmax)."""
+    """Backbone + mean pool + LayerNorm + dropout + linear head; returns logits (no softmax).
+
+    With `return_features`, `output_hidden_states` or `output_attentions` it returns
+    `(logits, extras)`: `extras` holds `pooled` and `feature_maps` (return_features),
+    `hidden_states` and `reshaped_hidden_states` (output_hidden_states) and `attentions`
+    (output_attentions), the last three as Hugging Face `HieraForImageClassification` returns
+    them (see `HieraModelOutput`).
+    """
 
     @nn.compact
     def __call__(
@@ -205,9 +286,18 @@ class HieraForImageClassification(HieraEncoder):
         *,
         train: bool = False,
         return_features: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> jnp.ndarray | tuple[jnp.ndarray, dict[str, Any]]:
         cfg = self.config
-        tokens, maps = self.encode(x, None, train=train, return_intermediates=return_features)
+        tokens, maps, states = self.encode_with_states(
+            x,
+            None,
+            train=train,
+            return_intermediates=return_features,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         pooled = layer_norm("norm", self.mae_init, self.compute_dtype)(tokens.mean(axis=1))
         pooled = nn.Dropout(cfg.head_dropout)(pooled, deterministic=not train)
         logits = nn.Dense(
@@ -217,8 +307,11 @@ class HieraForImageClassification(HieraEncoder):
             **head_init(cfg.head_init_scale),
         )(pooled)
         logits = logits.astype(jnp.float32)
-        if return_features:
-            return logits, {"pooled": pooled, "feature_maps": tuple(maps)}
+        if return_features or output_hidden_states or output_attentions:
+            extras: dict[str, Any] = dict(states)
+            if return_features:
+                extras.update(pooled=pooled, feature_maps=tuple(maps))
+            return logits, extras
         return logits
 
 
