@@ -7,7 +7,11 @@
 Face directory (`config.json` + `model.safetensors` or `pytorch_model.bin`). None needs torch:
 pickled files are read by a restricted unpickler that refuses anything but tensors
 (`hiera_jax.torch_pickle`). The output loads with
-`model, params = hiera_jax.load_pretrained("ckpt/")`.
+`model, params = hiera_jax.load_pretrained("ckpt/")`. `--in-chans 1` (or 4...) adapts the RGB patch
+embedding to another channel count, as timm's `adapt_input_conv` does.
+
+Published checkpoints need no command: `hiera_jax.load_pretrained("hiera_base_224")` (or a Hugging
+Face repo id, a timm name, an official URL) downloads and converts them once (`hiera_jax.hub`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import hiera_jax  # noqa: E402
+from hiera_jax.adapt import adapt_in_chans  # noqa: E402
 from hiera_jax.convert import MODEL_TYPES, SOURCES, detect_source, model_type_for  # noqa: E402
 from hiera_jax.pytorch_files import check_hf_config, read_state_dict  # noqa: E402
 
@@ -51,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=MODEL_TYPES,
         help="target module (default: pretraining for mae_*, classification otherwise; backbone = HieraModel)",
     )
+    parser.add_argument(
+        "--in-chans",
+        type=int,
+        default=None,
+        metavar="N",
+        help="adapt the patch embedding to N input channels as timm's adapt_input_conv does "
+        "(1: sum over RGB; N > 3: RGB repeated and scaled by 3/N); not for MAE models",
+    )
     return parser.parse_args(argv)
 
 
@@ -63,6 +76,8 @@ def convert(args: argparse.Namespace) -> str:
         check_hf_config(hf_config, config)
     model_type = model_type_for(args.model, args.model_type)
     params = hiera_jax.convert_state_dict(state_dict, config, source=source, model_type=model_type)
+    if args.in_chans is not None:
+        params, config = adapt_in_chans(params, config, args.in_chans, model_type)
     out = hiera_jax.save_pretrained(
         args.output, params, config, model_type=model_type, name=args.model
     )

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
-
 from hiera_jax.config import HieraConfig, get_config, is_pretraining_name, list_models
 from hiera_jax.convert import convert_state_dict, export_state_dict
+from hiera_jax.hub import list_pretrained
 from hiera_jax.io import load_pretrained, save_pretrained
 from hiera_jax.mae import HieraForPreTraining
 from hiera_jax.model import HieraForImageClassification, HieraModel, HieraModelOutput, init_params
@@ -15,8 +14,16 @@ from hiera_jax.model import HieraForImageClassification, HieraModel, HieraModelO
 __version__ = "0.1.0"
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """The module for an official variant: classifier for `hiera_*`, MAE for `mae_hiera_*`."""
+def create_model(name: str, pretrained: bool = False, **overrides: Any):
+    """The module for an official variant: classifier for `hiera_*`, MAE for `mae_hiera_*`.
+
+    `pretrained=True` returns `(model, params)` with the published weights instead, exactly as
+    `load_pretrained(name, **overrides)` does (any name it takes, e.g. `hiera_tiny_224`,
+    `facebook/hiera-tiny-224-in1k-hf` or `hiera_base_224.mae`; `in_chans=`, `source=`,
+    `revision=`, `token=` and shape-preserving config overrides are passed on).
+    """
+    if pretrained:
+        return load_pretrained(name, **overrides)
     config = get_config(name, **overrides)
     if is_pretraining_name(name):
         return HieraForPreTraining(config)
@@ -36,5 +43,6 @@ __all__ = [
     "convert_state_dict",
     "export_state_dict",
     "load_pretrained",
+    "list_pretrained",
     "save_pretrained",
 ]

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from hiera_jax import pos_embed
+from hiera_jax import adapt, pos_embed
 from hiera_jax.config import HieraConfig
 from hiera_jax.convert import MODEL_TYPES, abstract_params, build_model
 
@@ -113,16 +113,40 @@ def read_preprocessing(directory: str) -> dict[str, Any] | None:
     return _read_meta(directory)[2].get("preprocessing")
 
 
-def load_pretrained(directory: str, **overrides: Any):
-    """`(model, params)` from a directory written by `save_pretrained` or the converter.
+def load_pretrained(
+    name_or_dir: str | os.PathLike,
+    *,
+    in_chans: int | None = None,
+    source: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    **overrides: Any,
+):
+    """`(model, params)` for a pretrained name, a Hugging Face repo, a URL or a local directory.
+
+    `name_or_dir` is a directory written by `save_pretrained`, the converter or train.py, or
+    anything `hiera_jax.hub.resolve_pretrained` takes: one of our names (`hiera_tiny_224`,
+    `mae_hiera_base_224`, `hiera_base_16x224`, ..., `hiera_jax.list_pretrained()`), a Hugging
+    Face repo id (`facebook/hiera-tiny-224-in1k-hf`, `hf-hub:timm/hiera_base_224.mae`), a timm
+    name with its tag (`hiera_base_224.mae_in1k_ft_in1k`), an official `.pth` URL, or a PyTorch
+    checkpoint file. Those are downloaded (honouring `HF_HOME`, `HF_HUB_OFFLINE`; `revision`
+    and `token` go to the hub; `source` picks "hf", "timm" or "official" for our names) and
+    converted once into `hiera_jax.hub.cache_dir()`.
 
     `overrides` replace config fields that do not change parameter shapes (e.g. `dtype`,
     `remat`, `drop_path_rate`, `mask_ratio`). `input_size` may also differ from the checkpoint's:
     the position embeddings are then resampled to the new token grid (bicubic in space, linear
-    in time for video; see `hiera_jax.pos_embed`).
+    in time for video; see `hiera_jax.pos_embed`). `in_chans` adapts the patch-embedding kernel
+    to another channel count as timm does (`hiera_jax.adapt`), so RGB weights serve 1- or
+    4-channel inputs (classification and backbone models).
     """
+    from hiera_jax import hub
+
+    directory = hub.resolve_pretrained(name_or_dir, source=source, revision=revision, token=token)
     directory = os.path.abspath(directory)
     config, model_type, _ = read_config(directory)
+    if in_chans is not None and in_chans != config.in_chans and model_type == "pretraining":
+        adapt.adapt_in_chans({}, config, in_chans, model_type)  # raises with the reason
     input_size = overrides.pop("input_size", None)
     if overrides:
         config = config.replace(**overrides)
@@ -177,5 +201,8 @@ def load_pretrained(directory: str, **overrides: Any):
             raise ValueError(f"cannot restore checkpoint {params_dir}: {err}") from err
     if target_config != config:
         params = pos_embed.resize_pos_embed_params(params, config, target_config)
+        params = jax.tree.map(lambda a: jax.device_put(a, device), params)
+    if in_chans is not None and in_chans != target_config.in_chans:
+        params, target_config = adapt.adapt_in_chans(params, target_config, in_chans, model_type)
         params = jax.tree.map(lambda a: jax.device_put(a, device), params)
     return build_model(target_config, model_type), params

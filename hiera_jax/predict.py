@@ -2,6 +2,7 @@
 
     python -m hiera_jax.predict --checkpoint checkpoints/hiera_tiny_224 cat.jpg dog.png
     python -m hiera_jax.predict --checkpoint DIR --features feats.npz cat.jpg
+    python -m hiera_jax.predict --checkpoint hiera_tiny_224 cat.jpg  # published weights, by name
     python -m hiera_jax.predict --model hiera_tiny_224 cat.jpg      # random weights: demo only
 
 `--features` writes `stage1` ... `stageN` arrays [N_inputs, (T), H, W, C] (spatial order,
@@ -63,7 +64,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (or clips)")
     parser.add_argument(
-        "--checkpoint", help="model directory (converter / save_pretrained / train.py)"
+        "--checkpoint",
+        help="model directory (converter / save_pretrained / train.py), or a pretrained name "
+        "(hiera_tiny_224, facebook/hiera-tiny-224-in1k-hf, hiera_base_224.mae_in1k_ft_in1k, "
+        "a .pth URL or file): downloaded and converted once into the cache",
     )
     parser.add_argument(
         "--model",
@@ -106,15 +110,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_predictor(args: argparse.Namespace):
     """The Predictor for `--checkpoint` (or a random `--model`); OSError / ValueError if not."""
-    from hiera_jax import inference
+    from hiera_jax import hub, inference
 
     overrides = {"dtype": args.dtype}
     if args.checkpoint:
         if args.input_size:
             overrides["input_size"] = args.input_size
         try:
+            directory = hub.resolve_pretrained(args.checkpoint)  # names, repos, URLs -> a dir
             return inference.Predictor.from_pretrained(
-                args.checkpoint, batch_size=args.batch_size, **overrides
+                directory, batch_size=args.batch_size, **overrides
             )
         except (OSError, ValueError) as err:
             msg = str(err)
