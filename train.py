@@ -13,6 +13,7 @@ Everything lives in `hiera_jax.training`; this file only parses flags. Multi-hos
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -21,6 +22,30 @@ from ml_collections import config_flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "digits_mae.py")
 DEFAULT_WORKDIR = os.path.join(".", "runs", "digits_mae")
+
+
+def fail(error: BaseException) -> None:
+    """One line on stderr and exit status 2; --verbose shows the traceback instead."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    sys.stderr.write(f"error: {text} (--verbose for the traceback)\n")
+    sys.exit(2)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """The --config file and its --config.KEY overrides, checked before absl parses them (its own
+    errors for these are long tracebacks), so a typo costs one line and creates nothing."""
+    from hiera_jax.training.config import check_overrides
+
+    try:
+        check_overrides(argv, DEFAULT_CONFIG)
+    except (ValueError, OSError) as e:
+        if "--verbose" in argv:
+            raise
+        fail(e)
+
+
+if __name__ == "__main__":  # before DEFINE_config_file, which applies sys.argv's overrides
+    check_command_line(sys.argv)
 
 config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training config file (ml_collections get_config).", lock_config=True
@@ -40,6 +65,7 @@ flags.DEFINE_string(
     "Fit check, nothing run: compile the train step for this TPU slice (TYPE:AxB[xC] in chips, "
     "e.g. v5e:8x8, v5p:4x4x2, v4:4x4x2) and report memory, FLOPs and collectives.",
 )
+flags.DEFINE_bool("verbose", False, "Show the full traceback of an error, not one line.")
 flags.DEFINE_integer("aot_slices", 1, "--aot: number of slices (multi-slice, data over DCN).")
 flags.DEFINE_float(
     "aot_effort",
@@ -101,8 +127,26 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     # orbax logs every save at INFO through absl; keep the terminal for the progress bar.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from hiera_jax.training.checkpoint import CheckpointError
+
+    try:
+        run(FLAGS.config)
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as e:  # the user's to fix
+        if FLAGS.verbose:
+            raise
+        fail(e)
+
+
+def run(config) -> None:
     import jax
 
+    from hiera_jax.training.config import validate_config
+
+    validate_config(config)
+    if FLAGS.aot_slices < 1:
+        raise ValueError(f"--aot_slices must be >= 1, got {FLAGS.aot_slices}")
+    if not -1.0 <= FLAGS.aot_effort <= 1.0:
+        raise ValueError(f"--aot_effort must be in [-1, 1], got {FLAGS.aot_effort}")
     if FLAGS.multi_process or FLAGS.coordinator_address:
         kwargs = {
             k: v
@@ -121,11 +165,11 @@ def main(argv):
     if workdir is None:
         workdir = os.path.join(".", "runs", config_name().split(":")[0])
     if FLAGS.aot:
-        run_aot(FLAGS.config, workdir)
+        run_aot(config, workdir)
         return
     if "://" not in workdir:
-        enable_compilation_cache(FLAGS.config, workdir)
-    summary = train_and_evaluate(FLAGS.config, workdir)
+        enable_compilation_cache(config, workdir)
+    summary = train_and_evaluate(config, workdir)
     if jax.process_index() != 0:
         return
     if summary["stopped_early"]:

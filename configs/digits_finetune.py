@@ -19,7 +19,7 @@ def get_config(arg=None):
     del arg
     c = base_config()
     c.task = "classification"
-    c.model = dict(digits_mae.digits_model(), drop_path_rate=0.1, head_init_scale=0.001)
+    c.model.update(digits_mae.digits_model(), drop_path_rate=0.1, head_init_scale=0.001)
     c.init_from = "./runs/digits_mae"
     c.data.source = "digits"
     c.data.train_split = "train"

@@ -38,7 +38,7 @@ def get_config(arg=None):
     del arg
     c = base_config()
     c.task = "mae"
-    c.model = digits_model()
+    c.model.update(digits_model())
     c.data.source = "digits"
     c.data.train_split = "train"
     c.data.eval_split = "test"

@@ -39,7 +39,7 @@ def get_config(arg=None):
     c = base_config()
     c.task = "classification"
     # The classifier pools 3 times; MAE checkpoints (q_pool 2) share every encoder tensor shape.
-    c.model = dict(
+    c.model.update(
         name=f"hiera_{size}_224",
         drop_path_rate=drop_path,
         dtype="bfloat16",

@@ -30,7 +30,7 @@ def get_config(arg=None):
         raise ValueError(f"size must be one of {sorted(DROP_PATH)}, got {size!r}")
     c = base_config()
     c.task = "mae"
-    c.model = dict(
+    c.model.update(
         name=f"mae_hiera_{size}_224",  # q_pool=2, decoder 512-d x 8 blocks, 16 heads
         mask_ratio=0.6,
         drop_path_rate=DROP_PATH[size],

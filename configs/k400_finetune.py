@@ -30,7 +30,7 @@ def get_config(arg=None):
     epochs, layer_decay, drop_path = RECIPE[size]
     c = base_config()
     c.task = "classification"
-    c.model = dict(
+    c.model.update(
         name=f"hiera_{size}_16x224",
         drop_path_rate=drop_path,
         dtype="bfloat16",

@@ -28,7 +28,7 @@ def get_config(arg=None):
         raise ValueError(f"size must be one of {sorted(DROP_PATH)}, got {size!r}")
     c = base_config()
     c.task = "mae"
-    c.model = dict(
+    c.model.update(
         name=f"mae_hiera_{size}_16x224",  # mask_ratio 0.9 in the registry
         drop_path_rate=DROP_PATH[size],
         dtype="bfloat16",

@@ -14,7 +14,7 @@ def get_config(arg=None):
     del arg
     c = base_config()
     c.task = "mae"
-    c.model = dict(
+    c.model.update(
         name=None,
         input_size=(8, 32, 32),
         in_chans=1,

@@ -385,7 +385,12 @@ class Predictor:
     # construction --------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
-        """Load a `save_pretrained` / converter / train.py directory (`input_size`, `dtype`...)."""
+        """Load a `save_pretrained` / converter / train.py directory, or any name
+        `hiera_jax.load_pretrained` takes (hub names, repo ids); overrides: `input_size`, `dtype`..."""
+        from hiera_jax import hub
+
+        hub_args = {k: overrides.pop(k) for k in ("source", "revision", "token") if k in overrides}
+        directory = hub.resolve_pretrained(directory, **hub_args)
         _, model_type, _ = read_config(directory)
         # Normalise as the model was trained (train.py stores it); ImageNet's for converted ones.
         norm = read_preprocessing(directory) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}

@@ -8,6 +8,7 @@ iterator's state, one JSON file per process, written by grain's orbax handler).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,19 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored (corrupt, partial or for another model)."""
+
+
+# Model fields a resumed run may change: how it computes and regularises, not what it learns.
+RESUMABLE_CHANGES = frozenset(
+    {"dtype", "remat", "drop_path_rate", "head_dropout", "mask_ratio", "head_init_scale"}
+)
+
+
+def brief(err: BaseException) -> str:
+    """The first line of an error (orbax and TensorStore errors run to hundreds of lines)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 class Checkpointer:
@@ -72,10 +86,40 @@ class Checkpointer:
             )
         except Exception as err:
             raise CheckpointError(
-                f"the input pipeline state in {directory} cannot be restored "
-                f"({type(err).__name__}: {err}); was data.backend or the dataset changed?"
+                f"the input pipeline state in {directory} cannot be restored ({brief(err)}); it "
+                "is damaged, or data.backend or the dataset changed. Move the checkpoint away "
+                f"(`mv {os.path.dirname(directory)} {os.path.dirname(directory)}.bad`) to resume "
+                "from the previous one, or use a new workdir"
             ) from err
         return True
+
+    def check_same_run(self, step: int, *, task: str, model: dict) -> None:
+        """CheckpointError if `step` was written by a run of another task or architecture (the
+        workdir belongs to another run). Execution fields (dtype, remat) and regularisation may
+        change on resume."""
+        path = os.path.join(self.directory, str(step))
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        except Exception as err:  # noqa: BLE001 - judged by restore() below
+            log.debug("no readable metadata in %s: %s", path, err)
+            return
+        saved_task, saved_model = meta.get("task"), meta.get("model") or {}
+        ours = json.loads(json.dumps(model))  # tuples as JSON lists, like the saved copy
+        differ = [
+            f"{k}: {saved_model.get(k)!r} there, {ours.get(k)!r} now"
+            for k in sorted(set(saved_model) & set(ours))  # fields both versions know
+            if k not in RESUMABLE_CHANGES and saved_model.get(k) != ours.get(k)
+        ]
+        if saved_task != task:
+            differ.insert(0, f"task: {saved_task!r} there, {task!r} now")
+        if differ:
+            raise CheckpointError(
+                f"the workdir {os.path.dirname(self.directory)} belongs to another run: its "
+                f"checkpoint {path} was written for a different model ({'; '.join(differ[:4])}). "
+                "Use a new --workdir for this config, or the original config to resume that run."
+            )
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -95,7 +139,7 @@ class Checkpointer:
         except Exception as err:  # orbax/tensorstore raise many types for damaged files
             raise CheckpointError(
                 f"the checkpoint at {path} cannot be restored; it is corrupt, partial, or was "
-                f"written for another model or optimizer ({type(err).__name__}: {err}). It was "
+                f"written for another model or optimizer ({brief(err)}). It was "
                 f"not loaded. Move it away (e.g. `mv {path} {path}.corrupt`) to resume from the "
                 "previous checkpoint, or use a new workdir to start over."
             ) from err

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from hiera_jax.config import HieraConfig, get_config
 
@@ -16,8 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Model: `name` picks a registry variant (hiera_jax.list_models()); every other key is a
-    # HieraConfig field overriding it (or, with name=None, the whole config).
-    c.model = ml_collections.ConfigDict({"name": "mae_hiera_tiny_224"})
+    # HieraConfig field overriding it (or, with no name, the whole config). Every field is here,
+    # unset, so any can be set from the command line (--config.model.dtype=bfloat16); configs
+    # fill them with `c.model.update(...)`.
+    c.model = model_fields()
+    c.model.name = "mae_hiera_tiny_224"
     # Finetuning init: a hiera-jax model directory (save_pretrained / converter output, or a
     # training workdir holding `model/`); its encoder (patch_embed, pos_embed*, blocks_*) is copied.
     c.init_from = ""
@@ -100,16 +106,106 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def model_fields() -> ml_collections.ConfigDict:
+    """`name` and every HieraConfig field as an unset, typed placeholder (None = not overridden)."""
+    fields = {"name": config_dict.placeholder(str)}
+    for field in dataclasses.fields(HieraConfig):
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        kind = type(default) if default is not None else object
+        if kind is list:
+            kind = tuple
+        fields[field.name] = config_dict.placeholder(kind)
+    return ml_collections.ConfigDict(fields)
+
+
 def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig:
-    """The HieraConfig a training config describes."""
-    kwargs: dict[str, Any] = (
-        dict(config.model.to_dict()) if hasattr(config.model, "to_dict") else dict(config.model)
-    )
+    """The HieraConfig a training config describes: the `name` variant, then every set field."""
+    model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    kwargs: dict[str, Any] = {k: v for k, v in model.items() if v is not None}
     name = kwargs.pop("name", None)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if name:
         return get_config(name, **kwargs)
     return HieraConfig().replace(**kwargs)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse out-of-range values with one line naming the key, before anything is built."""
+    if config.task not in ("mae", "classification"):
+        raise ValueError(f"task must be 'mae' or 'classification', got {config.task!r}")
+    rules = [
+        ("batch_size", lambda v: v >= 1, ">= 1"),
+        ("eval_batch_size", lambda v: v >= 0, ">= 0 (0 = batch_size)"),
+        ("grad_accum_steps", lambda v: v >= 1, ">= 1"),
+        ("total_steps", lambda v: v >= 0, ">= 0 (0 = from num_epochs)"),
+        ("num_epochs", lambda v: v >= 0, ">= 0"),
+        ("warmup_steps", lambda v: v >= 0, ">= 0"),
+        ("warmup_epochs", lambda v: v >= 0, ">= 0"),
+        ("log_every", lambda v: v >= 1, ">= 1"),
+        ("eval_every", lambda v: v >= -1, ">= -1 (0 = at the end, -1 = never)"),
+        ("eval_max_examples", lambda v: v >= 0, ">= 0 (0 = all)"),
+        ("checkpoint_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+        ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
+        ("num_vis", lambda v: v >= 0, ">= 0"),
+        ("shard_min_size", lambda v: v >= 0, ">= 0"),
+        ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("peak_flops_per_device", lambda v: v >= 0, ">= 0 (0 = by device kind)"),
+        ("optim.lr", lambda v: v > 0, "> 0"),
+        ("optim.lr_scaling_batch", lambda v: v >= 0, ">= 0"),
+        ("optim.min_lr", lambda v: v >= 0, ">= 0"),
+        ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optim.eps", lambda v: v > 0, "> 0"),
+        ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+        ("optim.layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("optim.clip_grad_norm", lambda v: v >= 0, ">= 0 (0 = off)"),
+        ("data.workers", lambda v: v >= 0, ">= 0"),
+        ("data.worker_processes", lambda v: v >= 0, ">= 0"),
+        ("data.prefetch", lambda v: v >= 0, ">= 0"),
+        ("data.repeated_aug", lambda v: v >= 1, ">= 1"),
+        ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("data.mixup", lambda v: v >= 0, ">= 0"),
+        ("data.cutmix", lambda v: v >= 0, ">= 0"),
+        ("data.mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("data.mixup_switch_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("data.crop_pct", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("data.num_frames", lambda v: v >= 0, ">= 0"),
+        ("data.frame_stride", lambda v: v >= 1, ">= 1"),
+        ("data.shuffle_buffer", lambda v: v >= 1, ">= 1"),
+        ("model.mask_ratio", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+        ("model.drop_path_rate", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+        ("model.num_classes", lambda v: v is None or v >= 1, ">= 1"),
+    ]
+    for dotted, ok, text in rules:
+        node: Any = config
+        for part in dotted.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None and not dotted.startswith("model."):
+            continue  # a key this config does not have
+        try:
+            good = ok(node)
+        except TypeError:
+            good = False
+        if not good:
+            raise ValueError(f"--config.{dotted}={node!r} is out of range: it must be {text}")
+    if config.total_steps == 0 and config.num_epochs <= 0:
+        raise ValueError("set --config.total_steps or --config.num_epochs to a positive number")
+    for name in ("crop_scale", "crop_ratio"):
+        lo, hi = (float(v) for v in config.data[name])
+        upper = 1.0 if name == "crop_scale" else float("inf")
+        if not 0 < lo <= hi <= upper:
+            raise ValueError(
+                f"--config.data.{name}={tuple(config.data[name])} must be (low, high) with "
+                f"0 < low <= high{' <= 1' if upper == 1.0 else ''}"
+            )
+    hiera_config(config)  # an unknown model name or an inconsistent model config
+    if len(config.data.mean) != len(config.data.std) or any(v <= 0 for v in config.data.std):
+        raise ValueError(
+            f"--config.data.mean {tuple(config.data.mean)} and std {tuple(config.data.std)} "
+            "must have one entry per channel, std > 0"
+        )
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -122,3 +218,70 @@ def build_model(config: ml_collections.ConfigDict):
     if config.task == "classification":
         return HieraForImageClassification(mcfg)
     raise ValueError(f"config.task must be 'mae' or 'classification', got {config.task!r}")
+
+
+# ============================================================================ command-line checks
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path[:arg]` -> its get_config(arg), as `train.py --config` loads it; one-line errors."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        here = os.path.dirname(path) or "."
+        known = (
+            sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+        )
+        hint = f" (in {here}: {', '.join(known)})" if known else ""
+        raise FileNotFoundError(f"--config {path}: no such config file{hint}")
+    module_spec = importlib.util.spec_from_file_location("hiera_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path} defines no get_config(arg=None)")
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise ValueError(f"--config {spec}: {e}") from None
+
+
+def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, nested sections included."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += config_keys(value, prefix + key + ".")
+    return keys
+
+
+def check_overrides(argv: list[str], default_config: str) -> None:
+    """Check a `train.py` command line's --config file and --config.KEY overrides before the flag
+    parser sees them: a missing file or an unknown key is one line, with the nearest valid keys."""
+    import difflib
+
+    spec, overrides = default_config, []
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("--config", "-config"):
+            spec = next(args, "")
+        elif arg.startswith(("--config=", "-config=")):
+            spec = arg.split("=", 1)[1]
+        elif arg.startswith(("--config.", "--noconfig.")):
+            overrides.append(arg.split(".", 1)[1].split("=", 1)[0])
+    config = load_config_file(spec)
+    keys = config_keys(config)
+    for key in overrides:
+        if key in keys:
+            continue
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = [
+            k.rsplit(".", 1)[-1]
+            for k in keys
+            if (k.rsplit(".", 1)[0] if "." in k else "") == parent
+        ]
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = f"Did you mean {' or '.join('--config.' + k for k in close)}? " if close else ""
+        where = f"under {parent}" if parent in keys else "at the top level"
+        raise ValueError(
+            f"--config.{key}: no such config key. {hint}Keys {where}: {', '.join(siblings)}"
+        )

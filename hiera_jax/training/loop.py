@@ -30,9 +30,14 @@ from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, pipeline, sharding, tfdata, visualize
 from hiera_jax.training.checkpoint import Checkpointer, StopSignal
-from hiera_jax.training.config import hiera_config
+from hiera_jax.training.config import hiera_config, validate_config
 from hiera_jax.training.metrics import MetricLogger
-from hiera_jax.training.setup import TrainSetup, build_setup, model_flops_per_step
+from hiera_jax.training.setup import (
+    TrainSetup,
+    build_setup,
+    check_batching,
+    model_flops_per_step,
+)
 from hiera_jax.training.steps import eval_step, reconstruct, train_step
 
 __all__ = ["train_and_evaluate", "train_step", "model_flops_per_step", "load_encoder"]
@@ -88,6 +93,41 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
             f"the encoder in {directory} does not fit this model: " + "; ".join(mismatched[:20])
         )
     return loaded, kept
+
+
+# ============================================================================ workdir
+def prepare_workdir(workdir: str) -> str:
+    """The absolute workdir, created and checked writable before anything is compiled."""
+    workdir = os.path.abspath(local_path(workdir, "workdir"))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"workdir {workdir} is a file; pass a directory as --workdir")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise type(e)(
+            e.errno, f"workdir {workdir} is not writable ({e.strerror}); pass another --workdir"
+        ) from None
+    return workdir
+
+
+def check_free_space(workdir: str, setup: TrainSetup) -> None:
+    """Refuse to start when the workdir's disk cannot hold two checkpoints of this state."""
+    state_bytes = sum(
+        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(setup.abstract_state)
+    )
+    needed = 2 * state_bytes + 64 * 2**20  # a checkpoint being written beside the last one
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise OSError(
+            28,  # ENOSPC
+            f"workdir {workdir}: its disk has {free / 2**20:.0f} MiB free and checkpoints of this "
+            f"run need about {needed / 2**20:.0f} MiB; free space or pass another --workdir",
+        )
 
 
 # ============================================================================ input
@@ -170,6 +210,7 @@ def restore_or_init(
     notes = [f"ignored unfinished checkpoint {ckpt.directory}/{name}" for name in ckpt.partial]
     with jax.set_mesh(setup.mesh):
         if latest is not None:
+            ckpt.check_same_run(latest, task=setup.task, model=setup.mcfg.to_dict())
             state, _ = ckpt.restore(latest, setup.abstract_sharded_state())
             notes.append(f"resumed from {ckpt.directory}/{latest}")
             if not ckpt.restore_data(latest, train_iter):
@@ -401,11 +442,13 @@ def train_and_evaluate(
     evaluation), `stopped_early` (a signal or preemption stopped the run), the paths written and,
     with return_params, the final params as numpy arrays (return_state: the live sharded state).
     """
-    workdir = os.path.abspath(local_path(workdir, "workdir"))
-    os.makedirs(workdir, exist_ok=True)
+    validate_config(config)
     mesh = sharding.create_mesh(config.mesh_shape, devices)
+    check_batching(config, mesh)  # before anything is written
+    workdir = prepare_workdir(workdir)
     data = open_input(config)
     setup = build_setup(config, mesh, data.examples_per_epoch)
+    check_free_space(workdir, setup)
 
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(key)

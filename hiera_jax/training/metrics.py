@@ -36,11 +36,15 @@ class MetricLogger:
         self.tty = sys.stderr.isatty() if progress is None else progress
         if not enabled:
             return
+        drop_records_after(self.jsonl_path, start_step)
         self._jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 - closed in close()
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(logdir=self.tb_dir)
+            # A resumed run logs the steps after its checkpoint again: TensorBoard drops the
+            # events of the killed run from purge_step on, as the JSON log does below.
+            purge = start_step + 1 if start_step > 0 else None
+            self.tb = SummaryWriter(logdir=self.tb_dir, purge_step=purge)
             if hparams:
                 self.tb.add_text("config", "```\n" + json.dumps(hparams, indent=2) + "\n```", 0)
         except ImportError:
@@ -93,6 +97,33 @@ class MetricLogger:
         if self.tb is not None:
             self.tb.close()
         self._jsonl.close()
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Keep the records of steps <= `step` (a resume point); a torn last line goes too.
+
+    The log then holds one record per (kind, step) however often a run was killed and resumed.
+    Rewritten atomically, so a kill during this leaves the old log.
+    """
+    if not os.path.isfile(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(record.get("step", 0)) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -1,0 +1,198 @@
+"""Fit every training recipe on realistic TPU slices, ahead of time, and write the table.
+
+Runs `train.py --config RECIPE --aot TOPOLOGY` (the real TPU compiler via libtpu, on this CPU;
+nothing is executed) for each row of MATRIX, in order, and keeps each report under
+`runs/aot_table/`. A row that does not fit is retried with the smallest change that makes it
+fit, in FIXES order, and both rows go in the table. Rows already measured are reused, so the
+script can be stopped and rerun.
+
+    python benchmarks/aot_table.py                     # all rows (hours on 2 cores)
+    python benchmarks/aot_table.py --only in1k_mae:base --write
+    python benchmarks/aot_table.py --write-only        # rebuild the table from saved reports
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OUT = os.path.join(ROOT, "runs", "aot_table")
+BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
+BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+
+# (recipe, topology, slices): slices named as Cloud TPU sells them.
+SLICE_NAMES = {
+    "v5e:8x8": "v5e-64 (64 chips)",
+    "v5e:16x16": "v5e-256 (256 chips)",
+    "v5p:4x4x2": "v5p-64 (32 chips)",
+    "v5p:4x4x4": "v5p-128 (64 chips)",
+    "v4:4x4x2": "v4-64 (32 chips)",
+    "v6e:8x8": "v6e-64 (64 chips)",
+}
+MATRIX: list[tuple[str, str, int]] = [
+    ("in1k_mae:base", "v5e:8x8", 1),
+    ("in1k_mae:base", "v5p:4x4x2", 1),
+    ("in1k_mae:base", "v5e:8x8", 2),  # multi-slice: 2 x v5e-64, data parallel over DCN
+    ("in1k_mae:large", "v5e:8x8", 1),
+    ("in1k_mae:large", "v5p:4x4x2", 1),
+    ("in1k_finetune:base", "v5e:8x8", 1),
+    ("in1k_finetune:base", "v4:4x4x2", 1),
+    ("in1k_finetune:large", "v5e:8x8", 1),
+    ("k400_mae:base", "v5e:8x8", 1),
+    ("k400_finetune:base", "v5e:8x8", 1),
+    ("in1k_mae:huge", "v5p:4x4x2", 1),
+    ("in1k_finetune:huge", "v5p:4x4x2", 1),
+    ("k400_mae:large", "v5p:4x4x2", 1),
+    ("k400_finetune:large", "v5p:4x4x2", 1),
+    ("in1k_mae:tiny", "v5e:8x8", 1),
+    ("in1k_mae:small", "v5e:8x8", 1),
+    ("in1k_mae:base_plus", "v5e:8x8", 1),
+    ("in1k_finetune:tiny", "v5e:8x8", 1),
+    ("in1k_finetune:small", "v5e:8x8", 1),
+    ("in1k_finetune:base_plus", "v5e:8x8", 1),
+    ("in1k_mae:huge", "v5e:16x16", 1),
+    ("k400_mae:huge", "v5p:4x4x4", 1),
+    ("k400_finetune:huge", "v5p:4x4x4", 1),
+    ("in1k_mae:large", "v6e:8x8", 1),
+]
+# Tried in order on a row that does not fit; the first that fits is reported.
+FIXES: list[dict[str, str]] = [
+    {"model.remat": "True"},
+    {"model.remat": "True", "grad_accum_steps": "2"},
+    {"model.remat": "True", "grad_accum_steps": "4"},
+]
+
+
+def slug(recipe: str, topology: str, slices: int, fix: dict[str, str]) -> str:
+    parts = [recipe.replace(":", "-"), topology.replace(":", "-"), f"{slices}s"]
+    parts += [f"{k.split('.')[-1]}{v}" for k, v in fix.items()]
+    return "_".join(parts)
+
+
+def run_one(recipe, topology, slices, fix, effort) -> dict:
+    workdir = os.path.join(OUT, slug(recipe, topology, slices, fix))
+    name = f"aot_{topology}" + (f"_{slices}slices" if slices > 1 else "") + ".json"
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+        return json.load(open(path))
+    config, _, size = recipe.partition(":")
+    command = [sys.executable, "train.py", "--config", f"configs/{config}.py:{size}"]
+    command += ["--workdir", workdir, "--aot", topology, f"--aot_slices={slices}"]
+    command += [f"--aot_effort={effort}"] + [f"--config.{k}={v}" for k, v in fix.items()]
+    t0 = time.time()
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    print(f"{recipe} {topology} x{slices} {fix}: exit {run.returncode} in {time.time() - t0:.0f} s")
+    print("   ", (run.stdout.strip().splitlines() or [""])[-1] or run.stderr.strip()[-400:])
+    if not os.path.exists(path):  # an error that is not a verdict: keep the message
+        os.makedirs(workdir, exist_ok=True)
+        report = {"error": run.stderr.strip()[-2000:], "fits": None}
+        json.dump(report, open(path, "w"))
+        return report
+    return json.load(open(path))
+
+
+def measure(rows, effort) -> None:
+    for recipe, topology, slices in rows:
+        report = run_one(recipe, topology, slices, {}, effort)
+        if report.get("fits") is False:
+            for fix in FIXES:
+                if run_one(recipe, topology, slices, fix, effort).get("fits"):
+                    break
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / 2**30:.1f}"
+
+
+def table() -> str:
+    reports = []
+    for path in sorted(glob.glob(os.path.join(OUT, "*", "aot_*.json"))):
+        r = json.load(open(path))
+        if "topology" in r:
+            reports.append(r)
+    order = {(m[0], m[1], m[2]): i for i, m in enumerate(MATRIX)}
+
+    def key(r):
+        recipe = r["config"]
+        return (
+            order.get((recipe, r["topology"], r["num_slices"]), 999),
+            r["remat"],
+            r["grad_accum_steps"],
+        )
+
+    lines = [
+        "| recipe | slice | mesh (data, fsdp) | batch / device | remat, accum | peak / HBM per device (GiB) | fits | step >= (ms) | MFU ceiling | model TFLOP/step | collectives | compile (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(reports, key=key):
+        slices = SLICE_NAMES.get(r["topology"], r["topology"])
+        if r["num_slices"] > 1:
+            slices = f"{r['num_slices']} x {slices}"
+        mesh = f"({r['mesh']['data']}, {r['mesh']['fsdp']})"
+        mem = r.get("memory") or {}
+        if r["fits"]:
+            peak = f"{_gib(mem.get('peak'))} / {_gib(r['hbm_per_device_bytes'])}"
+        else:
+            peak = f"needs {_gib(mem.get('needed'))} / {_gib(mem.get('available'))}"
+        roof = r.get("roofline") or {}
+        step = f"{roof['step_lower_bound_seconds'] * 1e3:.0f}" if roof else "-"
+        mfu = f"{roof['mfu_ceiling']:.0%}" if roof.get("mfu_ceiling") else "-"
+        flops = (r.get("flops") or {}).get("model_per_step")
+        coll = r.get("collectives") or {}
+        coll_text = ", ".join(
+            f"{re.sub(r'(^|-)(.)[a-z]*', lambda m: m[2].upper(), op)} {v['count']}"
+            for op, v in coll.items()
+        )
+        lines.append(
+            f"| {r['config']} | `{r['topology']}` {slices} | {mesh} | {r['per_device_batch']} | "
+            f"{'yes' if r['remat'] else 'no'}, {r['grad_accum_steps']} | {peak} | "
+            f"{'yes' if r['fits'] else '**no**'} | {step} | {mfu} | "
+            f"{'-' if not flops else f'{flops / 1e12:.0f}'} | {coll_text or '-'} | "
+            f"{r.get('compile_seconds', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write(effort) -> None:
+    text = open(BENCHMARKS).read()
+    block = (
+        f"{BEGIN}\n"
+        f"Made by `python benchmarks/aot_table.py --write-only` from reports of `train.py --aot` "
+        f"(compiler effort {effort}), on this repository's 2-core CPU machine, libtpu 0.0.42.\n\n"
+        f"{table()}\n{END}"
+    )
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    open(BENCHMARKS, "w").write(text)
+    print(f"wrote the table to {BENCHMARKS}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="recipes to run (default: every row)")
+    parser.add_argument("--effort", type=float, default=-1.0, help="--aot_effort for every row")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md afterwards")
+    parser.add_argument("--write-only", action="store_true", help="only rebuild the table")
+    args = parser.parse_args(argv)
+    if not args.write_only:
+        rows = [m for m in MATRIX if not args.only or m[0] in args.only]
+        measure(rows, args.effort)
+    if args.write or args.write_only:
+        write(args.effort)
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
