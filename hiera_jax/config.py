@@ -56,6 +56,12 @@ class HieraConfig:
     head_dropout: float = 0.0
     head_init_scale: float = 0.001
     sep_pos_embed: bool = False  # separate spatial/temporal position embeddings (video)
+    # timm-only options (`timm.models.hiera.Hiera` kwargs, used by the *_abswin_* variants).
+    abs_win_pos_embed: bool = False  # global table resized to the grid + a tiled window table
+    global_pos_size: Shape = (14, 14)  # grid of the global table with abs_win_pos_embed
+    init_values: float | None = None  # LayerScale (`ls1`/`ls2.gamma`) initial value; None = off
+    use_expand_proj: bool = True  # False: widen by concatenating max- and avg-pooled x
+    weight_init: str = ""  # "" = the official init; "jax" = timm's jax init and fix_init
     # MAE decoder (official `MaskedAutoencoderHiera` kwargs) and masking.
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
@@ -89,6 +95,24 @@ class HieraConfig:
                     f"{name}={getattr(self, name)} has {len(getattr(self, name))} dims but "
                     f"input_size={self.input_size} has {dims}"
                 )
+        if self.abs_win_pos_embed:
+            if self.sep_pos_embed or dims != 2:
+                raise ValueError(
+                    "abs_win_pos_embed is for image models (2-D input_size, sep_pos_embed=False)"
+                )
+            if len(self.global_pos_size) != 2 or min(self.global_pos_size) < 1:
+                raise ValueError(
+                    f"global_pos_size must be (H, W) of positive sizes, got {self.global_pos_size}"
+                )
+        if self.weight_init not in ("", "jax"):
+            raise ValueError(
+                f"weight_init must be '' (official) or 'jax', got {self.weight_init!r}"
+            )
+        if not self.use_expand_proj and self.dim_mul != 2.0:
+            raise ValueError(
+                "use_expand_proj=False widens by concatenating two pooled copies, so it needs "
+                f"dim_mul=2, got {self.dim_mul}"
+            )
         if self.norm_layer != "LayerNorm":
             raise ValueError(f"norm_layer={self.norm_layer!r} is not supported; use 'LayerNorm'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -323,10 +347,34 @@ def _build_variants() -> dict[str, dict[str, Any]]:
 
 VARIANTS: dict[str, dict[str, Any]] = _build_variants()
 
+# Variants that only timm defines (`timm.models.hiera`), with timm's kwargs and input size.
+# Kept apart from VARIANTS (the official models): no official checkpoint or module exists.
+TIMM_VARIANTS: dict[str, dict[str, Any]] = {
+    "hiera_small_abswin_256": dict(
+        _IMAGE["small"],
+        input_size=(256, 256),
+        abs_win_pos_embed=True,
+        global_pos_size=(16, 16),
+        init_values=1e-5,
+        weight_init="jax",
+        use_expand_proj=False,
+    ),
+    "hiera_base_abswin_256": dict(
+        _IMAGE["base"],
+        input_size=(256, 256),
+        abs_win_pos_embed=True,
+        init_values=1e-5,
+        weight_init="jax",
+    ),
+}
 
-def list_models() -> list[str]:
-    """Names of every official variant, classification (`hiera_*`) and MAE (`mae_hiera_*`)."""
-    return sorted(VARIANTS)
+
+def list_models(include_timm: bool = False) -> list[str]:
+    """Names of every official variant, classification (`hiera_*`) and MAE (`mae_hiera_*`).
+
+    `include_timm=True` adds the timm-only variants (`hiera_{small,base}_abswin_256`).
+    """
+    return sorted({**VARIANTS, **TIMM_VARIANTS} if include_timm else VARIANTS)
 
 
 def is_pretraining_name(name: str) -> bool:
@@ -335,9 +383,11 @@ def is_pretraining_name(name: str) -> bool:
 
 def get_config(name: str, **overrides: Any) -> HieraConfig:
     """The config of an official variant, with explicit keyword overrides applied on top."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(list_models())}")
-    return HieraConfig().replace(**{**VARIANTS[name], **overrides})
+    variants = {**VARIANTS, **TIMM_VARIANTS}
+    if name not in variants:
+        known = ", ".join(list_models(include_timm=True))
+        raise ValueError(f"unknown model name {name!r}; known models: {known}")
+    return HieraConfig().replace(**{**variants[name], **overrides})
 
 
 def resolve_config(name_or_config: str | HieraConfig, **overrides: Any) -> HieraConfig:

@@ -22,6 +22,7 @@ from hiera_jax.config import HieraConfig, is_pretraining_name, resolve_config
 SOURCES = ("official", "timm", "hf")
 MODEL_TYPES = ("classification", "pretraining", "backbone")
 _INDEXED_MODULES = ("blocks", "decoder_blocks", "multi_scale_fusion_heads")
+_ABSWIN_TABLES = ("pos_embed", "pos_embed_win")  # 4-D only in timm's abswin models
 
 
 # ---------------------------------------------------------------------- model types
@@ -139,6 +140,7 @@ def to_official_keys(
         elif source == "timm":
             new = re.sub(r"^head\.fc\.", "head.projection.", key)
             new = re.sub(r"^head\.norm\.", "norm.", new)
+            new = "pos_embed" if new == "pos_embed_abs" else new  # older timm abswin name
         else:
             new = hf_to_official_key(key, config)
         if new is None:
@@ -164,6 +166,8 @@ def official_to_flax(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.n
         else:
             path.append(parts[i])
             i += 1
+    if path[-1] in _ABSWIN_TABLES and value.ndim == 4:  # timm abswin tables: NCHW -> NHWC
+        value = value.transpose(0, 2, 3, 1)
     if path[-1] == "weight":
         if value.ndim == 1:  # LayerNorm
             path[-1] = "scale"
@@ -186,6 +190,8 @@ def flax_to_official(path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.
             parts += ["head", "projection"]
         else:
             parts.append(part)
+    if parts[-1] in _ABSWIN_TABLES and value.ndim == 4:  # NHWC -> timm's NCHW
+        value = value.transpose(0, 3, 1, 2)
     if parts[-1] == "scale":
         parts[-1] = "weight"
     elif parts[-1] == "kernel":

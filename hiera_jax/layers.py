@@ -23,7 +23,22 @@ HIERA_KERNEL_INIT = nn.initializers.normal(0.02)
 MAE_KERNEL_INIT = nn.initializers.xavier_uniform()
 
 
-def dense_inits(mae_init: bool) -> dict:
+def dense_inits(
+    mae_init: bool, weight_init: str = "", *, mlp: bool = False, rescale: float = 1.0
+) -> dict:
+    """Dense initialisers: official classifier, official MAE, or timm's `weight_init="jax"`.
+
+    timm's jax init (`init_weight_jax`): xavier-uniform weights, zero biases except the MLP's
+    (normal, std 1e-6); its `fix_init_weight` then divides `attn.proj` and `mlp.fc2` weights by
+    sqrt(2 · (block index + 1)), passed here as `rescale`.
+    """
+    if weight_init == "jax":
+
+        def kernel(key, shape, dtype=jnp.float32):
+            return MAE_KERNEL_INIT(key, shape, dtype) * jnp.asarray(rescale, dtype)
+
+        bias = nn.initializers.normal(1e-6) if mlp else nn.initializers.zeros
+        return dict(kernel_init=kernel, bias_init=bias)
     if mae_init:
         return dict(kernel_init=MAE_KERNEL_INIT, bias_init=nn.initializers.zeros)
     return dict(kernel_init=HIERA_KERNEL_INIT, bias_init=nn.initializers.constant(0.02))
@@ -77,13 +92,16 @@ class PatchEmbed(nn.Module):
     padding: Sequence[int]
     mae_init: bool = False
     dtype: jnp.dtype = jnp.float32
+    weight_init: str = ""  # "jax": timm's lecun-normal conv, zero bias
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, pixel_mask: jnp.ndarray | None = None) -> jnp.ndarray:
         if pixel_mask is not None:
             # Zero masked pixels before the conv so overlapping kernels cannot leak them.
             x = x * pixel_mask.astype(x.dtype)
-        if self.mae_init:
+        if self.weight_init == "jax":
+            kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros
+        elif self.mae_init:
             # MAE initialises the patch conv like a Linear: xavier over (k·k·C_in, D).
             kernel_init = nn.initializers.variance_scaling(
                 1.0, "fan_avg", "uniform", in_axis=tuple(range(len(self.kernel) + 1)), out_axis=-1
@@ -118,6 +136,8 @@ class MaskUnitAttention(nn.Module):
     use_mask_unit_attn: bool = False
     mae_init: bool = False
     dtype: jnp.dtype = jnp.float32
+    weight_init: str = ""
+    proj_rescale: float = 1.0  # timm fix_init factor for `proj` (weight_init="jax")
 
     @nn.compact
     def __call__(
@@ -131,7 +151,10 @@ class MaskUnitAttention(nn.Module):
             num_tokens // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
         )
         qkv = nn.Dense(
-            3 * self.dim_out, dtype=self.dtype, name="qkv", **dense_inits(self.mae_init)
+            3 * self.dim_out,
+            dtype=self.dtype,
+            name="qkv",
+            **dense_inits(self.mae_init, self.weight_init),
         )(x)
         # [B, n, windows, 3, heads, d]: the window index is the fast axis of the sequence.
         # One transpose to [3, B, windows, heads, n, d] puts every batch axis in front, so both
@@ -149,9 +172,8 @@ class MaskUnitAttention(nn.Module):
         out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs.astype(v.dtype), v)
         out = out / denom.astype(out.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, self.dim_out)  # [B, n_q, w, h, d]
-        out = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **dense_inits(self.mae_init))(
-            out
-        )
+        proj_init = dense_inits(self.mae_init, self.weight_init, rescale=self.proj_rescale)
+        out = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(out)
         if return_attention:
             # [B, w, h, q, k] -> [B, h, w, q, k]; only built on request (same graph otherwise).
             return out, (probs / denom).transpose(0, 2, 1, 3, 4)
@@ -164,13 +186,27 @@ class Mlp(nn.Module):
     hidden_dim: int
     mae_init: bool = False
     dtype: jnp.dtype = jnp.float32
+    weight_init: str = ""
+    fc2_rescale: float = 1.0  # timm fix_init factor for `fc2` (weight_init="jax")
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dim = x.shape[-1]
-        inits = dense_inits(self.mae_init)
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **inits)(x)
-        return nn.Dense(dim, dtype=self.dtype, name="fc2", **inits)(gelu(x))
+        fc1 = dense_inits(self.mae_init, self.weight_init, mlp=True)
+        fc2 = dense_inits(self.mae_init, self.weight_init, mlp=True, rescale=self.fc2_rescale)
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **fc1)(x)
+        return nn.Dense(dim, dtype=self.dtype, name="fc2", **fc2)(gelu(x))
+
+
+class LayerScale(nn.Module):
+    """x · gamma with a learned per-channel `gamma` (timm `LayerScale`, `ls1`/`ls2`)."""
+
+    init_values: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -200,6 +236,11 @@ class HieraBlock(nn.Module):
     use_mask_unit_attn: bool = False
     mae_init: bool = False
     dtype: jnp.dtype = jnp.float32
+    # timm options (the abswin variants); the defaults are the official block.
+    init_values: float | None = None  # LayerScale on both branches (`ls1`, `ls2`)
+    use_expand_proj: bool = True  # False: widen x to [max-pool(x), avg-pool(x)], no `proj`
+    weight_init: str = ""
+    init_rescale: float = 1.0  # timm fix_init: attn.proj and mlp.fc2 weights times this
 
     @nn.compact
     def __call__(
@@ -207,13 +248,23 @@ class HieraBlock(nn.Module):
     ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
         """[B, N, dim] -> [B, N / q_stride, dim_out] (and the attention probabilities on request)."""
         dim = x.shape[-1]
-        x_norm = layer_norm("norm1", self.mae_init, self.dtype)(x)
+        zero_bias_norms = self.mae_init or self.weight_init == "jax"  # torch LayerNorm (1, 0)
+        x_norm = layer_norm("norm1", zero_bias_norms, self.dtype)(x)
         if dim != self.dim_out:
-            x = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **dense_inits(self.mae_init))(
-                x_norm
-            )
-            x = max_pool_unrolled(x, self.q_stride)
+            if self.use_expand_proj:
+                proj_init = dense_inits(self.mae_init, self.weight_init)
+                x = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(x_norm)
+                x = max_pool_unrolled(x, self.q_stride)
+            else:
+                # timm `use_expand_proj=False`: max- and mean-pool of the un-normed x, concatenated.
+                chunks = x.reshape(x.shape[0], self.q_stride, -1, dim)
+                x = jnp.concatenate([chunks.max(axis=1), chunks.mean(axis=1)], axis=-1)
         drop_path = DropPath(self.drop_path)
+        if self.init_values is not None:
+            ls1 = LayerScale(self.init_values, name="ls1")
+            ls2 = LayerScale(self.init_values, name="ls2")
+        else:
+            ls1 = ls2 = _identity
         attn = MaskUnitAttention(
             self.dim_out,
             self.heads,
@@ -222,6 +273,8 @@ class HieraBlock(nn.Module):
             use_mask_unit_attn=self.use_mask_unit_attn,
             mae_init=self.mae_init,
             dtype=self.dtype,
+            weight_init=self.weight_init,
+            proj_rescale=self.init_rescale,
             name="attn",
         )
         attn_probs = None
@@ -229,15 +282,24 @@ class HieraBlock(nn.Module):
             attn_out, attn_probs = attn(x_norm, return_attention=True)
         else:
             attn_out = attn(x_norm)
-        x = x + drop_path(attn_out, train=train)
+        x = x + drop_path(ls1(attn_out), train=train)
         mlp = Mlp(
-            int(self.dim_out * self.mlp_ratio), mae_init=self.mae_init, dtype=self.dtype, name="mlp"
+            int(self.dim_out * self.mlp_ratio),
+            mae_init=self.mae_init,
+            dtype=self.dtype,
+            weight_init=self.weight_init,
+            fc2_rescale=self.init_rescale,
+            name="mlp",
         )
-        y = mlp(layer_norm("norm2", self.mae_init, self.dtype)(x))
-        x = x + drop_path(y, train=train)
+        y = mlp(layer_norm("norm2", zero_bias_norms, self.dtype)(x))
+        x = x + drop_path(ls2(y), train=train)
         if return_attention:
             return x, attn_probs
         return x
+
+
+def _identity(x: jnp.ndarray) -> jnp.ndarray:
+    return x
 
 
 def max_pool_unrolled(x: jnp.ndarray, stride: int) -> jnp.ndarray:
@@ -245,8 +307,13 @@ def max_pool_unrolled(x: jnp.ndarray, stride: int) -> jnp.ndarray:
     return x.reshape(x.shape[0], stride, -1, x.shape[-1]).max(axis=1)
 
 
-def head_init(scale: float):
-    """Classifier init: the official trunc_normal(0.02) weights and 0.02 bias, times `scale`."""
+def head_init(scale: float, weight_init: str = ""):
+    """Classifier init: the official trunc_normal(0.02) weights and 0.02 bias, times `scale`.
+
+    timm's jax init zeroes the classifier (weights and bias) instead.
+    """
+    if weight_init == "jax":
+        return dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
 
     def kernel(key, shape, dtype=jnp.float32):
         return HIERA_KERNEL_INIT(key, shape, dtype) * scale

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hiera_jax import masking
+from hiera_jax import masking, pos_embed
 from hiera_jax.config import HieraConfig
-from hiera_jax.layers import HieraBlock, PatchEmbed, head_init, layer_norm
+from hiera_jax.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
 from hiera_jax.unroll import reroll, unroll
 
 
@@ -109,6 +109,11 @@ class HieraEncoder(nn.Module):
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.config.dtype)
 
+    def final_norm(self, name: str = "norm") -> LayerNorm:
+        """The LayerNorm before the head (official (1, 0.02) init; (1, 0) for MAE and timm jax)."""
+        zero_bias = self.mae_init or self.config.weight_init == "jax"
+        return layer_norm(name, zero_bias, self.compute_dtype)
+
     def pos_embed(self) -> jnp.ndarray:
         cfg = self.config
         init = nn.initializers.normal(0.02)  # official trunc_normal_(std=0.02)
@@ -121,6 +126,14 @@ class HieraEncoder(nn.Module):
             # token index t·H·W + h·W + w: spatial tiled over T, temporal repeated H·W times.
             return jnp.tile(spatial_embed, (1, frames, 1)) + jnp.repeat(
                 temporal_embed, num_spatial, axis=1
+            )
+        if cfg.abs_win_pos_embed:
+            # timm abswin: NHWC tables; the global one is resized to the token grid at every
+            # call (constant matrices), so the same parameters serve any input size.
+            global_table = self.param("pos_embed", init, (1, *cfg.global_pos_size, dim))
+            window_table = self.param("pos_embed_win", init, (1, *cfg.mask_unit_size, dim))
+            return pos_embed.abswin_pos_embed(
+                global_table, window_table, cfg.tokens_spatial_shape, xp=jnp
             )
         return self.param("pos_embed", init, (1, cfg.num_tokens, dim))
 
@@ -171,6 +184,7 @@ class HieraEncoder(nn.Module):
             cfg.patch_padding,
             mae_init=self.mae_init,
             dtype=dtype,
+            weight_init=cfg.weight_init,
             name="patch_embed",
         )(x.astype(dtype), pixel_mask)
         x = x + self.pos_embed().astype(x.dtype)
@@ -205,6 +219,11 @@ class HieraEncoder(nn.Module):
                 use_mask_unit_attn=spec.use_mask_unit_attn,
                 mae_init=self.mae_init,
                 dtype=dtype,
+                init_values=cfg.init_values,
+                use_expand_proj=cfg.use_expand_proj,
+                weight_init=cfg.weight_init,
+                # timm fix_init (with its jax init): attn.proj, mlp.fc2 / sqrt(2 · (i + 1)).
+                init_rescale=(2.0 * (i + 1)) ** -0.5 if cfg.weight_init == "jax" else 1.0,
                 name=f"blocks_{i}",
             )(x, train, want_attention)
             if want_attention:
@@ -260,7 +279,7 @@ class HieraModel(HieraEncoder):
         )
         pooled = None
         if mask is None:
-            pooled = layer_norm("norm", self.mae_init, self.compute_dtype)(tokens.mean(axis=1))
+            pooled = self.final_norm()(tokens.mean(axis=1))
         return HieraModelOutput(
             pooler_output=pooled,
             last_hidden_state=tokens,
@@ -298,13 +317,13 @@ class HieraForImageClassification(HieraEncoder):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        pooled = layer_norm("norm", self.mae_init, self.compute_dtype)(tokens.mean(axis=1))
+        pooled = self.final_norm()(tokens.mean(axis=1))
         pooled = nn.Dropout(cfg.head_dropout)(pooled, deterministic=not train)
         logits = nn.Dense(
             cfg.num_classes,
             dtype=self.compute_dtype,
             name="head",
-            **head_init(cfg.head_init_scale),
+            **head_init(cfg.head_init_scale, cfg.weight_init),
         )(pooled)
         logits = logits.astype(jnp.float32)
         if return_features or output_hidden_states or output_attentions:

@@ -58,6 +58,60 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "cubic") -> np
     return matrix
 
 
+def antialias_cubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] matrix of torch's `F.interpolate(mode="bicubic", antialias=True)`.
+
+    torch's antialiased kernels follow PIL: the cubic coefficient is a = -0.5 (not -0.75), the
+    kernel is stretched by the scale when downsampling, and taps that fall outside the input
+    are dropped and the rest renormalised (no edge clamping). The identity at the same size.
+    timm's abswin Hiera resizes its global position table this way at every forward.
+    """
+    a = -0.5
+
+    def cubic(x):
+        x = np.abs(x)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+    scale = size_in / size_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    matrix = np.zeros((size_out, size_in), np.float64)
+    for i in range(size_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size_in)
+        taps = np.arange(lo, hi)
+        weights = cubic((taps - center + 0.5) * invscale)
+        total = weights.sum()
+        matrix[i, lo:hi] = weights / total if total != 0 else weights
+    return matrix
+
+
+def abswin_pos_embed(
+    global_table: Any, window_table: Any, token_grid: Sequence[int], xp: Any = np
+) -> Any:
+    """timm's abswin position embedding, [1, H·W, C] in raster order, from NHWC tables.
+
+    `global_table` [1, Gh, Gw, C] is resized to the token grid (antialiased bicubic, as timm)
+    and `window_table` [1, mu_h, mu_w, C] is tiled over the mask units; the two are added. The
+    resize is a pair of constant matrices, so `xp=jax.numpy` traces it (and its gradient).
+    """
+    _, gh, gw, channels = global_table.shape
+    _, wh, ww, _ = window_table.shape
+    th, tw = token_grid
+    if th % wh or tw % ww:
+        raise ValueError(
+            f"the token grid {tuple(token_grid)} is not a whole number of windows {(wh, ww)}"
+        )
+    mh = antialias_cubic_matrix(gh, th).astype(np.float32)
+    mw = antialias_cubic_matrix(gw, tw).astype(np.float32)
+    resized = xp.einsum("oh,bhwc,pw->bopc", mh, global_table, mw)
+    tiled = xp.tile(window_table, (1, th // wh, tw // ww, 1))
+    return (resized + tiled).reshape(1, th * tw, channels)
+
+
 def resize_grid(table: np.ndarray, grid_in: Sequence[int], grid_out: Sequence[int]) -> np.ndarray:
     """[1, H*W, C] raster tokens on `grid_in` -> [1, H'*W', C] on `grid_out` (bicubic).
 
@@ -95,7 +149,8 @@ def resize_pos_embed_params(
 
     Only `input_size` may differ between the configs: the other fields must give the same
     parameter shapes. Handles `pos_embed` (images), `pos_embed_spatial` / `pos_embed_temporal`
-    (video, resized separately) and the MAE `decoder_pos_embed`.
+    (video, resized separately) and the MAE `decoder_pos_embed`. The abswin tables
+    (`abs_win_pos_embed`) are kept as they are: the model resamples them for its input size.
     """
     if from_config.replace(input_size=to_config.input_size) != to_config:
         raise ValueError(
@@ -108,7 +163,8 @@ def resize_pos_embed_params(
         )
     out = dict(params)
     grid_in, grid_out = from_config.tokens_spatial_shape, to_config.tokens_spatial_shape
-    if "pos_embed" in out:
+    # timm abswin tables do not depend on the input size: the model resizes them each call.
+    if "pos_embed" in out and not from_config.abs_win_pos_embed:
         out["pos_embed"] = resize_grid(out["pos_embed"], grid_in, grid_out)
     if "pos_embed_spatial" in out:
         out["pos_embed_spatial"] = resize_grid(out["pos_embed_spatial"], grid_in[1:], grid_out[1:])
