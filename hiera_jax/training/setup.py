@@ -219,24 +219,28 @@ def model_flops_per_step(setup: TrainSetup, train_args: tuple, p_train=None) -> 
     """Model FLOPs of one train step (global): XLA's count of the plain step on `train_args`.
 
     Counted without remat (its recompute is not model work) and without accumulation (XLA counts
-    a scan body once). In order: the lowered step's own count (CPU); where the backend gives none
-    (`Lowered.cost_analysis` is unimplemented on TPU), the compiled plain step's per-device count
-    times the devices; for a remat or accumulating step, the plain step lowered for the CPU
-    (tracing only, no compile). Call under the mesh. None (with a warning) if all fail.
+    a scan body once). On a CPU mesh: the step lowered here. Elsewhere the plain step lowered for
+    the CPU (tracing only, no compile: the same program, so the same arithmetic), because TPU
+    gives no count for a lowered program and GPU gave a wrong one; last, the compiled step's
+    per-device count times the devices (it counts remat recompute and, on GPU, misses library
+    GEMMs). Call under the mesh. None (with a warning) if all fail.
     """
     try:
-        if setup.is_plain_step:
+        plain_args = unsharded(train_args)
+        on_cpu = setup.mesh.devices.flat[0].platform == "cpu"
+        count, lowered = None, None
+        if on_cpu and setup.is_plain_step:
             p_train = p_train if p_train is not None else setup.jit_train_step()
             lowered = p_train.lower(*train_args)
             count = flops_lib.lowered_flops(lowered)
-            if count is None:
-                count = flops_lib.compiled_flops(lowered.compile(), setup.mesh.size)
-            return count
-        count = flops_lib.count_flops(setup.plain_step_fn(), *unsharded(train_args))
+        elif on_cpu:
+            count = flops_lib.count_flops(setup.plain_step_fn(), *plain_args)
         if count is None:
-            count = flops_lib.count_flops(
-                setup.plain_step_fn(), *unsharded(train_args), platform="cpu"
-            )
+            count = flops_lib.count_flops(setup.plain_step_fn(), *plain_args, platform="cpu")
+        if count is None and setup.is_plain_step:
+            p_train = p_train if p_train is not None else setup.jit_train_step()
+            lowered = lowered or p_train.lower(*train_args)
+            count = flops_lib.compiled_flops(lowered.compile(), setup.mesh.size)
         return count
     except Exception as e:  # noqa: BLE001 - MFU is a report; never stop training for it
         log.warning("could not count the FLOPs of a train step: %s", e)
