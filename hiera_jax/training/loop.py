@@ -355,7 +355,8 @@ def run_steps(
                 jax.block_until_ready(metrics)
                 first_step_seconds = time.time() - t0
                 logger.print(
-                    f"first step (compiling the train step) took {first_step_seconds:.1f} s"
+                    f"first step took {first_step_seconds:.1f} s (compiling the train step, "
+                    "or loading it from the compilation cache)"
                 )
             step += 1
             if step % max(1, config.log_every) == 0 or step == total_steps:
