@@ -103,8 +103,8 @@ def run_aot(config, workdir: str) -> None:
         path = aot.write_report({**e.report, "advice": e.advice}, workdir)
         tips = "; ".join(e.advice)
         raise SystemExit(f"DOES NOT FIT: {e.reason}. Try: {tips}. (report: {path})") from None
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"--aot {FLAGS.aot}: {e}") from None
+    except (ValueError, RuntimeError) as e:  # a bad topology name, no libtpu: one line, exit 2
+        raise ValueError(str(e)) from None
     path = aot.write_report(report, workdir)
     print(aot.format_report(report), flush=True)
     print(f"  report: {path}", flush=True)
@@ -165,7 +165,9 @@ def run(config) -> None:
     if workdir is None:
         workdir = os.path.join(".", "runs", config_name().split(":")[0])
     if FLAGS.aot:
-        run_aot(config, workdir)
+        from hiera_jax.training.loop import local_path
+
+        run_aot(config, local_path(workdir, "workdir"))
         return
     if "://" not in workdir:
         enable_compilation_cache(config, workdir)

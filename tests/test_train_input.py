@@ -20,7 +20,11 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hiera_jax.training import data as data_lib  # noqa: E402
-from hiera_jax.training import pipeline, tfdata  # noqa: E402
+from hiera_jax.training import (  # noqa: E402
+    pipeline,
+    sources,  # noqa: E402
+    tfdata,
+)
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -101,7 +105,7 @@ def _loader(source, cfg, *, train=True, index=0, count=1, seed=0):
 
 def test_array_record_is_read_through_grain_without_tensorflow(prepared):
     data_dir = prepared / "array_record"
-    source = data_lib.make_source(_data_config(data_dir), "train", (16, 16))
+    source = sources.make_source(_data_config(data_dir), "train", (16, 16))
     assert isinstance(source, data_lib.TfdsSource)
     assert len(source) == N_TRAIN and source.num_classes == 3 and source.channels == 3
     pixels = set()
@@ -116,11 +120,11 @@ def test_array_record_is_read_through_grain_without_tensorflow(prepared):
         "import sys, numpy as np\n"
         "sys.path.insert(0, 'tests')\n"
         "import train_helpers as th\n"
-        "from hiera_jax.training import data, pipeline\n"
+        "from hiera_jax.training import data, pipeline, sources\n"
         "cfg = th.make_config('classification').data\n"
         f"cfg.source, cfg.name, cfg.data_dir = 'tfds', 'tiny_shapes', {str(data_dir)!r}\n"
         "cfg.mean = cfg.std = (0.5, 0.5, 0.5)\n"
-        "src = data.make_source(cfg, 'train', (16, 16))\n"
+        "src = sources.make_source(cfg, 'train', (16, 16))\n"
         "it = iter(pipeline.train_dataset(src, data.Transform(cfg, (16, 16), 3, train=True),\n"
         "    global_batch=4, seed=0, num_classes=3, data_config=cfg, with_labels=True))\n"
         "b = next(it)\n"
@@ -136,11 +140,11 @@ def test_array_record_is_read_through_grain_without_tensorflow(prepared):
 
 
 def test_tfrecord_goes_through_tf_data_with_the_grain_layout(prepared):
-    grain_src = data_lib.make_source(_data_config(prepared / "array_record"), "validation", (16,))
+    grain_src = sources.make_source(_data_config(prepared / "array_record"), "validation", (16,))
     cfg = _data_config(prepared / "tfrecord")
     with pytest.raises(FileNotFoundError, match="backend='tf'"):  # grain cannot read TFRecord
-        data_lib.make_source(_data_config(prepared / "tfrecord", backend="grain"), "train", (16,))
-    source = data_lib.make_source(cfg, "validation", (16, 16))  # auto picks tf.data
+        sources.make_source(_data_config(prepared / "tfrecord", backend="grain"), "train", (16,))
+    source = sources.make_source(cfg, "validation", (16, 16))  # auto picks tf.data
     assert isinstance(source, tfdata.TfDataSource)
     assert len(source) == N_VAL and source.num_classes == 3 and source.channels == 3
     # Evaluation: the same examples in the same rows as grain reading the ArrayRecord copy
@@ -168,7 +172,7 @@ def test_tfrecord_goes_through_tf_data_with_the_grain_layout(prepared):
 
 def test_tf_data_training_stream_is_deterministic_and_resumable(prepared):
     cfg = _data_config(prepared / "tfrecord", mixup=0.8, cutmix=1.0, shuffle_buffer=8)
-    source = data_lib.make_source(cfg, "train", (16, 16))
+    source = sources.make_source(cfg, "train", (16, 16))
 
     def take(it, n):
         return [next(it) for _ in range(n)]
@@ -221,8 +225,8 @@ def test_image_folder_through_tf_data(tmp_path):
     cfg = th.make_config("classification").data
     cfg.source, cfg.data_dir, cfg.backend = "folder", str(tmp_path), "tf"
     cfg.mean, cfg.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    train = data_lib.make_source(cfg, "train", (16, 16))
-    val = data_lib.make_source(cfg, "val", (16, 16))
+    train = sources.make_source(cfg, "train", (16, 16))
+    val = sources.make_source(cfg, "val", (16, 16))
     assert isinstance(train, tfdata.TfDataSource) and train.classes == ["cat", "dog"]
     assert len(train) == 8 and len(val) == 4 and train.num_classes == 2
     # Labels follow the folders: odd pixel values are dogs.
@@ -233,13 +237,13 @@ def test_image_folder_through_tf_data(tmp_path):
     }
     assert pairs == {(40 * i + c, c) for i in range(4) for c in (0, 1)}
     with pytest.raises(FileNotFoundError, match="<split>/<class>"):
-        data_lib.make_source(cfg, "test", (16, 16))
+        sources.make_source(cfg, "test", (16, 16))
 
 
 def test_missing_tensorflow_says_how_to_install_it(prepared, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
     with pytest.raises(ImportError, match=r"pip install -e '\.\[tf\]'"):
-        data_lib.make_source(_data_config(prepared / "tfrecord"), "train", (16, 16))
+        sources.make_source(_data_config(prepared / "tfrecord"), "train", (16, 16))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 
 Random-access sources (no TensorFlow): scikit-learn's bundled handwritten digits, moving-digit
 clips made from them, a TFDS dataset prepared as ArrayRecord (`tfds.data_source`), and a folder
-of class subfolders. `make_source` picks the backend. Nothing is downloaded: a missing dataset
+of class subfolders; `sources.make_source` picks the backend. Nothing is downloaded: a missing dataset
 raises with how to prepare it. `Transform` augments one example from the rng it is given, so a
 loader that derives that rng from (seed, position) makes every batch reproducible.
 """
@@ -195,56 +195,6 @@ class FolderSource:
         with Image.open(path) as im:
             image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
         return (image[..., None] if image.ndim == 2 else image), label
-
-
-def make_source(data_config: Any, split: str, input_size: Sequence[int], train_source=None):
-    """The split `data_config` names, read by grain (random access) or tf.data (`tfdata.py`).
-
-    data.backend: 'grain' reads digits, moving digits, ArrayRecord TFDS datasets and class
-    folders without TensorFlow; 'tf' reads TFDS datasets in any prepared format (TFRecord) and
-    class folders through `tfds.folder_dataset.ImageFolder`; 'auto' takes grain unless a TFDS
-    dataset is prepared only as TFRecord.
-    """
-    kind, backend = data_config.source, data_config.backend
-    if backend not in ("auto", "grain", "tf"):
-        raise ValueError(f"data.backend must be auto, grain or tf, got {backend!r}")
-    if kind in ("digits", "moving_digits") and backend == "tf":
-        raise ValueError(f"data.source={kind!r} is generated in memory: use data.backend='grain'")
-    if kind == "digits":
-        return DigitsSource(split)
-    if kind == "moving_digits":
-        if len(input_size) != 3:
-            raise ValueError("moving_digits needs a video model: input_size (T, H, W)")
-        return MovingDigitsSource(split, input_size[0], input_size[1:])
-    if kind == "tfds":
-        from hiera_jax.training import tfdata
-
-        if backend == "tf":
-            return tfdata.TfDataSource(data_config, split)
-        try:
-            return TfdsSource(
-                data_config.name,
-                data_config.data_dir,
-                split,
-                data_config.image_key,
-                data_config.label_key,
-            )
-        except FileNotFoundError:
-            if backend == "auto" and tfdata.prepared_as_tfrecord(
-                data_config.name, data_config.data_dir
-            ):
-                return tfdata.TfDataSource(data_config, split)
-            raise
-    if kind == "folder":
-        if backend == "tf":
-            from hiera_jax.training import tfdata
-
-            return tfdata.TfDataSource(data_config, split)
-        classes = getattr(train_source, "classes", None)
-        return FolderSource(
-            data_config.data_dir, split, channels=len(data_config.mean), classes=classes
-        )
-    raise ValueError(f"data.source must be digits, moving_digits, tfds or folder, got {kind!r}")
 
 
 def first_images(source, n: int) -> list[np.ndarray]:

@@ -26,9 +26,9 @@ import ml_collections
 import numpy as np
 
 from hiera_jax.io import load_pretrained, save_pretrained
+from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
 from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
-from hiera_jax.training import optim, pipeline, sharding, tfdata, visualize
 from hiera_jax.training.checkpoint import Checkpointer, StopSignal
 from hiera_jax.training.config import hiera_config, validate_config
 from hiera_jax.training.metrics import MetricLogger
@@ -151,8 +151,8 @@ class Input:
 def open_input(config: ml_collections.ConfigDict) -> Input:
     """Train and eval sources of `config.data`, checked against the model; nothing is read yet."""
     mcfg = hiera_config(config)
-    train_source = data_lib.make_source(config.data, config.data.train_split, mcfg.input_size)
-    eval_source = data_lib.make_source(
+    train_source = sources.make_source(config.data, config.data.train_split, mcfg.input_size)
+    eval_source = sources.make_source(
         config.data, config.data.eval_split, mcfg.input_size, train_source=train_source
     )
     if train_source.channels != mcfg.in_chans:
@@ -343,7 +343,7 @@ def run_steps(
         while step < total_steps:
             local = next(train_iter)
             if step == start_step:  # the restored input is where the restored state is
-                pipeline.check_position(
+                batching.check_position(
                     local, step, config.batch_size, jax.process_index() * local_batch
                 )
             del local["position"]

@@ -13,32 +13,16 @@ the restored step says it must be.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import grain
 import numpy as np
 
-from hiera_jax.training.data import Transform, mix_batch
+from hiera_jax.training.batching import LocalPositions, check_position, finish_batch
+from hiera_jax.training.data import Transform
 
-# An endless stream: grain iterates a MapDataset up to its length.
-ENDLESS = sys.maxsize // 4
-
-
-class _LocalPositions:
-    """Element i of this process -> global position (random access, endless from `start_step`)."""
-
-    def __init__(self, local_batch: int, global_batch: int, row0: int, start_step: int = 0):
-        self.local_batch, self.global_batch, self.row0 = local_batch, global_batch, row0
-        self.start_step = start_step
-
-    def __len__(self) -> int:
-        return ENDLESS
-
-    def __getitem__(self, index: int) -> int:
-        step, row = divmod(int(index), self.local_batch)
-        return (self.start_step + step) * self.global_batch + self.row0 + row
+__all__ = ["train_dataset", "eval_batches", "example_index", "check_position"]
 
 
 def _read_options(data_config: Any) -> grain.ReadOptions:
@@ -47,27 +31,6 @@ def _read_options(data_config: Any) -> grain.ReadOptions:
     return grain.ReadOptions(
         num_threads=workers, prefetch_buffer_size=max(workers, int(data_config.prefetch))
     )
-
-
-def finish_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    seed: int,
-    num_classes: int,
-    data_config: Any,
-    with_labels: bool,
-) -> dict[str, np.ndarray]:
-    """Stacked examples -> the step's batch: one-hot labels, mixup/cutmix inside the batch.
-
-    The mixing draw depends only on the seed and the batch's first position, so it is the same on
-    every backend and after a resume.
-    """
-    out = {"image": batch["image"].astype(np.float32), "position": batch["position"]}
-    if with_labels:
-        onehot = np.eye(num_classes, dtype=np.float32)[batch["label"]]
-        rng = np.random.default_rng([seed, 2**31, int(batch["position"][0])])
-        out["image"], out["label"] = mix_batch(out["image"], onehot, rng, data_config)
-    return out
 
 
 def train_dataset(
@@ -114,7 +77,7 @@ def train_dataset(
             with_labels=with_labels,
         )
 
-    positions = _LocalPositions(local_batch, global_batch, process_index * local_batch, start_step)
+    positions = LocalPositions(local_batch, global_batch, process_index * local_batch, start_step)
     # Whole batches are the unit of parallel work: grain's per-element bookkeeping costs more CPU
     # than a small image's augmentation (measured: 2x the CPU per batch on the digits).
     batches = (
@@ -143,19 +106,6 @@ def example_index(source_len: int, seed: int, position: int) -> int:
     return int(grain.MapDataset.range(source_len).seed(seed).shuffle().repeat()[position])
 
 
-def check_position(batch: dict[str, np.ndarray], step: int, global_batch: int, row0: int) -> None:
-    """Raise if a batch is not the one `step` must see (a restored iterator out of step)."""
-    expected = step * global_batch + row0
-    got = int(batch["position"][0])
-    if got != expected:
-        raise RuntimeError(
-            f"the input pipeline is at example position {got} but step {step} needs {expected}: "
-            "the data iterator restored from the checkpoint does not match the training state "
-            "(was batch_size changed on resume?). Resume with the original batch_size, or start "
-            "a new workdir with init_from pointing at this run's model."
-        )
-
-
 def eval_batches(
     source,
     transform: Transform,
@@ -171,7 +121,7 @@ def eval_batches(
     total = len(source) if not max_examples else min(max_examples, len(source))
     local_batch = global_batch // process_count
     num_batches = -(-total // global_batch)
-    positions = _LocalPositions(local_batch, global_batch, process_index * local_batch)
+    positions = LocalPositions(local_batch, global_batch, process_index * local_batch)
 
     def example(index: int) -> dict[str, Any]:
         position = positions[index]

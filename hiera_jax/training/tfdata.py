@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from hiera_jax.training.batching import LocalPositions, finish_batch
 from hiera_jax.training.data import Transform
-from hiera_jax.training.pipeline import _LocalPositions, finish_batch
 
 
 def import_tensorflow():
@@ -159,7 +159,7 @@ class TfDataTrainIterator:
             )
         self.source, self.transform, self.seed = source, transform, seed
         self.local_batch = global_batch // process_count
-        self.positions = _LocalPositions(
+        self.positions = LocalPositions(
             self.local_batch, global_batch, process_index * self.local_batch
         )
         self.process_index, self.process_count = process_index, process_count
