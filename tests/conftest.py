@@ -7,6 +7,10 @@ imported anywhere, which is why it lives here.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The dev extra installs libtpu (for the ahead-of-time TPU compiles); without this JAX would try
+# to start a TPU runtime in every process and log libtpu's warnings. Compile-only TPU devices
+# (`jax.experimental.topologies`) still work.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

@@ -293,6 +293,14 @@ def fit_check(
     return report
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
+
+
 def _gib(x: float | None) -> str:
     return "?" if x is None else f"{x / 2**30:.2f} GiB"
 
@@ -317,17 +325,17 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"  FLOPs: model {fl['model_per_step'] / 1e12:.3g} TFLOP/step "
             f"({fl['model_per_example'] / 1e9:.3g} GFLOP/example); compiled "
-            f"{fl['compiled_per_step'] / 1e12:.3g} TFLOP/step (with remat recompute)"
+            f"{fl['compiled_per_step'] / 1e12:.3g} TFLOP/step as compiled (counts remat recompute and work each device repeats)"
         )
     roof = r.get("roofline")
     if roof:
         mfu = roof["mfu_ceiling"]
         lines.append(
-            f"  Roofline: step >= {roof['step_lower_bound_seconds'] * 1e3:.1f} ms "
-            f"({roof['bound_by']}-bound: compute {roof['compute_seconds'] * 1e3:.1f} ms at "
+            f"  Roofline: step >= {_ms(roof['step_lower_bound_seconds'])} "
+            f"({roof['bound_by']}-bound: compute {_ms(roof['compute_seconds'])} at "
             f"{roof['peak_bf16_flops_per_device'] / 1e12:.0f} TFLOP/s, HBM traffic "
-            f"{roof['memory_seconds'] * 1e3:.1f} ms at {roof['hbm_bandwidth_per_device'] / 1e9:.0f} GB/s);"
-            f" MFU ceiling {mfu:.0%}" + ("" if mfu is None else " (collectives not counted)")
+            f"{_ms(roof['memory_seconds'])} at {roof['hbm_bandwidth_per_device'] / 1e9:.0f} GB/s);"
+            f" MFU ceiling {_pct(mfu)} (collectives not counted)"
         )
     coll = r["collectives"]
     if coll:
@@ -349,8 +357,8 @@ def summary_line(r: dict[str, Any]) -> str:
         f"FITS: {r['config'] or r['model']} on {r['topology']}"
         + (f" x{r['num_slices']}" if r["num_slices"] > 1 else "")
         + f": peak {_gib(r['memory']['peak'])} of {_gib(r['hbm_per_device_bytes'])} per device"
-        + (f", step >= {roof['step_lower_bound_seconds'] * 1e3:.0f} ms" if roof else "")
-        + (f", MFU <= {mfu:.0%}" if mfu else "")
+        + (f", step >= {_ms(roof['step_lower_bound_seconds'])}" if roof else "")
+        + (f", MFU <= {_pct(mfu)}" if mfu else "")
     )
 
 
