@@ -324,8 +324,9 @@ def format_report(r: dict[str, Any]) -> str:
     if fl.get("model_per_step"):
         lines.append(
             f"  FLOPs: model {fl['model_per_step'] / 1e12:.3g} TFLOP/step "
-            f"({fl['model_per_example'] / 1e9:.3g} GFLOP/example); compiled "
-            f"{fl['compiled_per_step'] / 1e12:.3g} TFLOP/step as compiled (counts remat recompute and work each device repeats)"
+            f"({fl['model_per_example'] / 1e9:.3g} GFLOP/example); as compiled "
+            f"{fl['compiled_per_step'] / 1e12:.3g} TFLOP/step (with remat recompute and the work "
+            "every device repeats)"
         )
     roof = r.get("roofline")
     if roof:
