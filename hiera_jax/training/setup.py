@@ -28,6 +28,11 @@ from hiera_jax.training.steps import train_step
 
 log = logging.getLogger(__name__)
 
+# HieraConfig switches that change how a step computes, not what: XLA's FLOP count includes
+# remat's recompute and counts a scanned (`lax.scan`) body once, so model FLOPs are counted with
+# them off.
+EXECUTION_SWITCHES = ("remat", "scan_blocks")
+
 
 def check_batching(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
     """(grad_accum_steps, eval batch size), or ValueError if the batch does not split evenly."""
@@ -149,12 +154,15 @@ class TrainSetup:
 
     @property
     def is_plain_step(self) -> bool:
-        """True when the jitted step has no remat and no accumulation (its FLOPs are model FLOPs)."""
-        return not self.mcfg.remat and self.accum_steps == 1
+        """True when the jitted step has no execution switch on and no accumulation (XLA's count
+        of it is the model FLOPs)."""
+        switches = any(getattr(self.mcfg, f, False) for f in EXECUTION_SWITCHES)
+        return not switches and self.accum_steps == 1
 
     def plain_step_fn(self):
-        """The step without remat and accumulation: what model FLOPs are counted on."""
-        plain_model = self.model.clone(config=self.mcfg.replace(remat=False))
+        """The step without execution switches and accumulation: what model FLOPs are counted on."""
+        off = {f: False for f in EXECUTION_SWITCHES if hasattr(self.mcfg, f)}
+        plain_model = self.model.clone(config=self.mcfg.replace(**off))
         return functools.partial(
             self.step_fn.func, **{**self.step_fn.keywords, "model": plain_model, "accum_steps": 1}
         )
