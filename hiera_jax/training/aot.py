@@ -273,6 +273,16 @@ def fit_check(
     report["flops"]["compiled_per_step"] = device_flops * mesh.size  # with remat recompute
     report["flops"]["bytes_accessed_per_device"] = device_bytes
     if chip:
+        # XLA counts a loop body once: with scanned blocks or accumulated microbatches the
+        # compiled counts miss the repeats, so compute takes at least the model FLOPs, and the
+        # HBM traffic is a lower bound (said in the report).
+        looped = getattr(mcfg, "scan_blocks", False) or setup.accum_steps > 1
+        if looped:
+            report["roofline_note"] = (
+                "loops (scanned blocks or grad_accum_steps) are counted once by XLA: compute "
+                "uses max(compiled, model) FLOPs; HBM traffic is a lower bound"
+            )
+            device_flops = max(device_flops, (model_flops or 0.0) / mesh.size)
         compute_s = device_flops / chip.peak_bf16_flops
         memory_s = device_bytes / chip.hbm_bandwidth
         bound = max(compute_s, memory_s)
