@@ -28,7 +28,15 @@ class CheckpointError(RuntimeError):
 
 # Model fields a resumed run may change: how it computes and regularises, not what it learns.
 RESUMABLE_CHANGES = frozenset(
-    {"dtype", "remat", "drop_path_rate", "head_dropout", "mask_ratio", "head_init_scale"}
+    {
+        "dtype",
+        "remat",
+        "scan_blocks",
+        "drop_path_rate",
+        "head_dropout",
+        "mask_ratio",
+        "head_init_scale",
+    }
 )
 
 
