@@ -32,7 +32,11 @@ import numpy as np  # noqa: E402
 
 from hiera_jax.training import chips, sharding  # noqa: E402
 from hiera_jax.training import flops as flops_lib  # noqa: E402
-from hiera_jax.training.setup import build_setup, model_flops_per_step  # noqa: E402
+from hiera_jax.training.setup import (  # noqa: E402
+    EXECUTION_SWITCHES,
+    build_setup,
+    model_flops_per_step,
+)
 
 BEGIN, END = "<!-- bench-accel:begin -->", "<!-- bench-accel:end -->"
 
@@ -109,8 +113,12 @@ def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
     params = hiera_jax.init_params(model, jax.random.key(0))
     x = jnp.asarray(np.random.randn(batch, *model.config.input_size, 3).astype(np.float32))
     forward = jax.jit(functools.partial(model.apply, train=False))
+    # Counted with execution switches off: XLA counts a scanned body once.
+    off = {f: False for f in EXECUTION_SWITCHES if hasattr(model.config, f)}
+    count_model = model.clone(config=model.config.replace(**off))
+
     def apply(p, x):
-        return model.apply(p, x, train=False)
+        return count_model.apply(p, x, train=False)
 
     flops = flops_lib.count_flops(apply, {"params": params}, x)
     if flops is None:  # GPU, TPU: count the same program lowered for the CPU
