@@ -130,15 +130,13 @@ def table() -> str:
         r = json.load(open(path))
         if "topology" in r:
             reports.append(r)
-    order = {(m[0], m[1], m[2]): i for i, m in enumerate(MATRIX)}
+    order: dict = {}
+    for i, m in enumerate(MATRIX):
+        order.setdefault((m[0], m[1], m[2]), i)  # a row's first place in MATRIX
 
     def key(r):
-        recipe = r["config"]
-        return (
-            order.get((recipe, r["topology"], r["num_slices"]), 999),
-            r["remat"],
-            r["grad_accum_steps"],
-        )
+        row = order.get((r["config"], r["topology"], r["num_slices"]), 999)
+        return (row, r["remat"], r["grad_accum_steps"])
 
     lines = [
         "| recipe | slice | mesh (data, fsdp) | batch / device | remat, accum | peak / HBM per device (GiB) | fits | step >= (ms) | MFU ceiling | model TFLOP/step | collectives | compile (s) |",
