@@ -51,7 +51,7 @@ def recipe(task: str, size: str, batch: int, smoke: bool):
     config.total_steps = 1000
     config.mesh_shape = (-1, 1)  # one host: data parallel over its devices
     if smoke:
-        config.model.input_size = (128, 128)  # 32x32 tokens, 4x4 mask units
+        config.model.input_size = (64, 64)  # 16x16 tokens, 2x2 mask units
         config.model.dtype = "float32"
     return config
 
@@ -108,7 +108,7 @@ def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
 
     overrides = {"dtype": "float32" if smoke else "bfloat16"}
     if smoke:
-        overrides["input_size"] = (128, 128)
+        overrides["input_size"] = (64, 64)
     model = hiera_jax.create_model(f"hiera_{size}_224", **overrides)
     params = hiera_jax.init_params(model, jax.random.key(0))
     x = jnp.asarray(np.random.randn(batch, *model.config.input_size, 3).astype(np.float32))
@@ -178,12 +178,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=0, help="global batch (default by size)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s per device")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats (CPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny at 64x64, 1 repeat (CPU)")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.sizes, args.repeats = ["tiny"], 2
+        args.sizes, args.repeats = ["tiny"], 1
     device = jax.devices()[0].device_kind
     peak = args.peak or (chips.chip_for(device).peak_bf16_flops if chips.chip_for(device) else None)
     default_batch = {

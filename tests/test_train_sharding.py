@@ -115,7 +115,7 @@ def test_classifier_gradient_accumulation_with_remat_matches_one_big_step(tmp_pa
 def test_batch_not_divisible_into_microbatches_is_refused(tmp_path):
     with pytest.raises(ValueError, match="grad_accum_steps 3 x the 8 devices"):
         _run("mae", (2, 4), tmp_path, grad_accum_steps=3)
-    with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
+    with pytest.raises(ValueError, match="grad_accum_steps=0 is out of range: it must be >= 1"):
         _run("mae", (2, 4), tmp_path, grad_accum_steps=0)
 
 
