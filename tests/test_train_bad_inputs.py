@@ -26,7 +26,9 @@ def train_cli(*args, workdir=None) -> subprocess.CompletedProcess:
         command += ["--workdir", str(workdir)]
     env = {**os.environ}
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's shell has
-    return subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
