@@ -70,6 +70,7 @@ class HieraConfig:
     # Execution switches: they change speed and memory, never the parameters.
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     remat: bool = False  # rematerialise each block in the backward pass
+    scan_blocks: bool = True  # each run of identical blocks as one lax.scan (compiled once)
 
     def __post_init__(self) -> None:
         # Accept lists (JSON, command lines) but store tuples, so configs stay hashable.
@@ -240,6 +241,27 @@ class HieraConfig:
             )
             embed_dim = dim_out
         return tuple(specs)
+
+    @property
+    def block_runs(self) -> tuple[tuple[int, int], ...]:
+        """[start, stop) runs of consecutive blocks of one stage that differ only in drop path.
+
+        A stage's first block may change width, pool queries or switch attention (the switch
+        lags one block); the blocks after it are the same block. `scan_blocks` runs each run of
+        two or more blocks as one scan. Every block is in exactly one run, in order.
+        """
+        specs = self.block_specs
+        stage_ends = set(self.stage_ends)
+
+        def shape(spec: BlockSpec) -> BlockSpec:
+            return dataclasses.replace(spec, drop_path=0.0)
+
+        runs, start = [], 0
+        for i in range(1, len(specs) + 1):
+            if i == len(specs) or i - 1 in stage_ends or shape(specs[i]) != shape(specs[start]):
+                runs.append((start, i))
+                start = i
+        return tuple(runs)
 
     @property
     def stage_dims(self) -> tuple[int, ...]:

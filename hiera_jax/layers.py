@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -209,19 +210,59 @@ class LayerScale(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
+class DropPathInputs(NamedTuple):
+    """Drop path of a block run under a scan, where the rate is an input, not an attribute.
+
+    keys: [2] the keys the block's `DropPath_0` would draw (attention branch, then MLP branch).
+    keep_prob: 1 - rate as float32 (the Bernoulli draw); keep_scale: the same in the compute
+    dtype (the rescale). Both are rounded from the Python float, as the static path rounds it.
+    """
+
+    keys: jax.Array
+    keep_prob: jax.Array
+    keep_scale: jax.Array
+
+
 class DropPath(nn.Module):
     """Per-example stochastic depth (timm `DropPath`, scaled by the keep probability)."""
 
     rate: float
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        if not train or self.rate == 0.0:
+    def __call__(
+        self, x: jnp.ndarray, *, train: bool, scanned: tuple[jax.Array, ...] | None = None
+    ) -> jnp.ndarray:
+        """`scanned` = (key, keep_prob, keep_scale) replaces the rng and `rate` (scanned blocks)."""
+        if not train:
             return x
-        keep_prob = 1.0 - self.rate
+        if scanned is None:
+            if self.rate == 0.0:
+                return x
+            key, keep_prob, keep_scale = self.make_rng("dropout"), 1.0 - self.rate, 1.0 - self.rate
+        else:
+            key, keep_prob, keep_scale = scanned
+            keep_scale = keep_scale.astype(x.dtype)
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
-        return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+        keep = jax.random.bernoulli(key, keep_prob, shape)
+        return jnp.where(keep, x / keep_scale, jnp.zeros_like(x))
+
+    def draw_keys(self, count: int = 2) -> jax.Array:
+        """[count] keys, the ones `count` calls in training would draw (see `DropPathKeys`)."""
+        return jnp.stack([self.make_rng("dropout") for _ in range(count)])
+
+
+class DropPathKeys(nn.Module):
+    """The dropout keys of the block whose name this module takes, drawn outside that block.
+
+    A block draws its two drop-path keys in its `DropPath_0` scope. Built with the block's name
+    (`blocks_{i}`), this module reaches the same scope path and so draws the same keys, which a
+    scan over blocks then passes in (`DropPathInputs.keys`): scanned and unscanned blocks drop
+    the same examples.
+    """
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return DropPath(0.0, name="DropPath_0").draw_keys(2)
 
 
 class HieraBlock(nn.Module):
@@ -244,9 +285,17 @@ class HieraBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, train: bool = False, return_attention: bool = False
+        self,
+        x: jnp.ndarray,
+        train: bool = False,
+        return_attention: bool = False,
+        drop_inputs: DropPathInputs | None = None,
     ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
-        """[B, N, dim] -> [B, N / q_stride, dim_out] (and the attention probabilities on request)."""
+        """[B, N, dim] -> [B, N / q_stride, dim_out] (and the attention probabilities on request).
+
+        `drop_inputs` replaces the `drop_path` rate and the dropout rng (blocks run under a scan,
+        `hiera_jax.scan`); None = the attribute's rate and the block's own keys.
+        """
         dim = x.shape[-1]
         zero_bias_norms = self.mae_init or self.weight_init == "jax"  # torch LayerNorm (1, 0)
         x_norm = layer_norm("norm1", zero_bias_norms, self.dtype)(x)
@@ -259,7 +308,12 @@ class HieraBlock(nn.Module):
                 # timm `use_expand_proj=False`: max- and mean-pool of the un-normed x, concatenated.
                 chunks = x.reshape(x.shape[0], self.q_stride, -1, dim)
                 x = jnp.concatenate([chunks.max(axis=1), chunks.mean(axis=1)], axis=-1)
-        drop_path = DropPath(self.drop_path)
+        # Named as the auto-name it always had: its scope fixes the keys (see DropPathKeys).
+        drop_path_module = DropPath(self.drop_path, name="DropPath_0")
+        drop_attn = drop_mlp = None
+        if drop_inputs is not None:
+            keys, keep_prob, keep_scale = drop_inputs
+            drop_attn, drop_mlp = (keys[0], keep_prob, keep_scale), (keys[1], keep_prob, keep_scale)
         if self.init_values is not None:
             ls1 = LayerScale(self.init_values, name="ls1")
             ls2 = LayerScale(self.init_values, name="ls2")
@@ -282,7 +336,7 @@ class HieraBlock(nn.Module):
             attn_out, attn_probs = attn(x_norm, return_attention=True)
         else:
             attn_out = attn(x_norm)
-        x = x + drop_path(ls1(attn_out), train=train)
+        x = x + drop_path_module(ls1(attn_out), train=train, scanned=drop_attn)
         mlp = Mlp(
             int(self.dim_out * self.mlp_ratio),
             mae_init=self.mae_init,
@@ -292,7 +346,7 @@ class HieraBlock(nn.Module):
             name="mlp",
         )
         y = mlp(layer_norm("norm2", zero_bias_norms, self.dtype)(x))
-        x = x + drop_path(ls2(y), train=train)
+        x = x + drop_path_module(ls2(y), train=train, scanned=drop_mlp)
         if return_attention:
             return x, attn_probs
         return x

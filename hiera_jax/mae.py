@@ -16,6 +16,7 @@ from hiera_jax import masking
 from hiera_jax.config import HieraConfig
 from hiera_jax.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
 from hiera_jax.model import HieraEncoder
+from hiera_jax.scan import run_blocks
 from hiera_jax.unroll import undo_windowing
 
 
@@ -173,16 +174,22 @@ class HieraForPreTraining(HieraEncoder):
             (1, math.prod(grid_final), cfg.decoder_embed_dim),
         )
         tokens = tokens + pos.astype(tokens.dtype)
-        block_cls = nn.remat(HieraBlock, static_argnums=(2,)) if cfg.remat else HieraBlock
-        for i in range(cfg.decoder_depth):
-            tokens = block_cls(
-                dim_out=cfg.decoder_embed_dim,
-                heads=cfg.decoder_num_heads,
-                mlp_ratio=cfg.mlp_ratio,
-                mae_init=True,
-                dtype=dtype,
-                name=f"decoder_blocks_{i}",
-            )(tokens, train)
+        block_args = dict(
+            dim_out=cfg.decoder_embed_dim,
+            heads=cfg.decoder_num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            mae_init=True,
+            dtype=dtype,
+        )
+        names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_depth)]
+        if cfg.scan_blocks and not self.is_initializing() and len(names) >= 2:
+            # Every decoder block is the same block: one scan (init draws them one by one).
+            blocks = [HieraBlock(**block_args, name=name, parent=None) for name in names]
+            tokens = run_blocks(self, blocks, tokens, train=train, remat=cfg.remat)
+        else:
+            block_cls = nn.remat(HieraBlock, static_argnums=(2,)) if cfg.remat else HieraBlock
+            for name in names:
+                tokens = block_cls(**block_args, name=name)(tokens, train)
         tokens = layer_norm("decoder_norm", True, dtype)(tokens)
         pred_all = nn.Dense(cfg.pred_dim, dtype=dtype, name="decoder_pred", **dense_inits(True))(
             tokens

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from hiera_jax import masking, pos_embed
 from hiera_jax.config import HieraConfig
 from hiera_jax.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
+from hiera_jax.scan import run_blocks
 from hiera_jax.unroll import reroll, unroll
 
 
@@ -203,13 +204,11 @@ class HieraEncoder(nn.Module):
             hidden.append(x)
             reshaped.append(rerolled(x, 0))
 
-        block_cls = nn.remat(HieraBlock, static_argnums=(2, 3)) if cfg.remat else HieraBlock
-        intermediates = []
-        stage = 0
-        for i, spec in enumerate(cfg.block_specs):
-            # Hugging Face reports the attention of the last block of each stage only.
-            want_attention = output_attentions and i in cfg.stage_ends
-            out = block_cls(
+        specs = cfg.block_specs
+
+        def block_args(i: int) -> dict[str, Any]:
+            spec = specs[i]
+            return dict(
                 dim_out=spec.dim_out,
                 heads=spec.heads,
                 mlp_ratio=cfg.mlp_ratio,
@@ -225,13 +224,31 @@ class HieraEncoder(nn.Module):
                 # timm fix_init (with its jax init): attn.proj, mlp.fc2 / sqrt(2 · (i + 1)).
                 init_rescale=(2.0 * (i + 1)) ** -0.5 if cfg.weight_init == "jax" else 1.0,
                 name=f"blocks_{i}",
-            )(x, train, want_attention)
-            if want_attention:
-                x, probs = out
-                attentions.append(probs)
-            else:
-                x = out
-            if i in cfg.stage_ends:
+            )
+
+        # Runs of identical blocks go through one scan (hiera_jax.scan); init always runs them
+        # one by one, so each block draws its parameters under its own name.
+        scan = cfg.scan_blocks and not self.is_initializing()
+        block_cls = nn.remat(HieraBlock, static_argnums=(2, 3)) if cfg.remat else HieraBlock
+        intermediates = []
+        stage = 0
+        for start, stop in cfg.block_runs:
+            # Hugging Face reports the attention of the last block of each stage only: with
+            # output_attentions that block runs on its own, after the scan.
+            scan_stop = stop - 1 if output_attentions and stop - 1 in cfg.stage_ends else stop
+            if scan and scan_stop - start >= 2:
+                blocks = [HieraBlock(**block_args(i), parent=None) for i in range(start, scan_stop)]
+                x = run_blocks(self, blocks, x, train=train, remat=cfg.remat)
+                start = scan_stop
+            for i in range(start, stop):
+                want_attention = output_attentions and i in cfg.stage_ends
+                out = block_cls(**block_args(i))(x, train, want_attention)
+                if want_attention:
+                    x, probs = out
+                    attentions.append(probs)
+                else:
+                    x = out
+            if stop - 1 in cfg.stage_ends:
                 stage_map = None
                 if return_intermediates or output_hidden_states:
                     stage_map = rerolled(x, stage)
