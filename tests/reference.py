@@ -40,6 +40,13 @@ def official_model(name: str, seed: int = 0, **kwargs):
     if hasattr(model, "head"):
         model.head.act_func = lambda x: x  # the official Head applies softmax in eval mode
     # Random LayerNorm affine too, so a swapped scale/bias cannot hide behind the (1, 0.02) init.
+    return randomise_norms(model)
+
+
+def randomise_norms(model):
+    """Random LayerNorm affine, so a swapped scale/bias cannot hide behind the constant init."""
+    import torch
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):

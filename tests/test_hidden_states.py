@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import random_input, rel_err, to_torch
+from reference import random_input, randomise_norms, rel_err, to_torch
 
 import hiera_jax
 from hiera_jax import masking
@@ -17,16 +17,6 @@ from hiera_jax import masking
 pytestmark = pytest.mark.reference
 TOL = 1e-4
 TINY = dict(embed_dim=96, depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8])
-
-
-def _randomise_norms(model):
-    """Random LayerNorm affine, so a swapped scale/bias cannot hide behind the constant init."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.1)
-                module.bias.normal_(0.0, 0.1)
-    return model
 
 
 def _compare_states(ours, theirs, name, record_parity, label):
@@ -45,7 +35,7 @@ def hf_backbone():
     from transformers import HieraConfig, HieraModel
 
     torch.manual_seed(3)
-    hf = _randomise_norms(HieraModel(HieraConfig(**TINY, image_size=[64, 64])).eval())
+    hf = randomise_norms(HieraModel(HieraConfig(**TINY, image_size=[64, 64])).eval())
     config = hiera_jax.get_config("hiera_tiny_224", input_size=(64, 64))
     params = hiera_jax.convert_state_dict(hf.state_dict(), config, "hf", model_type="backbone")
     return hf, config, params
@@ -111,7 +101,7 @@ def test_classifier_hidden_states_match_hugging_face(record_parity):
 
     torch.manual_seed(5)
     hf_config = HieraConfig(**TINY, image_size=[64, 64], num_labels=10)
-    hf = _randomise_norms(HieraForImageClassification(hf_config).eval())
+    hf = randomise_norms(HieraForImageClassification(hf_config).eval())
     config = hiera_jax.get_config("hiera_tiny_224", input_size=(64, 64), num_classes=10)
     params = hiera_jax.convert_state_dict(hf.state_dict(), config, "hf")
     x = random_input((2, 64, 64, 3), seed=6)
@@ -149,7 +139,7 @@ def test_pretraining_noise_gives_hugging_face_mask_loss_logits_and_states(record
         decoder_num_heads=4,
         num_query_pool=2,
     )
-    hf = _randomise_norms(HieraForPreTraining(hf_config).eval())
+    hf = randomise_norms(HieraForPreTraining(hf_config).eval())
     config = hiera_jax.get_config(
         "mae_hiera_tiny_224",
         input_size=(128, 128),
