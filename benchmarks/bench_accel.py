@@ -41,6 +41,9 @@ from hiera_jax.training.setup import (  # noqa: E402
 BEGIN, END = "<!-- bench-accel:begin -->", "<!-- bench-accel:end -->"
 
 
+SCAN_BLOCKS = True  # --no-scan: every block traced on its own (the before of issue 12)
+
+
 def recipe(task: str, size: str, batch: int, smoke: bool):
     """The in1k recipe for `task` at `size`, with `batch` and (smoke) a tiny input."""
     from configs import in1k_finetune, in1k_mae
@@ -50,6 +53,7 @@ def recipe(task: str, size: str, batch: int, smoke: bool):
     config.eval_batch_size = batch
     config.total_steps = 1000
     config.mesh_shape = (-1, 1)  # one host: data parallel over its devices
+    config.model.scan_blocks = SCAN_BLOCKS
     if smoke:
         config.model.input_size = (64, 64)  # 16x16 tokens, 2x2 mask units
         config.model.dtype = "float32"
@@ -98,6 +102,7 @@ def bench_train(task: str, size: str, batch: int, repeats: int, smoke: bool) -> 
         "batch": batch,
         "dtype": setup.mcfg.dtype,
         "remat": setup.mcfg.remat,
+        "scan_blocks": setup.mcfg.scan_blocks,
         "seconds": seconds,
         "flops": model_flops,
     }
@@ -106,7 +111,7 @@ def bench_train(task: str, size: str, batch: int, repeats: int, smoke: bool) -> 
 def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
     import hiera_jax
 
-    overrides = {"dtype": "float32" if smoke else "bfloat16"}
+    overrides = {"dtype": "float32" if smoke else "bfloat16", "scan_blocks": SCAN_BLOCKS}
     if smoke:
         overrides["input_size"] = (64, 64)
     model = hiera_jax.create_model(f"hiera_{size}_224", **overrides)
@@ -130,6 +135,7 @@ def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
         "batch": batch,
         "dtype": model.config.dtype,
         "remat": False,
+        "scan_blocks": model.config.scan_blocks,
         "seconds": seconds,
         "flops": flops,
     }
@@ -179,11 +185,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s per device")
     parser.add_argument("--smoke", action="store_true", help="tiny at 64x64, 1 repeat (CPU)")
+    parser.add_argument(
+        "--cases", nargs="*", default=["inference", "finetune", "mae"], help="which steps"
+    )
+    parser.add_argument("--no-scan", action="store_true", help="model.scan_blocks off")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.repeats = ["tiny"], 1
+    global SCAN_BLOCKS
+    SCAN_BLOCKS = not args.no_scan
     device = jax.devices()[0].device_kind
     peak = args.peak or (chips.chip_for(device).peak_bf16_flops if chips.chip_for(device) else None)
     default_batch = {
@@ -197,12 +209,12 @@ def main(argv=None) -> None:
     rows = []
     for size in args.sizes:
         batch = args.batch or (2 * jax.device_count() if args.smoke else default_batch[size])
-        runs = (
-            functools.partial(bench_inference, size, batch),
-            functools.partial(bench_train, "classification", size, batch),
-            functools.partial(bench_train, "mae", size, batch),
-        )
-        for run in runs:
+        runs = {
+            "inference": functools.partial(bench_inference, size, batch),
+            "finetune": functools.partial(bench_train, "classification", size, batch),
+            "mae": functools.partial(bench_train, "mae", size, batch),
+        }
+        for run in (runs[case] for case in args.cases):
             row = with_rates(run(args.repeats, args.smoke), peak)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items()}), flush=True)

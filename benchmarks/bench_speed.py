@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -60,8 +59,16 @@ def inputs(batch: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------- JAX side
-def jax_case(kind: str, name: str, batch: int, remat: bool = False, dtype: str = "float32"):
-    """(step() -> blocks until done, compiled) for one case."""
+def jax_case(
+    kind: str,
+    name: str,
+    batch: int,
+    remat: bool = False,
+    dtype: str = "float32",
+    scan_blocks: bool = True,
+    lower_only: bool = False,
+):
+    """(step() -> blocks until done, compiled) for one case; with `lower_only`, the Lowered."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -69,12 +76,14 @@ def jax_case(kind: str, name: str, batch: int, remat: bool = False, dtype: str =
     import hiera_jax
     from hiera_jax.model import init_params
 
-    model = hiera_jax.create_model(name, remat=remat, dtype=dtype)
+    model = hiera_jax.create_model(name, remat=remat, dtype=dtype, scan_blocks=scan_blocks)
     params = init_params(model, jax.random.key(0))
     x_np, y_np = inputs(batch)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     if kind == "forward":
         fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        if lower_only:
+            return fn.lower(params, x)
         compiled = fn.lower(params, x).compile()
 
         def step():
@@ -103,6 +112,8 @@ def jax_case(kind: str, name: str, batch: int, remat: bool = False, dtype: str =
 
     fn = jax.jit(train_step, donate_argnums=(0, 1))
     key = jax.random.key(1)
+    if lower_only:
+        return fn.lower(params, opt_state, x, y, key)
     compiled = fn.lower(params, opt_state, x, y, key).compile()
     state = {"p": params, "o": opt_state, "i": 0}
 
@@ -115,11 +126,37 @@ def jax_case(kind: str, name: str, batch: int, remat: bool = False, dtype: str =
     return step, compiled
 
 
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
+def model_flops(case: dict) -> float:
+    """XLA's FLOP count of the case's step as written: lowered with `scan_blocks` and remat off
+    (a scan body is counted once, remat recompute counted again), so the same arithmetic for
+    both frameworks whatever the JAX variant runs."""
+    lowered = jax_case(
+        case["kind"], case["name"], case["batch"], scan_blocks=False, lower_only=True
+    )
+    cost = lowered.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0]
     return float(cost.get("flops", float("nan")))
+
+
+def cpu_flags() -> str:
+    """The vector ISA of this CPU (the ratio to PyTorch depends on it: see BENCHMARKS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
+    )
+    flags = set(
+        next(
+            (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+        )
+    )
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    extra = [f for f in ("avx512_bf16", "amx_bf16", "fma") if f in flags]
+    return f"{model}, {isa}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def xla_memory_mb(compiled) -> float:
@@ -301,7 +338,7 @@ def run_case(
         jt.append(timed(jstep, inner))
         if tstep:
             tt.append(timed(tstep, inner))
-    flops = flops_of(compiled)
+    flops = model_flops(case)
     j_med = statistics.median(jt)
     row = dict(
         case,
@@ -349,6 +386,8 @@ def cases(quick: bool) -> list[dict]:
 
 def fmt_table(rows: list[dict], mm: dict[str, float]) -> str:
     lines = [
+        f"CPU: {cpu_flags()}",
+        "",
         f"Machine matmul rate (f32, best of sizes 1024-4096, start and end of the run): XLA {mm['jax']:.1f} GFLOP/s, PyTorch {mm['torch']:.1f} GFLOP/s",
         "",
         "| case | model | batch | JAX img/s | PyTorch img/s (threads) | ratio JAX/PT | GFLOP/step | JAX GFLOP/s (% matmul) | PT GFLOP/s | JAX peak RSS MB: process / steps (+ over import) | PT peak RSS MB: process / steps (+ over import) | XLA memory_analysis MB | spread JAX/PT |",
@@ -391,6 +430,7 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=None, help="seconds per sample")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
     parser.add_argument("--only", default="", help="comma list of kinds: forward,train,mae")
+    parser.add_argument("--models", default="", help="comma list of sizes: tiny,base")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument(
         "--torch-threads",
@@ -408,7 +448,7 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     min_time = args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0)
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+        f"# {cpu_flags()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), load {os.getloadavg()}",
         flush=True,
     )
@@ -418,6 +458,8 @@ def main() -> None:
     kinds = set(args.only.split(",")) if args.only else None
     for case in cases(args.quick):
         if kinds and case["kind"] not in kinds:
+            continue
+        if args.models and not any(f"_{m}_" in case["name"] for m in args.models.split(",")):
             continue
         row = run_case(case, repeats, args.warmup, min_time, args.torch_threads)
         if not args.no_memory and not args.quick and case["kind"] != "forward":

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiera_jax.matmul import Dense
+
 LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
 
 # Official initialisation. Classification models (`Hiera._init_weights`): trunc_normal(0.02)
@@ -151,7 +153,7 @@ class MaskUnitAttention(nn.Module):
         num_windows = (
             num_tokens // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
         )
-        qkv = nn.Dense(
+        qkv = Dense(
             3 * self.dim_out,
             dtype=self.dtype,
             name="qkv",
@@ -174,7 +176,7 @@ class MaskUnitAttention(nn.Module):
         out = out / denom.astype(out.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, self.dim_out)  # [B, n_q, w, h, d]
         proj_init = dense_inits(self.mae_init, self.weight_init, rescale=self.proj_rescale)
-        out = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(out)
+        out = Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(out)
         if return_attention:
             # [B, w, h, q, k] -> [B, h, w, q, k]; only built on request (same graph otherwise).
             return out, (probs / denom).transpose(0, 2, 1, 3, 4)
@@ -195,8 +197,8 @@ class Mlp(nn.Module):
         dim = x.shape[-1]
         fc1 = dense_inits(self.mae_init, self.weight_init, mlp=True)
         fc2 = dense_inits(self.mae_init, self.weight_init, mlp=True, rescale=self.fc2_rescale)
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **fc1)(x)
-        return nn.Dense(dim, dtype=self.dtype, name="fc2", **fc2)(gelu(x))
+        x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **fc1)(x)
+        return Dense(dim, dtype=self.dtype, name="fc2", **fc2)(gelu(x))
 
 
 class LayerScale(nn.Module):
@@ -302,7 +304,7 @@ class HieraBlock(nn.Module):
         if dim != self.dim_out:
             if self.use_expand_proj:
                 proj_init = dense_inits(self.mae_init, self.weight_init)
-                x = nn.Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(x_norm)
+                x = Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(x_norm)
                 x = max_pool_unrolled(x, self.q_stride)
             else:
                 # timm `use_expand_proj=False`: max- and mean-pool of the un-normed x, concatenated.

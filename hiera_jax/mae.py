@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from hiera_jax import masking
 from hiera_jax.config import HieraConfig
 from hiera_jax.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
+from hiera_jax.matmul import Dense
 from hiera_jax.model import HieraEncoder
 from hiera_jax.scan import run_blocks
 from hiera_jax.unroll import undo_windowing
@@ -152,7 +153,7 @@ class HieraForPreTraining(HieraEncoder):
         latent = layer_norm("encoder_norm", True, dtype)(fused)  # [B, K, *mu_final, C]
 
         # ---------------------------------------------------------------- decoder
-        latent = nn.Dense(
+        latent = Dense(
             cfg.decoder_embed_dim, dtype=dtype, name="decoder_embed", **dense_inits(True)
         )(latent)
         mask_token = self.param(
@@ -191,7 +192,7 @@ class HieraForPreTraining(HieraEncoder):
             for name in names:
                 tokens = block_cls(**block_args, name=name)(tokens, train)
         tokens = layer_norm("decoder_norm", True, dtype)(tokens)
-        pred_all = nn.Dense(cfg.pred_dim, dtype=dtype, name="decoder_pred", **dense_inits(True))(
+        pred_all = Dense(cfg.pred_dim, dtype=dtype, name="decoder_pred", **dense_inits(True))(
             tokens
         ).astype(jnp.float32)  # [B, N_pred, pred_dim]
 

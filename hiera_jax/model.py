@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from hiera_jax import masking, pos_embed
 from hiera_jax.config import HieraConfig
 from hiera_jax.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
+from hiera_jax.matmul import Dense
 from hiera_jax.scan import run_blocks
 from hiera_jax.unroll import reroll, unroll
 
@@ -336,7 +337,7 @@ class HieraForImageClassification(HieraEncoder):
         )
         pooled = self.final_norm()(tokens.mean(axis=1))
         pooled = nn.Dropout(cfg.head_dropout)(pooled, deterministic=not train)
-        logits = nn.Dense(
+        logits = Dense(
             cfg.num_classes,
             dtype=self.compute_dtype,
             name="head",

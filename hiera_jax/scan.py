@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hiera_jax.layers import DropPathInputs, DropPathKeys, HieraBlock
+from hiera_jax.matmul import SAVE_MATMULS
 
 
 def run_blocks(
@@ -69,7 +70,7 @@ def run_blocks(
     # left to autodiff it keeps every intermediate (MAE base step, batch 64 on a v5e 2x2: peak
     # 2.53 GB per chip unrolled, 4.15 GB so). So the body keeps its matmul outputs and recomputes
     # the elementwise rest (2.47 GB); `remat` keeps nothing, as `nn.remat` does.
-    policy = None if remat else jax.checkpoint_policies.dots_saveable
+    policy = None if remat else SAVE_MATMULS
     body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     x, _ = jax.lax.scan(body, x, (stacked, drop_inputs))
     return x
