@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hiera_jax.scan import use_scan  # noqa: E402
 from hiera_jax.training import chips, sharding  # noqa: E402
 from hiera_jax.training import flops as flops_lib  # noqa: E402
 from hiera_jax.training.setup import (  # noqa: E402
@@ -41,7 +42,7 @@ from hiera_jax.training.setup import (  # noqa: E402
 BEGIN, END = "<!-- bench-accel:begin -->", "<!-- bench-accel:end -->"
 
 
-SCAN_BLOCKS = True  # --no-scan: every block traced on its own (the before of issue 12)
+SCAN_BLOCKS = None  # automatic (off on a GPU); --scan / --no-scan force it
 
 
 def recipe(task: str, size: str, batch: int, smoke: bool):
@@ -102,7 +103,7 @@ def bench_train(task: str, size: str, batch: int, repeats: int, smoke: bool) -> 
         "batch": batch,
         "dtype": setup.mcfg.dtype,
         "remat": setup.mcfg.remat,
-        "scan_blocks": setup.mcfg.scan_blocks,
+        "scan_blocks": use_scan(setup.mcfg),
         "seconds": seconds,
         "flops": model_flops,
     }
@@ -128,6 +129,8 @@ def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
     flops = flops_lib.count_flops(apply, {"params": params}, x)
     if flops is None:  # GPU, TPU: count the same program lowered for the CPU
         flops = flops_lib.count_flops(apply, {"params": params}, x, platform="cpu")
+    if flops is None:  # no XLA count at all (jax 0.11.2 on a GPU): the jaxpr's matmuls
+        flops = flops_lib.jaxpr_flops(apply, {"params": params}, x)
     seconds = timed(lambda: forward({"params": params}, x), repeats)
     return {
         "case": "inference",
@@ -135,7 +138,7 @@ def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
         "batch": batch,
         "dtype": model.config.dtype,
         "remat": False,
-        "scan_blocks": model.config.scan_blocks,
+        "scan_blocks": use_scan(model.config),
         "seconds": seconds,
         "flops": flops,
     }
@@ -154,14 +157,15 @@ def table(rows: list[dict], device: str, peak: float | None) -> str:
         f"Device: {jax.device_count()} x {device}; jax {jax.__version__}; peak "
         + (f"{peak / 1e12:.0f} TFLOP/s dense bf16 per device" if peak else "unknown (no MFU)"),
         "",
-        "| case | model | batch | dtype | remat | step (ms) | images/s | TFLOP/s/device | MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | model | batch | dtype | remat | scan | step (ms) | images/s | TFLOP/s/device | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(
             f"| {r['case']} | {r['model']} | {r['batch']} | {r['dtype']} | "
-            f"{'yes' if r['remat'] else 'no'} | {r['seconds'] * 1e3:.1f} | "
+            f"{'yes' if r['remat'] else 'no'} | {'yes' if r.get('scan_blocks') else 'no'} | "
+            f"{r['seconds'] * 1e3:.1f} | "
             f"{r['images_per_sec']:.0f} | {r['tflops_per_device']:.1f} | {mfu} |"
         )
     return "\n".join(lines)
@@ -188,14 +192,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--cases", nargs="*", default=["inference", "finetune", "mae"], help="which steps"
     )
-    parser.add_argument("--no-scan", action="store_true", help="model.scan_blocks off")
+    scan = parser.add_mutually_exclusive_group()
+    scan.add_argument("--scan", dest="scan", action="store_true", default=None, help="scan on")
+    scan.add_argument("--no-scan", dest="scan", action="store_false", help="model.scan_blocks off")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.repeats = ["tiny"], 1
     global SCAN_BLOCKS
-    SCAN_BLOCKS = not args.no_scan
+    SCAN_BLOCKS = args.scan
     device = jax.devices()[0].device_kind
     peak = args.peak or (chips.chip_for(device).peak_bf16_flops if chips.chip_for(device) else None)
     default_batch = {

@@ -70,7 +70,9 @@ class HieraConfig:
     # Execution switches: they change speed and memory, never the parameters.
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     remat: bool = False  # rematerialise each block in the backward pass
-    scan_blocks: bool = True  # each run of identical blocks as one lax.scan (compiled once)
+    # Each run of identical blocks as one lax.scan (compiled once). None = on, except when
+    # tracing for a GPU, where the unrolled blocks ran 25% faster (BENCHMARKS.md).
+    scan_blocks: bool | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (JSON, command lines) but store tuples, so configs stay hashable.

@@ -17,7 +17,7 @@ from hiera_jax.config import HieraConfig
 from hiera_jax.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
 from hiera_jax.matmul import Dense
 from hiera_jax.model import HieraEncoder
-from hiera_jax.scan import run_blocks
+from hiera_jax.scan import run_blocks, use_scan
 from hiera_jax.unroll import undo_windowing
 
 
@@ -183,7 +183,7 @@ class HieraForPreTraining(HieraEncoder):
             dtype=dtype,
         )
         names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_depth)]
-        if cfg.scan_blocks and not self.is_initializing() and len(names) >= 2:
+        if use_scan(cfg) and not self.is_initializing() and len(names) >= 2:
             # Every decoder block is the same block: one scan (init draws them one by one).
             blocks = [HieraBlock(**block_args, name=name, parent=None) for name in names]
             tokens = run_blocks(self, blocks, tokens, train=train, remat=cfg.remat)

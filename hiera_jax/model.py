@@ -18,7 +18,7 @@ from hiera_jax import masking, pos_embed
 from hiera_jax.config import HieraConfig
 from hiera_jax.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
 from hiera_jax.matmul import Dense
-from hiera_jax.scan import run_blocks
+from hiera_jax.scan import run_blocks, use_scan
 from hiera_jax.unroll import reroll, unroll
 
 
@@ -229,7 +229,7 @@ class HieraEncoder(nn.Module):
 
         # Runs of identical blocks go through one scan (hiera_jax.scan); init always runs them
         # one by one, so each block draws its parameters under its own name.
-        scan = cfg.scan_blocks and not self.is_initializing()
+        scan = use_scan(cfg) and not self.is_initializing()
         block_cls = nn.remat(HieraBlock, static_argnums=(2, 3)) if cfg.remat else HieraBlock
         intermediates = []
         stage = 0

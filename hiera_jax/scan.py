@@ -33,6 +33,16 @@ from hiera_jax.layers import DropPathInputs, DropPathKeys, HieraBlock
 from hiera_jax.matmul import SAVE_MATMULS
 
 
+def use_scan(config) -> bool:
+    """Whether `config` (a HieraConfig) runs its runs of blocks as scans: `scan_blocks`, or when
+    it is None (the default), on unless JAX's default backend is a GPU. On CPU the scan made
+    steps faster; on TPU it cuts compile time and code; on one H200 the unrolled base steps were
+    25% faster (BENCHMARKS.md)."""
+    if config.scan_blocks is not None:
+        return bool(config.scan_blocks)
+    return jax.default_backend() != "gpu"
+
+
 def run_blocks(
     parent: nn.Module,
     blocks: Sequence[HieraBlock],

@@ -20,6 +20,18 @@ from hiera_jax import (
     layers,
 )
 from hiera_jax.model import init_params
+from hiera_jax.scan import use_scan
+
+
+def test_automatic_scan_is_off_only_for_a_gpu(monkeypatch):
+    """None (the default) scans unless tracing for a GPU, where unrolled blocks ran faster."""
+    assert use_scan(SMALL) and SMALL.scan_blocks is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not use_scan(SMALL)
+    assert use_scan(SMALL.replace(scan_blocks=True))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert use_scan(SMALL) and not use_scan(SMALL.replace(scan_blocks=False))
+
 
 # Every stage has several blocks (runs of 2, 2, 3 and 1 after the first blocks) and a drop path.
 SMALL = HieraConfig(
@@ -110,7 +122,7 @@ def _params(cls, config: HieraConfig):
     "cls, config", [(HieraForImageClassification, SMALL), (HieraForPreTraining, SMALL_MAE)]
 )
 def test_init_is_the_same_tree_and_values_with_scan_on_and_off(cls, config):
-    assert config.scan_blocks  # the default
+    assert config.scan_blocks is None and use_scan(config)  # the default, on CPU
     p_off = init_params(cls(config.replace(scan_blocks=False)), jax.random.key(0))
     p_on = _params(cls, config)
     assert jax.tree.structure(p_on) == jax.tree.structure(p_off)

@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hiera_jax.scan import use_scan
 from hiera_jax.training import chips, sharding
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training.setup import build_setup, unsharded
@@ -193,6 +194,10 @@ def fit_check(
     kind = devices[0].device_kind
     chip = chips.chip_for(kind)
     mesh = sharding.create_mesh(config.mesh_shape, devices)
+    if config.model.get("scan_blocks") is None:
+        # Automatic means on for a TPU, whatever backend this host traces with.
+        config = config.copy_and_resolve_references()
+        config.model.scan_blocks = True
     setup = build_setup(config, mesh, NOMINAL_STEPS_PER_EPOCH * int(config.batch_size))
     mcfg = setup.mcfg
     per_device_batch = config.batch_size // mesh.size
@@ -276,7 +281,7 @@ def fit_check(
         # XLA counts a loop body once: with scanned blocks or accumulated microbatches the
         # compiled counts miss the repeats, so compute takes at least the model FLOPs, and the
         # HBM traffic is a lower bound (said in the report).
-        looped = getattr(mcfg, "scan_blocks", False) or setup.accum_steps > 1
+        looped = use_scan(mcfg) or setup.accum_steps > 1
         if looped:
             report["roofline_note"] = (
                 "loops (scanned blocks or grad_accum_steps) are counted once by XLA: compute "

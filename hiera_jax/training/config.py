@@ -114,6 +114,8 @@ def model_fields() -> ml_collections.ConfigDict:
         if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
         kind = type(default) if default is not None else object
+        if default is None and str(field.type).startswith("bool"):
+            kind = bool  # scan_blocks: None = automatic, True/False from a command line
         if kind is list:
             kind = tuple
         fields[field.name] = config_dict.placeholder(kind)

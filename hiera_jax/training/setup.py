@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from hiera_jax.config import HieraConfig
 from hiera_jax.model import init_params
+from hiera_jax.scan import use_scan
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, sharding
 from hiera_jax.training.config import build_model, hiera_config
@@ -156,7 +157,7 @@ class TrainSetup:
     def is_plain_step(self) -> bool:
         """True when the jitted step has no execution switch on and no accumulation (XLA's count
         of it is the model FLOPs)."""
-        switches = any(getattr(self.mcfg, f, False) for f in EXECUTION_SWITCHES)
+        switches = bool(self.mcfg.remat) or use_scan(self.mcfg)
         return not switches and self.accum_steps == 1
 
     def plain_step_fn(self):
@@ -245,6 +246,8 @@ def model_flops_per_step(setup: TrainSetup, train_args: tuple, p_train=None) -> 
             count = flops_lib.count_flops(setup.plain_step_fn(), *plain_args)
         if count is None:
             count = flops_lib.count_flops(setup.plain_step_fn(), *plain_args, platform="cpu")
+        if count is None:
+            count = flops_lib.jaxpr_flops(setup.plain_step_fn(), *plain_args) or None
         if count is None and setup.is_plain_step:
             p_train = p_train if p_train is not None else setup.jit_train_step()
             lowered = lowered or p_train.lower(*train_args)
