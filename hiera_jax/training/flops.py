@@ -6,9 +6,11 @@ as the chip's dense bfloat16 figure whatever the compute dtype (float32 runs sco
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from hiera_jax.training import chips
 
@@ -54,8 +56,10 @@ def count_flops(fn, *args, platform: str | None = None, **kwargs) -> float | Non
     `platform="cpu"` counts the program as lowered for the CPU whatever the default backend:
     TPU gives no count for a lowered program, and on GPU (jax 0.11.2 on an H200) neither the
     lowered count nor a cross-platform lowering gave one, while the compiled count missed the
-    library GEMMs (8x low). The arguments are first placed on a CPU device (abstractly), then,
-    if that gives nothing, lowered with `lowering_platforms`.
+    library GEMMs (8x low). The arguments are first placed on a CPU device (abstractly) and
+    lowered under a one-device CPU mesh (before that mesh, jit refused them inside a TPU mesh:
+    likely why the GPU got no count), then, if that gives nothing, lowered with
+    `lowering_platforms`.
     """
     if platform is None:
         return lowered_flops(jax.jit(fn).lower(*args, **kwargs))
@@ -67,7 +71,13 @@ def count_flops(fn, *args, platform: str | None = None, **kwargs) -> float | Non
             ),
             (args, kwargs),
         )
-        count = lowered_flops(jax.jit(fn).lower(*on_device[0], **on_device[1]))
+        # Under a TPU or GPU mesh (as the train loop and the AOT check call this), lower under a
+        # one-device mesh of `platform` with the same axis names: the step's sharding
+        # constraints still name them, and jit refuses arguments on another platform's devices.
+        names = jax.sharding.get_abstract_mesh().axis_names
+        one_device = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(names)), names)
+        with jax.set_mesh(one_device) if names else contextlib.nullcontext():
+            count = lowered_flops(jax.jit(fn).lower(*on_device[0], **on_device[1]))
         if count is not None:
             return count
     except Exception:  # noqa: BLE001 - try the cross-platform lowering next

@@ -230,9 +230,10 @@ def model_flops_per_step(setup: TrainSetup, train_args: tuple, p_train=None) -> 
     Counted without remat (its recompute is not model work) and without accumulation (XLA counts
     a scan body once). On a CPU mesh: the step lowered here. Elsewhere the plain step lowered for
     the CPU (tracing only, no compile: the same program, so the same arithmetic), because TPU
-    gives no count for a lowered program and GPU gave a wrong one; last, the compiled step's
-    per-device count times the devices (it counts remat recompute and, on GPU, misses library
-    GEMMs). Call under the mesh. None (with a warning) if all fail.
+    gives no count for a lowered program and GPU gave a wrong one; then the matmul FLOPs of the
+    step's jaxpr (no backend involved); last, the compiled step's per-device count times the
+    devices (it counts remat recompute and, on GPU, misses library GEMMs). Call under the mesh.
+    None (with a warning) if all fail.
     """
     try:
         plain_args = unsharded(train_args)
