@@ -17,6 +17,7 @@ bfloat16 forward at batch 256 on the same slice, at the compiler efforts of `--t
     python benchmarks/bench_compile.py                      # CPU rows
     python benchmarks/bench_compile.py --tpu                # and the TPU rows (tens of minutes)
     python benchmarks/bench_compile.py --tpu --no-cpu --tpu-rows forward --tpu-efforts 0
+    python benchmarks/bench_compile.py --tpu --no-cpu --tpu-rows parts   # loss, grads, step
 """
 
 from __future__ import annotations
@@ -174,6 +175,56 @@ def tpu_train_row(scan: bool, effort: float, topology: str, batch: int) -> dict:
     }
 
 
+def tpu_parts_rows(scan: bool, effort: float, topology: str, batch: int) -> list[dict]:
+    """Code size and compile time of the in1k MAE base step's parts: the loss (forward), loss and
+    gradients, the whole train step, compiled for `topology` with the recipe's shardings."""
+    import jax
+
+    from configs import in1k_mae
+    from hiera_jax.training import aot, sharding
+    from hiera_jax.training.setup import build_setup
+
+    load = os.getloadavg()[0]
+    config = in1k_mae.get_config("base")
+    config.batch_size = batch
+    config.model.scan_blocks = scan
+    mesh = sharding.create_mesh(config.mesh_shape, aot.topology_devices(topology))
+    setup = build_setup(config, mesh, batch * 1000)
+    rows = []
+    with jax.set_mesh(mesh):
+        state, data, key = setup.abstract_train_args()
+
+        def loss(params, image, key):
+            rngs = {"mask": key, "dropout": key}
+            return setup.model.apply({"params": params}, image, train=True, rngs=rngs)[0]
+
+        parts = [
+            ("mae loss (forward)", jax.jit(loss), (state["params"], data["image"], key)),
+            ("mae loss + grads", jax.jit(jax.grad(loss)), (state["params"], data["image"], key)),
+            ("mae train step", setup.jit_train_step(), (state, data, key)),
+        ]
+        for name, fn, args in parts:
+            t0 = time.time()
+            compiled = fn.lower(*args).compile({"exec_time_optimization_effort": float(effort)})
+            rows.append(
+                {
+                    "platform": f"tpu {topology} (AOT)",
+                    "step": name,
+                    "model": "mae_hiera_base_224",
+                    "batch": batch,
+                    "dtype": setup.mcfg.dtype,
+                    "scan_blocks": scan,
+                    "effort": effort,
+                    "compile_s": time.time() - t0,
+                    "generated_code_bytes": int(
+                        compiled.memory_analysis().generated_code_size_in_bytes
+                    ),
+                    "load_average": load,
+                }
+            )
+    return rows
+
+
 def tpu_forward_row(scan: bool, effort: float, topology: str, batch: int) -> dict:
     """hiera_base_224 bfloat16 forward, batch split over the slice, compiled ahead of time."""
     import jax
@@ -277,6 +328,8 @@ def main(argv=None) -> None:
         kind, scan = args._row[0], bool(int(args._row[1]))
         if kind == "forward":
             row = tpu_forward_row(scan, args.tpu_efforts[0], args.topology, args.forward_batch)
+        elif kind == "parts":
+            row = tpu_parts_rows(scan, args.tpu_efforts[0], args.topology, args.tpu_batch)
         elif kind.startswith("speed:"):
             row = cpu_step_times(kind.split(":")[1], args.batch, args.steps, args.dtype)
         else:
@@ -305,6 +358,13 @@ def main(argv=None) -> None:
                 if "train" in args.tpu_rows:
                     rows.append(tpu_train_row(scan, effort, args.topology, args.tpu_batch))
                     print(_row_line(rows[-1]), file=sys.stderr, flush=True)
+                if "parts" in args.tpu_rows:
+                    options = [f"--topology={args.topology}", f"--tpu-efforts={effort}"]
+                    options += [f"--tpu-batch={args.tpu_batch}"]
+                    parts = in_subprocess("parts", scan, options, quiet=True)
+                    for row in parts:
+                        print(_row_line(row), file=sys.stderr, flush=True)
+                    rows += parts
                 if "forward" in args.tpu_rows:
                     options = [f"--topology={args.topology}", f"--tpu-efforts={effort}"]
                     options += [f"--forward-batch={args.forward_batch}"]
