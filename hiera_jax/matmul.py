@@ -46,9 +46,13 @@ def dense_dot_general(
     dimension_numbers,
     precision=None,
     preferred_element_type=None,
-    **unused,
+    **kwargs,
 ) -> jnp.ndarray:
-    """`lax.dot_general` for `nn.Dense(dot_general=...)`: [..., K] x [K, N] -> [..., N]."""
+    """`lax.dot_general` for `nn.Dense(dot_general=...)`: [..., K] x [K, N] -> [..., N].
+
+    Anything else (batch dims, a precision, an output type, other options) goes to
+    `lax.dot_general` as given.
+    """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     simple = (
         tuple(lhs_contract) == (lhs.ndim - 1,)
@@ -59,10 +63,16 @@ def dense_dot_general(
         and precision is None
         and preferred_element_type is None
         and lhs.dtype == rhs.dtype
+        and not kwargs
     )
     if not simple:
         return lax.dot_general(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision,
+            preferred_element_type=preferred_element_type,
+            **kwargs,
         )
     lead = lhs.shape[:-1]
     # Named, so that remat policies keep it as they keep dots (`dots_saveable` does not see
