@@ -42,11 +42,9 @@ from hiera_jax.training.setup import (  # noqa: E402
 BEGIN, END = "<!-- bench-accel:begin -->", "<!-- bench-accel:end -->"
 
 
-SCAN_BLOCKS = None  # automatic (off on a GPU); --scan / --no-scan force it
-
-
-def recipe(task: str, size: str, batch: int, smoke: bool):
-    """The in1k recipe for `task` at `size`, with `batch` and (smoke) a tiny input."""
+def recipe(task: str, size: str, batch: int, smoke: bool, scan: bool | None):
+    """The in1k recipe for `task` at `size`, with `batch`, `scan_blocks` (None: automatic, off
+    on a GPU) and (smoke) a tiny input."""
     from configs import in1k_finetune, in1k_mae
 
     config = (in1k_mae if task == "mae" else in1k_finetune).get_config(size)
@@ -54,7 +52,7 @@ def recipe(task: str, size: str, batch: int, smoke: bool):
     config.eval_batch_size = batch
     config.total_steps = 1000
     config.mesh_shape = (-1, 1)  # one host: data parallel over its devices
-    config.model.scan_blocks = SCAN_BLOCKS
+    config.model.scan_blocks = scan
     if smoke:
         config.model.input_size = (64, 64)  # 16x16 tokens, 2x2 mask units
         config.model.dtype = "float32"
@@ -73,8 +71,10 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_train(task: str, size: str, batch: int, repeats: int, smoke: bool) -> dict:
-    config = recipe(task, size, batch, smoke)
+def bench_train(
+    task: str, size: str, batch: int, scan: bool | None, repeats: int, smoke: bool
+) -> dict:
+    config = recipe(task, size, batch, smoke, scan)
     mesh = sharding.create_mesh(config.mesh_shape)
     setup = build_setup(config, mesh, batch * 1000)
     key = jax.random.key(0)
@@ -109,10 +109,10 @@ def bench_train(task: str, size: str, batch: int, repeats: int, smoke: bool) -> 
     }
 
 
-def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
+def bench_inference(size: str, batch: int, scan: bool | None, repeats: int, smoke: bool) -> dict:
     import hiera_jax
 
-    overrides = {"dtype": "float32" if smoke else "bfloat16", "scan_blocks": SCAN_BLOCKS}
+    overrides = {"dtype": "float32" if smoke else "bfloat16", "scan_blocks": scan}
     if smoke:
         overrides["input_size"] = (64, 64)
     model = hiera_jax.create_model(f"hiera_{size}_224", **overrides)
@@ -126,11 +126,7 @@ def bench_inference(size: str, batch: int, repeats: int, smoke: bool) -> dict:
     def apply(p, x):
         return count_model.apply(p, x, train=False)
 
-    flops = flops_lib.count_flops(apply, {"params": params}, x)
-    if flops is None:  # GPU, TPU: count the same program lowered for the CPU
-        flops = flops_lib.count_flops(apply, {"params": params}, x, platform="cpu")
-    if flops is None:  # no XLA count at all (jax 0.11.2 on a GPU): the jaxpr's matmuls
-        flops = flops_lib.jaxpr_flops(apply, {"params": params}, x)
+    flops = flops_lib.model_flops(apply, {"params": params}, x)
     seconds = timed(lambda: forward({"params": params}, x), repeats)
     return {
         "case": "inference",
@@ -200,8 +196,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.repeats = ["tiny"], 1
-    global SCAN_BLOCKS
-    SCAN_BLOCKS = args.scan
     device = jax.devices()[0].device_kind
     peak = args.peak or (chips.chip_for(device).peak_bf16_flops if chips.chip_for(device) else None)
     default_batch = {
@@ -216,9 +210,9 @@ def main(argv=None) -> None:
     for size in args.sizes:
         batch = args.batch or (2 * jax.device_count() if args.smoke else default_batch[size])
         runs = {
-            "inference": functools.partial(bench_inference, size, batch),
-            "finetune": functools.partial(bench_train, "classification", size, batch),
-            "mae": functools.partial(bench_train, "mae", size, batch),
+            "inference": functools.partial(bench_inference, size, batch, args.scan),
+            "finetune": functools.partial(bench_train, "classification", size, batch, args.scan),
+            "mae": functools.partial(bench_train, "mae", size, batch, args.scan),
         }
         for run in (runs[case] for case in args.cases):
             row = with_rates(run(args.repeats, args.smoke), peak)

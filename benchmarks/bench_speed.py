@@ -16,6 +16,7 @@ after set-up; for JAX, `compiled.memory_analysis()` of the step is listed as wel
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -65,10 +66,11 @@ def jax_case(
     batch: int,
     remat: bool = False,
     dtype: str = "float32",
-    scan_blocks: bool = True,
+    scan_blocks: bool | None = None,
     lower_only: bool = False,
 ):
-    """(step() -> blocks until done, compiled) for one case; with `lower_only`, the Lowered."""
+    """(step() -> blocks until done, compiled) for one case; with `lower_only`, the Lowered
+    (of shapes only: nothing is initialised)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -77,7 +79,8 @@ def jax_case(
     from hiera_jax.model import init_params
 
     model = hiera_jax.create_model(name, remat=remat, dtype=dtype, scan_blocks=scan_blocks)
-    params = init_params(model, jax.random.key(0))
+    init = functools.partial(init_params, model)
+    params = jax.eval_shape(init, jax.random.key(0)) if lower_only else init(jax.random.key(0))
     x_np, y_np = inputs(batch)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     if kind == "forward":
@@ -92,7 +95,7 @@ def jax_case(
         return step, compiled
 
     tx = optax.adamw(1e-4, weight_decay=0.05)
-    opt_state = tx.init(params)
+    opt_state = jax.eval_shape(tx.init, params) if lower_only else tx.init(params)
 
     if kind == "train":
 

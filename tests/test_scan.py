@@ -22,17 +22,6 @@ from hiera_jax import (
 from hiera_jax.model import init_params
 from hiera_jax.scan import use_scan
 
-
-def test_automatic_scan_is_off_only_for_a_gpu(monkeypatch):
-    """None (the default) scans unless tracing for a GPU, where unrolled blocks ran faster."""
-    assert use_scan(SMALL) and SMALL.scan_blocks is None
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not use_scan(SMALL)
-    assert use_scan(SMALL.replace(scan_blocks=True))
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert use_scan(SMALL) and not use_scan(SMALL.replace(scan_blocks=False))
-
-
 # Every stage has several blocks (runs of 2, 2, 3 and 1 after the first blocks) and a drop path.
 SMALL = HieraConfig(
     input_size=(64, 64),
@@ -47,6 +36,16 @@ SMALL = HieraConfig(
 )
 SMALL_MAE = SMALL.replace(q_pool=2, mask_ratio=0.5)
 RNGS = {"dropout": jax.random.key(7), "mask": jax.random.key(8)}
+
+
+def test_automatic_scan_is_off_only_for_a_gpu(monkeypatch):
+    """None (the default) scans unless tracing for a GPU, where unrolled blocks ran faster."""
+    assert use_scan(SMALL) and SMALL.scan_blocks is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not use_scan(SMALL)
+    assert use_scan(SMALL.replace(scan_blocks=True))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert use_scan(SMALL) and not use_scan(SMALL.replace(scan_blocks=False))
 
 
 def _x(config: HieraConfig, batch: int = 2, seed: int = 1) -> jnp.ndarray:

@@ -86,6 +86,17 @@ def count_flops(fn, *args, platform: str | None = None, **kwargs) -> float | Non
     return lowered_flops(traced.lower(lowering_platforms=(platform,)))
 
 
+def model_flops(fn, *args, here: bool = True) -> float | None:
+    """Model FLOPs of `fn(*args)`, the first count available: XLA's count of the program lowered
+    for this backend (`here`), then lowered for the CPU, then the matmuls of its jaxpr."""
+    count = count_flops(fn, *args) if here else None
+    if count is None:
+        count = count_flops(fn, *args, platform="cpu")
+    if count is None:
+        count = jaxpr_flops(fn, *args) or None
+    return count
+
+
 def jaxpr_flops(fn, *args, **kwargs) -> float:
     """Matmul and convolution FLOPs of `fn(*args)` read off its jaxpr: no backend involved.
 

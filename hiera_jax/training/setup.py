@@ -243,12 +243,9 @@ def model_flops_per_step(setup: TrainSetup, train_args: tuple, p_train=None) -> 
             p_train = p_train if p_train is not None else setup.jit_train_step()
             lowered = p_train.lower(*train_args)
             count = flops_lib.lowered_flops(lowered)
-        elif on_cpu:
-            count = flops_lib.count_flops(setup.plain_step_fn(), *plain_args)
-        if count is None:
-            count = flops_lib.count_flops(setup.plain_step_fn(), *plain_args, platform="cpu")
-        if count is None:
-            count = flops_lib.jaxpr_flops(setup.plain_step_fn(), *plain_args) or None
+        if count is None:  # lowered here above if the step is plain
+            here = on_cpu and not setup.is_plain_step
+            count = flops_lib.model_flops(setup.plain_step_fn(), *plain_args, here=here)
         if count is None and setup.is_plain_step:
             p_train = p_train if p_train is not None else setup.jit_train_step()
             lowered = lowered or p_train.lower(*train_args)
