@@ -343,7 +343,17 @@ def load(path: str | os.PathLike) -> Any:
                 "so the file may be incomplete, e.g. an interrupted download"
             )
         else:  # the legacy format, or a bare pickle (which may be refused), or neither
-            result = _load_legacy(path)
+            try:
+                result = _load_legacy(path)
+            except (_Refused, _Unreadable):
+                raise
+            except Exception:
+                # Without a zip or a protocol 2-5 header, whatever the unpickler tripped on
+                # (UnpicklingError, EOFError, OverflowError, ... as random bytes decide) the file
+                # is not a checkpoint at all.
+                if not _pickle_header(head):
+                    raise _Unreadable("neither a zip archive nor a pickle") from None
+                raise
         return _materialise(result)
     except _Refused as err:
         raise ValueError(
@@ -355,13 +365,16 @@ def load(path: str | os.PathLike) -> Any:
     except (EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise unreadable(f"{_one_line(err)}; the file may be incomplete") from None
     except pickle.UnpicklingError as err:
-        if head[0] != pickle.PROTO[0]:  # no protocol 2+ header either
-            raise unreadable("neither a zip archive nor a pickle") from None
         if "truncated" in str(err):
             raise unreadable(f"{_one_line(err)}; the file may be incomplete") from None
         raise unreadable(_one_line(err)) from None
     except Exception as err:  # TypeError from a malformed call, MemoryError, ...
         raise unreadable(_one_line(err)) from None
+
+
+def _pickle_header(head: bytes) -> bool:
+    """Whether `head` opens a pickle of protocol 2 to 5 (`torch.save` writes 2 by default)."""
+    return len(head) >= 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL
 
 
 def _one_line(err: Exception) -> str:
