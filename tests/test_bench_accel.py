@@ -1,5 +1,6 @@
 """The accelerator benchmark runs end to end (here on the CPU, in its --smoke mode)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -30,3 +31,48 @@ def test_bench_accel_smoke(tmp_path):
     # A training step costs about 3 forwards (same batch, same input size).
     assert 2.0 < rows[1]["flops"] / rows[0]["flops"] < 4.0
     assert "| MAE step | mae_hiera_tiny_224 |" in run.stdout
+
+
+def _trace(path, events):
+    """A perfetto trace as `jax.profiler.trace(create_perfetto_trace=True)` writes it."""
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #14"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 3, "args": {"name": "python"}},
+    ]
+    os.makedirs(path / "plugins" / "profile" / "run")
+    with gzip.open(path / "plugins" / "profile" / "run" / "h.perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def test_profile_accel_sums_device_kernels_per_step_by_kind(tmp_path):
+    sys.path.insert(0, os.path.join(th.REPO, "benchmarks"))
+    import profile_accel
+
+    def kernel(name, us, pid=1, tid=7):
+        return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": 0, "dur": us}
+
+    _trace(
+        tmp_path,
+        [
+            kernel("nvjet_sm90_tst_h_bz_NNT", 3000),
+            kernel("gemm_fusion_dot.12", 1000),
+            kernel("memcpy128", 500),
+            kernel("loop_dynamic_update_slice_fusion.3", 500),
+            kernel("input_add_reduce_fusion.7", 800),
+            kernel("loop_multiply_fusion", 600),
+            kernel("some_kernel", 200),
+            kernel("fusion.1", 99000, pid=2, tid=3),  # host thread: not device time
+        ],
+    )
+    report = profile_accel.kernel_times(str(tmp_path), steps=2)
+    assert report["by_kind"] == {
+        "GEMMs": 2.0,
+        "copies, transposes, DUS": 0.5,
+        "reductions": 0.4,
+        "fusions": 0.3,
+        "other": 0.1,
+    }
+    assert report["kernel_ms"] == 3.3 and report["kernels_per_step"] == 3
+    assert report["top"]["loop_dynamic_update_slice_fusion"] == 0.25  # numbering merged
