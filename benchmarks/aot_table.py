@@ -124,6 +124,15 @@ def _gib(x) -> str:
     return "-" if x is None else f"{x / 2**30:.1f}"
 
 
+def _mb(x) -> str:
+    return "-" if not x else f"{x / 1e6:.0f}"
+
+
+def _scan(report: dict) -> str:
+    """Reports written before `scan_blocks` was recorded compiled every block on its own."""
+    return "yes" if report.get("scan_blocks") else "no"
+
+
 def table() -> str:
     reports = []
     for path in sorted(glob.glob(os.path.join(OUT, "*", "aot_*.json"))):
@@ -139,8 +148,8 @@ def table() -> str:
         return (row, r["remat"], r["grad_accum_steps"])
 
     lines = [
-        "| recipe | slice | mesh (data, fsdp) | batch / device | remat, accum | peak / HBM per device (GiB) | fits | step >= (ms) | MFU ceiling | model TFLOP/step | collectives | compile (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | slice | mesh (data, fsdp) | batch / device | remat, accum | peak / HBM per device (GiB) | fits | step >= (ms) | MFU ceiling | model TFLOP/step | collectives | scan | code (MB) | compile (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(reports, key=key):
         slices = SLICE_NAMES.get(r["topology"], r["topology"])
@@ -166,7 +175,7 @@ def table() -> str:
             f"{'yes' if r['remat'] else 'no'}, {r['grad_accum_steps']} | {peak} | "
             f"{'yes' if r['fits'] else '**no**'} | {step} | {mfu} | "
             f"{'-' if not flops else f'{flops / 1e12:.0f}'} | {coll_text or '-'} | "
-            f"{r.get('compile_seconds', 0):.0f} |"
+            f"{_scan(r)} | {_mb(mem.get('generated_code'))} | {r.get('compile_seconds', 0):.0f} |"
         )
     return "\n".join(lines)
 

@@ -64,6 +64,7 @@ def test_aot_fit_check_reports_a_step_that_fits(tmp_path, slices):
     report = json.load(open(tmp_path / name))
     assert os.listdir(tmp_path) == [name]  # nothing else: no checkpoints, no metrics, no model
     assert report["fits"] is True
+    assert report["scan_blocks"] is False  # as forced; unset, a TPU target scans (test_scan)
     assert report["devices"] == 4 * slices and report["device_kind"] == "TPU v5 lite"
     assert report["mesh"] == {"data": 4 * slices, "fsdp": 1}
     assert report["per_device_batch"] == 256 // (4 * slices)
@@ -136,3 +137,13 @@ def test_flop_count_on_tpu_devices():
     reference = cpu_flops({"batch_size": 256})
     assert count is not None and abs(count - reference) / reference < 0.02, (count, reference)
     assert compiled is not None and abs(compiled - reference) / reference < 0.02
+
+
+def test_aot_scans_the_blocks_unless_told_not_to():
+    """A TPU target scans when `scan_blocks` is unset (None), whatever this host's backend is,
+    and the report says which program was compiled."""
+    config = th.make_config("mae", {"batch_size": 64})
+    assert config.model.get("scan_blocks") is None
+    report = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")
+    assert report["fits"] is True and report["scan_blocks"] is True
+    assert config.model.get("scan_blocks") is None  # the caller's config is left as it was

@@ -214,6 +214,7 @@ def fit_check(
         "per_device_batch": per_device_batch,
         "grad_accum_steps": setup.accum_steps,
         "remat": bool(mcfg.remat),
+        "scan_blocks": use_scan(mcfg),
         "dtype": str(mcfg.dtype),
         "compiler_effort": effort,
         "hbm_per_device_bytes": chip.hbm_bytes if chip else None,
