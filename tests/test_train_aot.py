@@ -139,11 +139,22 @@ def test_flop_count_on_tpu_devices():
     assert compiled is not None and abs(compiled - reference) / reference < 0.02
 
 
-def test_aot_scans_the_blocks_unless_told_not_to():
+@pytest.mark.parametrize("remat", [False, True])
+def test_aot_scans_the_blocks_unless_told_not_to(remat):
     """A TPU target scans when `scan_blocks` is unset (None), whatever this host's backend is,
-    and the report says which program was compiled."""
-    config = th.make_config("mae", {"batch_size": 64})
+    and the report says which program was compiled. XLA counts the scanned body once, so the
+    roofline's compute comes from the same step unscanned, with remat's recompute."""
+    config = th.make_config("mae", {"batch_size": 64, "model.remat": remat})
     assert config.model.get("scan_blocks") is None
     report = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")
     assert report["fits"] is True and report["scan_blocks"] is True
     assert config.model.get("scan_blocks") is None  # the caller's config is left as it was
+    fl, roof = report["flops"], report["roofline"]
+    ratio = fl["executed_per_step"] / fl["model_per_step"]
+    if remat:  # the blocks' forward runs again in the backward
+        assert 1.1 < ratio < 1.5, ratio
+    else:  # nothing is recomputed: the same program as the model count's
+        assert abs(ratio - 1) < 1e-6, ratio
+    assert fl["compiled_per_step"] < fl["executed_per_step"]  # the body counted once
+    floor = fl["executed_per_step"] / report["devices"] / roof["peak_bf16_flops_per_device"]
+    assert roof["compute_seconds"] >= floor * (1 - 1e-9)

@@ -168,6 +168,15 @@ class TrainSetup:
             self.step_fn.func, **{**self.step_fn.keywords, "model": plain_model, "accum_steps": 1}
         )
 
+    def unlooped_step_fn(self):
+        """The step as it runs (remat as configured) with its loops opened: blocks unscanned and
+        no accumulation. XLA counts a loop body once, so this is what counts the FLOPs a looped
+        step executes, remat's recompute included."""
+        unscanned = self.model.clone(config=self.mcfg.replace(scan_blocks=False))
+        return functools.partial(
+            self.step_fn.func, **{**self.step_fn.keywords, "model": unscanned, "accum_steps": 1}
+        )
+
 
 def build_setup(
     config: ml_collections.ConfigDict, mesh: Mesh, examples_per_epoch: int
