@@ -336,8 +336,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"AOT fit check: {r['config'] or r['model']} ({r['task']}) on {r['topology']}{slices}: "
         f"{r['devices']} x {r['device_kind']}, mesh {r['mesh']}, batch {r['batch_size']} "
         f"({r['per_device_batch']}/device, grad_accum_steps {r['grad_accum_steps']}), "
-        f"remat {r['remat']}, scan_blocks {r.get('scan_blocks')}, {r['dtype']}; compiled in {r['compile_seconds']:.0f} s "
-        f"(effort {r['compiler_effort']})",
+        f"remat {r['remat']}, scan_blocks {r.get('scan_blocks')}, {r['dtype']}; "
+        f"compiled in {r['compile_seconds']:.0f} s (effort {r['compiler_effort']})",
         f"  HBM per device: {_gib(r['hbm_per_device_bytes'])}; peak {_gib(mem['peak'])} "
         f"(headroom {_gib(r['headroom_bytes'])}) = arguments {_gib(mem['arguments'])} "
         f"(params + optimizer state {_gib(r['state_bytes_per_device'])}) + temporaries "

@@ -163,19 +163,19 @@ class TrainSetup:
     def plain_step_fn(self):
         """The step without execution switches and accumulation: what model FLOPs are counted on."""
         off = {f: False for f in EXECUTION_SWITCHES if hasattr(self.mcfg, f)}
-        plain_model = self.model.clone(config=self.mcfg.replace(**off))
-        return functools.partial(
-            self.step_fn.func, **{**self.step_fn.keywords, "model": plain_model, "accum_steps": 1}
-        )
+        return self._whole_batch_step(**off)
 
     def unlooped_step_fn(self):
         """The step as it runs (remat as configured) with its loops opened: blocks unscanned and
         no accumulation. XLA counts a loop body once, so this is what counts the FLOPs a looped
         step executes, remat's recompute included."""
-        unscanned = self.model.clone(config=self.mcfg.replace(scan_blocks=False))
-        return functools.partial(
-            self.step_fn.func, **{**self.step_fn.keywords, "model": unscanned, "accum_steps": 1}
-        )
+        return self._whole_batch_step(scan_blocks=False)
+
+    def _whole_batch_step(self, **model_fields):
+        """The step on the whole batch at once, its model's config fields replaced."""
+        model = self.model.clone(config=self.mcfg.replace(**model_fields))
+        keywords = {**self.step_fn.keywords, "model": model, "accum_steps": 1}
+        return functools.partial(self.step_fn.func, **keywords)
 
 
 def build_setup(
