@@ -71,10 +71,10 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_train(
-    task: str, size: str, batch: int, scan: bool | None, repeats: int, smoke: bool
-) -> dict:
-    config = recipe(task, size, batch, smoke, scan)
+def train_runner(config, batch: int):
+    """The recipe's jitted train step on random data already on the devices, as `train.py`
+    builds it: (mesh, setup, abstract step arguments, jitted step, `step()`), where `step()` runs
+    one step, carrying the state, and returns its metrics. Call `step()` under `jax.set_mesh(mesh)`."""
     mesh = sharding.create_mesh(config.mesh_shape)
     setup = build_setup(config, mesh, batch * 1000)
     key = jax.random.key(0)
@@ -82,7 +82,6 @@ def bench_train(
         state = jax.jit(setup.init_state, out_shardings=setup.state_sh)(key)
         p_train = setup.jit_train_step()
         args = setup.abstract_train_args(key)
-        model_flops = model_flops_per_step(setup, args, p_train)
         shape = args[1]["image"].shape
         batch_data = {
             "image": jax.device_put(np.random.randn(*shape).astype(np.float32), setup.batch_sh)
@@ -90,12 +89,22 @@ def bench_train(
         if setup.with_labels:
             labels = np.eye(setup.mcfg.num_classes, dtype=np.float32)[np.arange(batch) % 10]
             batch_data["label"] = jax.device_put(labels, setup.batch_sh)
-        holder = {"state": state}
+    holder = {"state": state}
 
-        def step():
-            holder["state"], metrics = p_train(holder["state"], batch_data, key)
-            return metrics
+    def step():
+        holder["state"], metrics = p_train(holder["state"], batch_data, key)
+        return metrics
 
+    return mesh, setup, args, p_train, step
+
+
+def bench_train(
+    task: str, size: str, batch: int, scan: bool | None, repeats: int, smoke: bool
+) -> dict:
+    config = recipe(task, size, batch, smoke, scan)
+    mesh, setup, args, p_train, step = train_runner(config, batch)
+    with jax.set_mesh(mesh):
+        model_flops = model_flops_per_step(setup, args, p_train)
         seconds = timed(step, repeats)
     return {
         "case": "finetune step" if task == "classification" else "MAE step",

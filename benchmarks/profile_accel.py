@@ -34,11 +34,8 @@ for path in (ROOT, HERE):
 
 import bench_accel  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import hiera_jax.scan as scan_lib  # noqa: E402
-from hiera_jax.training import sharding  # noqa: E402
-from hiera_jax.training.setup import build_setup  # noqa: E402
 
 KINDS = (  # first match wins
     ("GEMMs", r"gemm|xmma|sm90|cutlass|cublas|nvjet"),
@@ -111,23 +108,8 @@ def main(argv=None) -> None:
         scan_lib.SAVE_MATMULS = jax.checkpoint_policies.everything_saveable
     size, batch = ("tiny", 2 * jax.device_count()) if args.smoke else (args.size, args.batch)
     config = bench_accel.recipe(args.task, size, batch, args.smoke, args.scan == "on")
-    mesh = sharding.create_mesh(config.mesh_shape)
-    setup = build_setup(config, mesh, batch * 1000)
-    key = jax.random.key(0)
+    mesh, _, _, _, step = bench_accel.train_runner(config, batch)
     with jax.set_mesh(mesh):
-        state = jax.jit(setup.init_state, out_shardings=setup.state_sh)(key)
-        step_fn = setup.jit_train_step()
-        shape = setup.abstract_train_args(key)[1]["image"].shape
-        data = {"image": jax.device_put(np.random.randn(*shape).astype(np.float32), setup.batch_sh)}
-        if setup.with_labels:
-            labels = np.eye(setup.mcfg.num_classes, dtype=np.float32)[np.arange(batch) % 10]
-            data["label"] = jax.device_put(labels, setup.batch_sh)
-        holder = {"state": state}
-
-        def step():
-            holder["state"], metrics = step_fn(holder["state"], data, key)
-            return metrics
-
         seconds = bench_accel.timed(step, 1 if args.smoke else 5)
         trace_dir = tempfile.mkdtemp(prefix="profile_accel_")
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -76,3 +76,21 @@ def test_profile_accel_sums_device_kernels_per_step_by_kind(tmp_path):
     }
     assert report["kernel_ms"] == 3.3 and report["kernels_per_step"] == 3
     assert report["top"]["loop_dynamic_update_slice_fusion"] == 0.25  # numbering merged
+
+
+def test_profile_accel_smoke():
+    """The profiler script runs end to end on the CPU (whose trace has no device kernels)."""
+    env = {**os.environ}
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/profile_accel.py", "--smoke", "--scan", "on", "--steps", "1"],
+        cwd=th.REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout[run.stdout.index("{") :])
+    assert report["model"] == "hiera_tiny_224" and report["scan"] == "on"
+    assert report["step_ms"] > 0 and report["kernel_ms"] == 0  # no accelerator here
