@@ -14,8 +14,9 @@ Values from the authors' training branch: AdamW (0.9, 0.95), lr 8e-4 at batch 40
 linearly, wd 0.05 (not on norms, biases, position embeddings), 40 warmup epochs then cosine to 0,
 1600 epochs, mask ratio 0.6, RandomResizedCrop (0.2, 1) + flip, drop path T/S 0, B/B+/L 0.2, H 0.3.
 Best guesses (not stated there): bfloat16 compute (the authors used fp16 AMP), remat only for H
-(the AOT fit check, BENCHMARKS.md: L without remat fits a v5e-64 at 10.6 of 16 GiB per chip
-and its step bound drops from 168 to 138 ms; on fewer chips add --config.model.remat=True),
+(the AOT fit check, BENCHMARKS.md: L without remat fits a v5e-64 at 8.0 of 16 GiB per chip,
+1.8 with it, and skips remat's recompute; on fewer chips add --config.model.remat=True; H needs
+it on v5e but fits a v5p-64 without it, 23.5 of 95 GiB: add --config.model.remat=False there),
 FSDP 8-way for L/H, checkpoint/eval cadence. On fewer chips than the batch needs, keep
 batch_size (the lr is tied to it) and add --config.grad_accum_steps=N: the same update (drop
 path is drawn per microbatch) with 1/N of the activation memory.
