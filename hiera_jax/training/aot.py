@@ -286,8 +286,13 @@ def fit_check(
         if looped:
             # The same step with its loops opened, lowered for the CPU: with remat, its count
             # has the recompute that model FLOPs leave out and the looped program hides.
-            executed = flops_lib.count_flops(
-                setup.unlooped_step_fn(), *unsharded(train_args), platform="cpu"
+            # Without remat it is the plain step model FLOPs were counted on: not lowered twice.
+            executed = (
+                flops_lib.count_flops(
+                    setup.unlooped_step_fn(), *unsharded(train_args), platform="cpu"
+                )
+                if mcfg.remat
+                else model_flops
             )
             report["flops"]["executed_per_step"] = executed
             report["roofline_note"] = (
