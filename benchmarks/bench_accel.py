@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hiera_jax.scan import use_scan  # noqa: E402
+from hiera_jax.models.scan import use_scan  # noqa: E402
 from hiera_jax.training import chips, sharding  # noqa: E402
 from hiera_jax.training import flops as flops_lib  # noqa: E402
 from hiera_jax.training.setup import (  # noqa: E402

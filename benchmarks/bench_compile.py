@@ -233,7 +233,7 @@ def tpu_forward_row(scan: bool, effort: float, topology: str, batch: int) -> dic
     from jax.sharding import PartitionSpec as P
 
     import hiera_jax
-    from hiera_jax.model import init_params
+    from hiera_jax.models.factory import init_params
     from hiera_jax.training import aot, sharding
 
     load = os.getloadavg()[0]

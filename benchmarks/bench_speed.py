@@ -76,7 +76,7 @@ def jax_case(
     import optax
 
     import hiera_jax
-    from hiera_jax.model import init_params
+    from hiera_jax.models.factory import init_params
 
     model = hiera_jax.create_model(name, remat=remat, dtype=dtype, scan_blocks=scan_blocks)
     init = functools.partial(init_params, model)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import hiera_jax
-from hiera_jax.model import HieraModel
+from hiera_jax.models.hiera import HieraModel
 
 
 def rel(a, b) -> float:

@@ -35,7 +35,7 @@ for path in (ROOT, HERE):
 import bench_accel  # noqa: E402
 import jax  # noqa: E402
 
-import hiera_jax.scan as scan_lib  # noqa: E402
+import hiera_jax.models.scan as scan_lib  # noqa: E402
 
 KINDS = (  # first match wins
     ("GEMMs", r"gemm|xmma|sm90|cutlass|cublas|nvjet"),

@@ -6,12 +6,12 @@
 `--input` is an official `.pth` (`{"model_state": ...}`), a timm `.pth`/`.safetensors`, or a Hugging
 Face directory (`config.json` + `model.safetensors` or `pytorch_model.bin`). None needs torch:
 pickled files are read by a restricted unpickler that refuses anything but tensors
-(`hiera_jax.torch_pickle`). The output loads with
+(`hiera_jax.weights.torch_pickle`). The output loads with
 `model, params = hiera_jax.load_pretrained("ckpt/")`. `--in-chans 1` (or 4...) adapts the RGB patch
 embedding to another channel count, as timm's `adapt_input_conv` does.
 
 Published checkpoints need no command: `hiera_jax.load_pretrained("hiera_base_224")` (or a Hugging
-Face repo id, a timm name, an official URL) downloads and converts them once (`hiera_jax.hub`).
+Face repo id, a timm name, an official URL) downloads and converts them once (`hiera_jax.weights.hub`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import hiera_jax  # noqa: E402
-from hiera_jax.adapt import adapt_in_chans  # noqa: E402
-from hiera_jax.convert import MODEL_TYPES, SOURCES, detect_source, model_type_for  # noqa: E402
-from hiera_jax.pytorch_files import check_hf_config, read_state_dict  # noqa: E402
+from hiera_jax.models.factory import MODEL_TYPES, model_type_for
+from hiera_jax.weights.adapt import adapt_in_chans  # noqa: E402
+from hiera_jax.weights.convert import SOURCES, detect_source  # noqa: E402
+from hiera_jax.weights.formats import check_hf_config, read_state_dict  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def convert(args: argparse.Namespace) -> str:
     config = hiera_jax.get_config(args.model)
     state_dict, hf_config = read_state_dict(args.input)
-    state_dict = hiera_jax.convert.unwrap_state_dict(state_dict)
+    state_dict = hiera_jax.weights.convert.unwrap_state_dict(state_dict)
     source = detect_source(state_dict.keys()) if args.source == "auto" else args.source
     if hf_config is not None:
         check_hf_config(hf_config, config)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from hiera_jax.config import HieraConfig, get_config, is_pretraining_name, list_models
-from hiera_jax.convert import convert_state_dict, export_state_dict
-from hiera_jax.hub import list_pretrained
-from hiera_jax.io import load_pretrained, save_pretrained
-from hiera_jax.mae import HieraForPreTraining
-from hiera_jax.model import HieraForImageClassification, HieraModel, HieraModelOutput, init_params
+from hiera_jax.models.config import HieraConfig, get_config, is_pretraining_name, list_models
+from hiera_jax.models.factory import init_params
+from hiera_jax.models.hiera import HieraForImageClassification, HieraModel, HieraModelOutput
+from hiera_jax.models.mae import HieraForPreTraining
+from hiera_jax.weights.convert import convert_state_dict, export_state_dict
+from hiera_jax.weights.directory import save_pretrained
+from hiera_jax.weights.hub import list_pretrained
+from hiera_jax.weights.loading import load_pretrained
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,8 @@ import torch
 from reference import random_input, rel_err, to_torch
 
 import hiera_jax
-from hiera_jax import pos_embed
-from hiera_jax.model import init_params
+from hiera_jax.models import pos_embed
+from hiera_jax.models.factory import init_params
 
 pytestmark = pytest.mark.reference
 TOL = 1e-4
@@ -65,7 +65,7 @@ def test_registry_matches_timm_kwargs():
             for k, v in hiera_jax.export_state_dict(
                 jax.tree.map(
                     lambda s: np.zeros(s.shape, np.float32),
-                    hiera_jax.convert.abstract_params(cfg, "classification"),
+                    hiera_jax.weights.convert.abstract_params(cfg, "classification"),
                 ),
                 cfg,
             ).items()

@@ -11,7 +11,7 @@ import torch
 from reference import official_model, random_input, rel_err, to_torch
 
 import hiera_jax
-from hiera_jax.model import init_params
+from hiera_jax.models.factory import init_params
 
 pytestmark = pytest.mark.reference
 TOL = 1e-4

@@ -12,7 +12,7 @@ import torch
 from reference import random_input, randomise_norms, rel_err, to_torch
 
 import hiera_jax
-from hiera_jax import masking
+from hiera_jax.models import masking
 
 pytestmark = pytest.mark.reference
 TOL = 1e-4

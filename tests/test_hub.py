@@ -1,4 +1,4 @@
-"""Pretrained weights by name (`hiera_jax.hub`), without network.
+"""Pretrained weights by name (`hiera_jax.weights.hub`), without network.
 
 Every test points `HF_HOME` at a temporary folder and sets `HF_HUB_OFFLINE=1`. The Hugging Face
 tests write a real hub cache by hand (`hub/models--<owner>--<repo>/{blobs,snapshots/<commit>,
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import hiera_jax
-from hiera_jax import hub
-from hiera_jax.pytorch_files import read_state_dict
+from hiera_jax.weights import hub
+from hiera_jax.weights.formats import read_state_dict
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -77,15 +77,15 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def conversions(monkeypatch):
-    """Counts calls of the converter (hub converts through `hiera_jax.convert`)."""
+    """Counts calls of the converter (hub converts through `hiera_jax.weights.convert`)."""
     calls = []
-    original = hiera_jax.convert.convert_state_dict
+    original = hiera_jax.weights.convert.convert_state_dict
 
     def counting(*args, **kwargs):
         calls.append(args[1] if len(args) > 1 else kwargs.get("name_or_config"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hiera_jax.convert, "convert_state_dict", counting)
+    monkeypatch.setattr(hiera_jax.weights.convert, "convert_state_dict", counting)
     return calls
 
 

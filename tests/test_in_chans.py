@@ -1,4 +1,4 @@
-"""Any channel count from RGB weights (`hiera_jax.adapt`), checked against timm's rule.
+"""Any channel count from RGB weights (`hiera_jax.weights.adapt`), checked against timm's rule.
 
 timm's `adapt_input_conv` works on torch `[out, in, kh, kw]` kernels; ours are channels-last
 `[kh, kw, in, out]` (image) and `[kt, kh, kw, in, out]` (video), so each comparison moves the axes.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import hiera_jax
-from hiera_jax import adapt
+from hiera_jax.weights import adapt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANNELS = (1, 2, 3, 4, 5, 7)

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 import hiera_jax
-from hiera_jax import inference, pos_embed
-from hiera_jax.model import HieraModel, init_params
+from hiera_jax import inference
+from hiera_jax.models import pos_embed
+from hiera_jax.models.factory import init_params
+from hiera_jax.models.hiera import HieraModel
 
 # A narrow, shallow classifier at the official 224 input: same code paths, a fraction of the cost.
 SMALL = dict(embed_dim=16, stages=(1, 1, 1, 1), head_init_scale=1.0)

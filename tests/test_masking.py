@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from hiera_jax import masking
+from hiera_jax.models import masking
 
 
 def test_random_keep_mask_counts_and_determinism():

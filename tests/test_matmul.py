@@ -1,4 +1,4 @@
-"""The dense layers' matmul (`hiera_jax.matmul`): `nn.Dense`'s values and gradients, any rank."""
+"""The dense layers' matmul (`hiera_jax.models.matmul`): `nn.Dense`'s values and gradients, any rank."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hiera_jax.matmul import MATMUL_NAME, Dense
+from hiera_jax.models.matmul import MATMUL_NAME, Dense
 
 
 def _value_and_grads(module, x):

@@ -9,8 +9,8 @@ from reference import official_on_meta
 
 import hiera_jax
 from hiera_jax import HieraConfig, HieraForImageClassification, HieraForPreTraining, HieraModel
-from hiera_jax.convert import abstract_params, flax_to_official, model_type_for
-from hiera_jax.model import init_params
+from hiera_jax.models.factory import init_params
+from hiera_jax.weights.convert import abstract_params, flax_to_official, model_type_for
 
 # A small model with the full structure (4 stages, 3 unrolls, 16 mask units) that runs in ms.
 SMALL = HieraConfig(

@@ -14,8 +14,8 @@ from PIL import Image
 
 import hiera_jax
 from hiera_jax import inference, predict
-from hiera_jax.convert import abstract_params
-from hiera_jax.model import HieraModel, init_params
+from hiera_jax.models.factory import abstract_params, init_params
+from hiera_jax.models.hiera import HieraModel
 
 SMALL = dict(embed_dim=16, stages=(1, 1, 1, 1), head_init_scale=1.0)
 

@@ -1,4 +1,4 @@
-"""Reading `torch.save` files without torch (`hiera_jax.torch_pickle`), and refusing unsafe ones.
+"""Reading `torch.save` files without torch (`hiera_jax.weights.torch_pickle`), and refusing unsafe ones.
 
 Files are written by the real `torch.save` and every array is compared exactly with torch's own
 values; malicious pickles are built by hand and must be refused before anything in them runs.
@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from hiera_jax.pytorch_files import read_state_dict
+from hiera_jax.weights.formats import read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "convert", "convert_pytorch.py")

@@ -19,8 +19,8 @@ from hiera_jax import (
     HieraModel,
     layers,
 )
-from hiera_jax.model import init_params
-from hiera_jax.scan import use_scan
+from hiera_jax.models.factory import init_params
+from hiera_jax.models.scan import use_scan
 
 # Every stage has several blocks (runs of 2, 2, 3 and 1 after the first blocks) and a drop path.
 SMALL = HieraConfig(

@@ -15,11 +15,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hiera_jax.io import load_pretrained  # noqa: E402
 from hiera_jax.training import data as data_lib  # noqa: E402
 from hiera_jax.training import optim  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 from hiera_jax.training.metrics import read_jsonl  # noqa: E402
+from hiera_jax.weights.loading import load_pretrained  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < th.N_DEVICES, reason="needs 8 (simulated) devices set before jax import"

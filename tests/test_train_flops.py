@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 import train_helpers as th
 
-from hiera_jax.scan import use_scan
+from hiera_jax.models.scan import use_scan
 from hiera_jax.training import flops, sharding
 from hiera_jax.training.setup import (
     EXECUTION_SWITCHES,

@@ -8,7 +8,7 @@ from hiera.hiera_utils import Reroll, Unroll
 from hiera.hiera_utils import undo_windowing as official_undo_windowing
 
 import hiera_jax
-from hiera_jax.unroll import reroll, undo_windowing, unroll
+from hiera_jax.models.unroll import reroll, undo_windowing, unroll
 
 CASES = ["hiera_tiny_224", "mae_hiera_tiny_224", "hiera_base_16x224"]
 

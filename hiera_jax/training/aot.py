@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hiera_jax.scan import use_scan
+from hiera_jax.models.scan import use_scan
 from hiera_jax.training import chips, sharding
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training.setup import build_setup, unsharded

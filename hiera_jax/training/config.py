@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from hiera_jax.config import HieraConfig, get_config
+from hiera_jax.models.config import HieraConfig, get_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -211,8 +211,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict):
-    from hiera_jax.mae import HieraForPreTraining
-    from hiera_jax.model import HieraForImageClassification
+    from hiera_jax.models.hiera import HieraForImageClassification
+    from hiera_jax.models.mae import HieraForPreTraining
 
     mcfg = hiera_config(config)
     if config.task == "mae":

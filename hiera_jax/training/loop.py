@@ -25,7 +25,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from hiera_jax.io import load_pretrained, save_pretrained
 from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
 from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
@@ -39,6 +38,8 @@ from hiera_jax.training.setup import (
     model_flops_per_step,
 )
 from hiera_jax.training.steps import eval_step, reconstruct, train_step
+from hiera_jax.weights.directory import save_pretrained
+from hiera_jax.weights.loading import load_pretrained
 
 __all__ = ["train_and_evaluate", "train_step", "model_flops_per_step", "load_encoder"]
 

@@ -19,9 +19,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from hiera_jax.config import HieraConfig
-from hiera_jax.model import init_params
-from hiera_jax.scan import use_scan
+from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.factory import init_params
+from hiera_jax.models.scan import use_scan
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, sharding
 from hiera_jax.training.config import build_model, hiera_config

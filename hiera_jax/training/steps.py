@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hiera_jax import masking
+from hiera_jax.models import masking
 
 
 def train_step(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from hiera_jax.config import HieraConfig
+from hiera_jax.models.config import HieraConfig
 
 
 def _labels(x: np.ndarray, config: HieraConfig) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hiera_jax.config import HieraConfig
+from hiera_jax.models.config import HieraConfig
 
 PATCH_KERNEL = ("patch_embed", "proj", "kernel")
 

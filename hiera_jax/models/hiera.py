@@ -11,15 +11,14 @@ from typing import Any
 
 import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from hiera_jax import masking, pos_embed
-from hiera_jax.config import HieraConfig
-from hiera_jax.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
-from hiera_jax.matmul import Dense
-from hiera_jax.scan import run_blocks, use_scan
-from hiera_jax.unroll import reroll, unroll
+from hiera_jax.models import masking, pos_embed
+from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
+from hiera_jax.models.matmul import Dense
+from hiera_jax.models.scan import run_blocks, use_scan
+from hiera_jax.models.unroll import reroll, unroll
 
 
 @flax.struct.dataclass
@@ -227,7 +226,7 @@ class HieraEncoder(nn.Module):
                 name=f"blocks_{i}",
             )
 
-        # Runs of identical blocks go through one scan (hiera_jax.scan); init always runs them
+        # Runs of identical blocks go through one scan (hiera_jax.models.scan); init always runs them
         # one by one, so each block draws its parameters under its own name.
         scan = use_scan(cfg) and not self.is_initializing()
         block_cls = nn.remat(HieraBlock, static_argnums=(2, 3)) if cfg.remat else HieraBlock
@@ -350,11 +349,3 @@ class HieraForImageClassification(HieraEncoder):
                 extras.update(pooled=pooled, feature_maps=tuple(maps))
             return logits, extras
         return logits
-
-
-def init_params(model: nn.Module, key: jax.Array, batch: int = 1) -> dict:
-    """Initialise parameters with a dummy input of the model's configured shape."""
-    cfg = model.config
-    x = jnp.zeros((batch, *cfg.input_size, cfg.in_chans), jnp.float32)
-    init = jax.jit(lambda k: model.init({"params": k, "mask": k, "dropout": k}, x)["params"])
-    return init(key)

@@ -12,13 +12,13 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hiera_jax import masking
-from hiera_jax.config import HieraConfig
-from hiera_jax.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
-from hiera_jax.matmul import Dense
-from hiera_jax.model import HieraEncoder
-from hiera_jax.scan import run_blocks, use_scan
-from hiera_jax.unroll import undo_windowing
+from hiera_jax.models import masking
+from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.hiera import HieraEncoder
+from hiera_jax.models.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
+from hiera_jax.models.matmul import Dense
+from hiera_jax.models.scan import run_blocks, use_scan
+from hiera_jax.models.unroll import undo_windowing
 
 
 def pixel_labels(x: jnp.ndarray, config: HieraConfig) -> jnp.ndarray:

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from hiera_jax import adapt, pos_embed
-from hiera_jax.config import HieraConfig
-from hiera_jax.convert import MODEL_TYPES, abstract_params, build_model
+from hiera_jax.models import pos_embed
+from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.factory import MODEL_TYPES, abstract_params, build_model
+from hiera_jax.weights import adapt
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -113,37 +114,17 @@ def read_preprocessing(directory: str) -> dict[str, Any] | None:
     return _read_meta(directory)[2].get("preprocessing")
 
 
-def load_pretrained(
-    name_or_dir: str | os.PathLike,
-    *,
-    in_chans: int | None = None,
-    source: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    **overrides: Any,
-):
-    """`(model, params)` for a pretrained name, a Hugging Face repo, a URL or a local directory.
-
-    `name_or_dir` is a directory written by `save_pretrained`, the converter or train.py, or
-    anything `hiera_jax.hub.resolve_pretrained` takes: one of our names (`hiera_tiny_224`,
-    `mae_hiera_base_224`, `hiera_base_16x224`, ..., `hiera_jax.list_pretrained()`), a Hugging
-    Face repo id (`facebook/hiera-tiny-224-in1k-hf`, `hf-hub:timm/hiera_base_224.mae`), a timm
-    name with its tag (`hiera_base_224.mae_in1k_ft_in1k`), an official `.pth` URL, or a PyTorch
-    checkpoint file. Those are downloaded (honouring `HF_HOME`, `HF_HUB_OFFLINE`; `revision`
-    and `token` go to the hub; `source` picks "hf", "timm" or "official" for our names) and
-    converted once into `hiera_jax.hub.cache_dir()`.
+def load_directory(directory: str | os.PathLike, *, in_chans: int | None = None, **overrides: Any):
+    """`(model, params)` from a model directory (`save_pretrained`, the converter, train.py).
 
     `overrides` replace config fields that do not change parameter shapes (e.g. `dtype`,
     `remat`, `drop_path_rate`, `mask_ratio`). `input_size` may also differ from the checkpoint's:
     the position embeddings are then resampled to the new token grid (bicubic in space, linear
-    in time for video; see `hiera_jax.pos_embed`). `in_chans` adapts the patch-embedding kernel
-    to another channel count as timm does (`hiera_jax.adapt`), so RGB weights serve 1- or
-    4-channel inputs (classification and backbone models).
+    in time for video; see `hiera_jax.models.pos_embed`). `in_chans` adapts the patch-embedding
+    kernel to another channel count as timm does (`hiera_jax.weights.adapt`), so RGB weights serve
+    1- or 4-channel inputs (classification and backbone models).
     """
-    from hiera_jax import hub
-
-    directory = hub.resolve_pretrained(name_or_dir, source=source, revision=revision, token=token)
-    directory = os.path.abspath(directory)
+    directory = os.path.abspath(os.fspath(directory))
     config, model_type, _ = read_config(directory)
     if in_chans is not None and in_chans != config.in_chans and model_type == "pretraining":
         adapt.adapt_in_chans({}, config, in_chans, model_type)  # raises with the reason

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hiera_jax.matmul import Dense
+from hiera_jax.models.matmul import Dense
 
 LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
 
@@ -296,7 +296,7 @@ class HieraBlock(nn.Module):
         """[B, N, dim] -> [B, N / q_stride, dim_out] (and the attention probabilities on request).
 
         `drop_inputs` replaces the `drop_path` rate and the dropout rng (blocks run under a scan,
-        `hiera_jax.scan`); None = the attribute's rate and the block's own keys.
+        `hiera_jax.models.scan`); None = the attribute's rate and the block's own keys.
         """
         dim = x.shape[-1]
         zero_bias_norms = self.mae_init or self.weight_init == "jax"  # torch LayerNorm (1, 0)

@@ -20,7 +20,7 @@ params) for any of
 - a local path: a hiera-jax directory (returned as is), a PyTorch checkpoint file (`.pth`,
   `.safetensors`, ...) or a Hugging Face model directory.
 
-Remote and PyTorch checkpoints are converted once, with `hiera_jax.convert`, into
+Remote and PyTorch checkpoints are converted once, with `hiera_jax.weights.convert`, into
 
     $HIERA_JAX_CACHE (default $HF_HOME/hiera_jax, i.e. ~/.cache/huggingface/hiera_jax)
       hf/<owner>--<repo>/<commit>/<variant>-<model_type>/     from the Hugging Face hub
@@ -49,9 +49,10 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from hiera_jax import convert as convert_lib
-from hiera_jax import pytorch_files
-from hiera_jax.config import VARIANTS, get_config
+from hiera_jax.models.config import VARIANTS, get_config
+from hiera_jax.weights import convert as convert_lib
+from hiera_jax.weights import formats
+from hiera_jax.weights.directory import CONFIG_FILE, FORMAT, save_pretrained
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/hiera/{file}.pth"
 SOURCE_KINDS = ("hf", "timm", "official")
@@ -272,8 +273,6 @@ def _resolve_entry(
 
 def _resolve_local(path: str) -> str:
     """A hiera-jax directory as is; a PyTorch file or Hugging Face directory converted once."""
-    from hiera_jax.io import CONFIG_FILE
-
     if os.path.isdir(path):
         config = os.path.join(path, CONFIG_FILE)
         weights = [os.path.join(path, f) for f in WEIGHT_FILES]
@@ -295,7 +294,6 @@ def _resolve_local(path: str) -> str:
 
 
 def _is_hiera_jax_config(path: str) -> bool:
-    from hiera_jax.io import FORMAT
 
     try:
         with open(path) as f:
@@ -538,8 +536,6 @@ def _write_text(path: str, text: str) -> None:
 # ---------------------------------------------------------------------- conversion, once
 def _find_converted(base: str, entry: Pretrained | None) -> str | None:
     """A finished conversion under `base` (for `entry`'s variant if given), or None."""
-    from hiera_jax.io import CONFIG_FILE
-
     if not os.path.isdir(base):
         return None
     wanted = f"{entry.model}-{entry.model_type}" if entry is not None else None
@@ -564,9 +560,8 @@ def _convert_cached(
     converted = _find_converted(base, entry)
     if converted:
         return converted
-    from hiera_jax.io import save_pretrained
 
-    state_dict, _ = pytorch_files.read_state_dict(weight_file)
+    state_dict, _ = formats.read_state_dict(weight_file)
     state_dict = convert_lib.unwrap_state_dict(state_dict)
     name, model_type, overrides = infer_variant(state_dict)
     if entry is not None and (name, model_type) != (entry.model, entry.model_type):
@@ -577,7 +572,7 @@ def _convert_cached(
     config = get_config(name, **overrides)
     hf_config = _read_json(hf_config_file) if hf_config_file else None
     if isinstance(hf_config, Mapping) and hf_config.get("model_type") == "hiera":
-        pytorch_files.check_hf_config(dict(hf_config), config)
+        formats.check_hf_config(dict(hf_config), config)
     print(
         f"hiera_jax: converting {weight_file} ({name}, {model_type}) into {base} (once)",
         file=sys.stderr,

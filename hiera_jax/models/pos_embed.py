@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hiera_jax.config import HieraConfig
+from hiera_jax.models.config import HieraConfig
 
 _CUBIC_A = -0.75  # torch's bicubic coefficient (PIL and jax.image.resize use -0.5)
 

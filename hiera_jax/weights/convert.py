@@ -17,43 +17,12 @@ import flax
 import jax
 import numpy as np
 
-from hiera_jax.config import HieraConfig, is_pretraining_name, resolve_config
+from hiera_jax.models.config import HieraConfig, resolve_config
+from hiera_jax.models.factory import abstract_params, model_type_for
 
 SOURCES = ("official", "timm", "hf")
-MODEL_TYPES = ("classification", "pretraining", "backbone")
 _INDEXED_MODULES = ("blocks", "decoder_blocks", "multi_scale_fusion_heads")
 _ABSWIN_TABLES = ("pos_embed", "pos_embed_win")  # 4-D only in timm's abswin models
-
-
-# ---------------------------------------------------------------------- model types
-def model_type_for(name_or_config: str | HieraConfig, model_type: str | None) -> str:
-    if model_type is not None:
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-        return model_type
-    if isinstance(name_or_config, str) and is_pretraining_name(name_or_config):
-        return "pretraining"
-    return "classification"
-
-
-def build_model(config: HieraConfig, model_type: str):
-    from hiera_jax.mae import HieraForPreTraining
-    from hiera_jax.model import HieraForImageClassification, HieraModel
-
-    classes = {
-        "classification": HieraForImageClassification,
-        "pretraining": HieraForPreTraining,
-        "backbone": HieraModel,
-    }
-    return classes[model_type](config)
-
-
-def abstract_params(config: HieraConfig, model_type: str) -> dict:
-    """Shapes of the Flax parameters of a model, without allocating them."""
-    from hiera_jax.model import init_params
-
-    model = build_model(config, model_type)
-    return jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
 
 
 # ---------------------------------------------------------------------- source formats

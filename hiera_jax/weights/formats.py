@@ -1,7 +1,7 @@
 """Reading PyTorch checkpoint files: official/timm `.pth`, `.safetensors`, Hugging Face directories.
 
 None of them needs torch. Safetensors (most Hugging Face checkpoints) are read with
-`safetensors.numpy`; pickled files (`.pth`, `.pt`, `.bin`, `.ckpt`) with `hiera_jax.torch_pickle`,
+`safetensors.numpy`; pickled files (`.pth`, `.pt`, `.bin`, `.ckpt`) with `hiera_jax.weights.torch_pickle`,
 a restricted unpickler that takes tensors and plain containers and refuses anything else (a pickle
 can run code) with a ValueError naming what it refused.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hiera_jax import torch_pickle
-from hiera_jax.config import HieraConfig
+from hiera_jax.models.config import HieraConfig
+from hiera_jax.weights import torch_pickle
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -1,0 +1,202 @@
+"""Command line: top-5 class names for images (or clips), and per-stage features to `.npz`.
+
+    python -m hiera_jax.predict --checkpoint checkpoints/hiera_tiny_224 cat.jpg dog.png
+    python -m hiera_jax.predict --checkpoint DIR --features feats.npz cat.jpg
+    python -m hiera_jax.predict --checkpoint hiera_tiny_224 cat.jpg  # published weights, by name
+    python -m hiera_jax.predict --model hiera_tiny_224 cat.jpg      # random weights: demo only
+
+`--features` writes `stage1` ... `stageN` arrays [N_inputs, (T), H, W, C] (spatial order,
+channels-last), `files` (the inputs, in order) and, for classifiers, `probs`.
+Video models (`*_16x224`) take `.npy` [T, H, W, C] arrays, folders of frames, animated GIFs or,
+with PyAV installed, video files; a clip is 16 frames at temporal stride 4.
+
+Errors (missing or unreadable inputs, a bad checkpoint, an unknown model, bad options) print one
+line `error: ...` on stderr and exit with code 2; `--verbose` adds the traceback. `--top-k` above
+the model's number of classes shows every class, with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import NoReturn
+
+import numpy as np
+
+from hiera_jax.models.config import list_models
+
+PROG = "python -m hiera_jax.predict"
+EXIT_ERROR = 2  # bad arguments, inputs or checkpoints (as argparse's usage errors)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit code 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {PROG} --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    """Print `error: message` as one line on stderr and exit with code 2."""
+    line = " ".join(str(message).split())
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(EXIT_ERROR)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(
+        prog=PROG,
+        description="Hiera (JAX) predictions and feature maps for image or video files.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (or clips)")
+    parser.add_argument(
+        "--checkpoint",
+        help="model directory (converter / save_pretrained / train.py), or a pretrained name "
+        "(hiera_tiny_224, facebook/hiera-tiny-224-in1k-hf, hiera_base_224.mae_in1k_ft_in1k, "
+        "a .pth URL or file): downloaded and converted once into the cache",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="without --checkpoint: a RANDOMLY initialised variant, for a demo (e.g. "
+        f"hiera_tiny_224); one of {', '.join(list_models())}",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=_positive_int,
+        help="run at this square size (resamples pos embeds)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=5,
+        help="classes shown per input (>= 1; more than the model has shows them all, with a note)",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--temporal-stride", type=_positive_int, default=4, help="video: frames between samples"
+    )
+    parser.add_argument("--features", metavar="OUT.npz", help="write per-stage feature maps here")
+    parser.add_argument("--seed", type=int, default=0, help="init seed of a random --model")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the traceback of an error as well"
+    )
+    args = parser.parse_args(argv)
+    if args.model is not None and args.model not in list_models():
+        close = difflib.get_close_matches(args.model, list_models(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(
+            f"unknown model name {args.model!r}{hint}; known models: {', '.join(list_models())}"
+        )
+    if not args.checkpoint and not args.model:
+        parser.error("give --checkpoint DIR, or --model NAME for a random-weight demo")
+    return args
+
+
+def build_predictor(args: argparse.Namespace):
+    """The Predictor for `--checkpoint` (or a random `--model`); OSError / ValueError if not."""
+    from hiera_jax import inference
+    from hiera_jax.weights import hub
+
+    overrides = {"dtype": args.dtype}
+    if args.checkpoint:
+        if args.input_size:
+            overrides["input_size"] = args.input_size
+        try:
+            directory = hub.resolve_pretrained(args.checkpoint)  # names, repos, URLs -> a dir
+            return inference.Predictor.from_pretrained(
+                directory, batch_size=args.batch_size, **overrides
+            )
+        except (OSError, ValueError) as err:
+            msg = str(err)
+            if args.checkpoint not in msg and os.path.abspath(args.checkpoint) not in msg:
+                msg = f"{args.checkpoint}: {msg}"
+            raise ValueError(f"cannot load checkpoint {args.checkpoint}: {msg}") from err
+    if args.input_size:
+        dims = 3 if "16x" in args.model else 2
+        overrides["input_size"] = (16,) * (dims - 2) + (args.input_size, args.input_size)
+    try:
+        return inference.Predictor.random(
+            args.model, seed=args.seed, batch_size=args.batch_size, **overrides
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"cannot build {args.model} at --input-size {args.input_size}: {err}"
+        ) from err
+
+
+def _warn_random(args: argparse.Namespace) -> None:
+    print(
+        "\n" + "!" * 78 + f"\nWARNING: no --checkpoint given: {args.model} has RANDOM weights "
+        f"(seed {args.seed}).\nIts predictions and features are MEANINGLESS; use it only to try "
+        "the pipeline.\n" + "!" * 78 + "\n",
+        file=sys.stderr,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command for parsed `args`; OSError / ValueError for anything the user can fix."""
+    missing = [path for path in args.inputs if not os.path.exists(path)]
+    if missing:  # before loading a model
+        raise FileNotFoundError(f"input file not found: {', '.join(missing)}")
+    predictor = build_predictor(args)
+    predictor.temporal_stride = args.temporal_stride
+    batch = predictor.preprocess(args.inputs)
+    if not args.checkpoint:
+        _warn_random(args)
+    outputs: dict[str, np.ndarray] = {}
+    if predictor.has_head:
+        probs = predictor.predict(batch, preprocessed=True)
+        outputs["probs"] = probs
+        k = min(args.top_k, probs.shape[-1])
+        if k < args.top_k:
+            print(
+                f"note: --top-k {args.top_k} is more than the model's {k} classes; showing all {k}",
+                file=sys.stderr,
+            )
+        for path, row in zip(args.inputs, probs):
+            print(path)
+            for rank, idx in enumerate(np.argsort(-row, kind="stable")[:k], start=1):
+                print(f"  {rank}. {row[idx]:.4f}  {predictor.names[idx]}  (class {idx})")
+    elif not args.features:
+        raise ValueError(
+            f"{args.checkpoint} is a {predictor.model_type} checkpoint with no classifier "
+            "head; use --features OUT.npz to extract feature maps"
+        )
+    if args.features:
+        maps = predictor.features(batch, preprocessed=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.features)), exist_ok=True)
+        np.savez(args.features, files=np.asarray(args.inputs), **maps, **outputs)
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in maps.items())
+        print(f"wrote {args.features}: {shapes}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI: 0 on success; errors print one line on stderr and exit with code 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (OSError, ValueError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

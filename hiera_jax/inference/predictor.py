@@ -1,0 +1,292 @@
+"""Inference: jitted batched prediction, top-k names and feature maps for one model.
+
+Three lines from a converted checkpoint to named predictions:
+
+    from hiera_jax import inference
+    predictor = inference.Predictor.from_pretrained("checkpoints/hiera_tiny_224")
+    print(predictor.top_k(["cat.jpg"], k=5))
+
+Inputs go through `hiera_jax.inference.preprocess` (the official pipeline).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from hiera_jax.inference.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VIDEO_TEMPORAL_STRIDE,
+    class_names,
+    load_video,
+    preprocess_image,
+    preprocess_video,
+)
+from hiera_jax.models.config import HieraConfig, get_config
+from hiera_jax.models.factory import build_model, init_params
+from hiera_jax.models.hiera import HieraEncoder, HieraForImageClassification
+from hiera_jax.weights.directory import read_config, read_preprocessing
+from hiera_jax.weights.loading import load_pretrained
+
+
+# ---------------------------------------------------------------------- prediction
+class _Features(HieraEncoder):
+    """The encoder alone: per-stage maps from any checkpoint (classifier, backbone or MAE)."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+        _, maps = self.encode(x, None, train=False, return_intermediates=True)
+        return tuple(maps)
+
+
+@functools.cache
+def _jitted_probs(config: HieraConfig):
+    """`(params, x) -> softmax(logits)`, jitted once per config."""
+    classifier = HieraForImageClassification(config)
+    return jax.jit(lambda p, x: jax.nn.softmax(classifier.apply({"params": p}, x), axis=-1))
+
+
+@functools.cache
+def _jitted_maps(config: HieraConfig):
+    """`(params, x) -> per-stage maps`, jitted once per config."""
+    features = _Features(config)
+    return jax.jit(lambda p, x: features.apply({"params": p}, x))
+
+
+def _bucket(n: int, batch_size: int) -> int:
+    """Padded batch for `n` inputs: the next power of two up to `batch_size` (few compiles)."""
+    return min(batch_size, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class Predictor:
+    """Jitted, batched class probabilities, top-k names and feature maps for one model.
+
+    Inputs are a sequence (list, or a batch array along its first axis) of raw images: PIL
+    images, file paths, or channels-last arrays [H, W] / [H, W, C] with C in (1, 3, 4) (RGBA
+    loses its alpha; one channel is repeated for RGB models, RGB becomes luma for 1-channel
+    models). Video models take clips instead: a file path, a folder of frames, a sequence of
+    frames or an array [T, H, W, C].
+
+    Value-range policy, so 0-255 data can never pass as a washed-out [0, 1] image:
+
+    - uint8 arrays (and PIL images) are 0-255; 16-bit PIL images are scaled to 0-255.
+    - float arrays are [0, 1] (ToTensor-style). Values below -0.5 or above 1.5 raise
+      ValueError ("float images must be in [0, 1] ..."): pass uint8 for 0-255 data or divide
+      by 255. The margin admits resampling overshoot, nothing more.
+    - other dtypes (int64, bool, ...), NaN or inf, an empty input list or batch, a single image
+      where a sequence is expected, and channels-first [C, H, W] arrays raise ValueError.
+
+    `preprocessed=True` skips the pipeline: the batch must already be the model's normalised
+    float input [B, (T), H, W, C]; integer dtypes, NaN/inf, empty batches and values far outside
+    what normalising [0, 1] pixels with this predictor's mean/std gives raise ValueError.
+    """
+
+    def __init__(
+        self,
+        config: HieraConfig,
+        params: Any,
+        *,
+        model_type: str = "classification",
+        batch_size: int = 8,
+        names: Sequence[str] | None = None,
+        temporal_stride: int = VIDEO_TEMPORAL_STRIDE,
+        source: str = "model",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if len(mean) != config.in_chans or len(std) != config.in_chans:
+            raise ValueError(
+                f"{source}: mean/std have {len(mean)}/{len(std)} values but the model takes "
+                f"{config.in_chans} channels"
+            )
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.config = config
+        self.params = params
+        self.model_type = model_type
+        self.batch_size = batch_size
+        self.temporal_stride = temporal_stride
+        self.source = source
+        self.has_head = model_type == "classification"
+        self.names = tuple(names) if names is not None else class_names(config.num_classes)
+        self._probs = _jitted_probs(config)
+        self._maps = _jitted_maps(config)
+
+    # construction --------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
+        """Load a `save_pretrained` / converter / train.py directory, or any name
+        `hiera_jax.load_pretrained` takes (hub names, repo ids); overrides: `input_size`, `dtype`..."""
+        from hiera_jax.weights import hub
+
+        hub_args = {k: overrides.pop(k) for k in ("source", "revision", "token") if k in overrides}
+        directory = hub.resolve_pretrained(directory, **hub_args)
+        _, model_type, _ = read_config(directory)
+        # Normalise as the model was trained (train.py stores it); ImageNet's for converted ones.
+        norm = read_preprocessing(directory) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        batch_size = overrides.pop("batch_size", 8)
+        model, params = load_pretrained(directory, **overrides)
+        return cls(
+            model.config,
+            params,
+            model_type=model_type,
+            batch_size=batch_size,
+            source=directory,
+            mean=norm["mean"],
+            std=norm["std"],
+        )
+
+    @classmethod
+    def random(
+        cls, name: str, *, seed: int = 0, batch_size: int = 8, **overrides: Any
+    ) -> Predictor:
+        """A randomly initialised official variant: for demos and tests, predictions mean nothing."""
+        config = get_config(name, **overrides)
+        model_type = "pretraining" if name.startswith("mae_") else "classification"
+        params = init_params(build_model(config, model_type), jax.random.key(seed))
+        return cls(
+            config, params, model_type=model_type, batch_size=batch_size, source=f"random {name}"
+        )
+
+    # preprocessing -------------------------------------------------------------
+    def _check_sequence(self, inputs: Any) -> None:
+        """ValueError when `inputs` is one image (or clip) rather than a sequence of them."""
+        kind = "clip" if self.config.is_video else "image"
+        if isinstance(inputs, (str, os.PathLike, Image.Image)):
+            raise ValueError(
+                f"expected a sequence of inputs, got one {type(inputs).__name__}; for one {kind} "
+                f"pass [{kind}]"
+            )
+        if hasattr(inputs, "ndim"):  # an array: a batch along its first axis
+            one = 4 if self.config.is_video else 3  # [T, H, W, C] / [H, W, C]
+            if inputs.ndim < one or (inputs.ndim == one and inputs.shape[-1] in (1, 3, 4)):
+                layout = "[B, T, H, W, C]" if self.config.is_video else "[B, H, W, C]"
+                raise ValueError(
+                    f"expected a batch {layout} or a list of {kind}s, got an array of shape "
+                    f"{tuple(inputs.shape)} (one {kind}?); for one {kind} pass [{kind}]"
+                )
+
+    def preprocess(self, inputs: Iterable[Any]) -> np.ndarray:
+        """Images (or clips for video models) of any size -> the model's input batch."""
+        self._check_sequence(inputs)
+        cfg = self.config
+        crop = tuple(cfg.input_size[-2:])
+        out = []
+        for index, item in enumerate(inputs):
+            path = isinstance(item, (str, os.PathLike))
+            name = os.fspath(item) if path else f"input {index}"
+            if cfg.is_video:
+                frames = load_video(item) if isinstance(item, (str, os.PathLike)) else item
+                out.append(
+                    preprocess_video(
+                        frames,
+                        cfg.input_size[0],
+                        self.temporal_stride,
+                        crop,
+                        source=name,
+                        mean=self.mean,
+                        std=self.std,
+                    )
+                )
+            else:
+                out.append(preprocess_image(item, crop, mean=self.mean, std=self.std, source=name))
+        if not out:
+            raise ValueError("no inputs given (empty list or batch)")
+        return np.stack(out)
+
+    def _check_preprocessed(self, inputs: Any) -> np.ndarray:
+        """A normalised float32 batch, or ValueError for input that cannot be one."""
+        batch = np.asarray(inputs)
+        if not np.issubdtype(batch.dtype, np.floating):
+            raise ValueError(
+                f"preprocessed=True takes the model's normalised float input, got dtype "
+                f"{batch.dtype}; pass raw images without preprocessed=True (uint8 0-255 or float "
+                "0-1), or normalise as (x / 255 - mean) / std"
+            )
+        if batch.ndim == 0 or batch.shape[0] == 0:
+            raise ValueError(f"no inputs given (empty batch of shape {batch.shape})")
+        batch = batch.astype(np.float32, copy=False)
+        if not np.isfinite(batch).all():
+            raise ValueError("preprocessed input holds NaN or inf values")
+        # Normalised pixels lie in [(0 - mean) / std, (1 - mean) / std]; allow pixel values in
+        # [-1, 2] (resampling overshoot) before calling the batch raw pixels.
+        mean, std = np.asarray(self.mean), np.asarray(self.std)
+        lo_ok, hi_ok = float(np.min((-1 - mean) / std)), float(np.max((2 - mean) / std))
+        lo, hi = float(batch.min()), float(batch.max())
+        if lo < lo_ok or hi > hi_ok:
+            raise ValueError(
+                f"preprocessed input has values in [{lo:.4g}, {hi:.4g}], outside what normalised "
+                f"images give (about [{float(np.min(-mean / std)):.3g}, "
+                f"{float(np.max((1 - mean) / std)):.3g}] for mean {self.mean}, std {self.std}); "
+                "pass raw images without preprocessed=True, or normalise as (x / 255 - mean) / std"
+            )
+        return batch
+
+    def _run(self, fn, batch: np.ndarray):
+        """`fn(params, x)` over `batch` in padded chunks of at most `batch_size`."""
+        results = []
+        for begin in range(0, len(batch), self.batch_size):
+            chunk = batch[begin : begin + self.batch_size]
+            n = len(chunk)
+            padded = _bucket(n, self.batch_size)
+            if padded > n:
+                chunk = np.concatenate(
+                    [chunk, np.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)]
+                )
+            out = jax.device_get(fn(self.params, jnp.asarray(chunk)))
+            results.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *results)
+
+    # outputs -------------------------------------------------------------------
+    def predict(
+        self, inputs: Iterable[Any] | np.ndarray, *, preprocessed: bool = False
+    ) -> np.ndarray:
+        """Class probabilities [B, num_classes] (float32, rows sum to 1)."""
+        if not self.has_head:
+            raise ValueError(
+                f"{self.source} is a {self.model_type} checkpoint with no classifier head: it "
+                "gives features, not class probabilities"
+            )
+        batch = self._check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
+        return self._run(self._probs, batch)
+
+    def top_k(self, inputs: Iterable[Any], k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per input, the `k` most probable (class name, probability), best first.
+
+        `k` must be a positive integer; above the number of classes it gives every class.
+        """
+        check_top_k(k)
+        probs = self.predict(inputs)
+        k = min(int(k), probs.shape[-1])
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        return [[(self.names[i], float(p[i])) for i in row] for row, p in zip(order, probs)]
+
+    def features(
+        self, inputs: Iterable[Any] | np.ndarray, *, preprocessed: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Per-stage maps `stage{i}`: [B, (T), H, W, C] in spatial order, channels-last."""
+        batch = self._check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
+        maps = self._run(self._maps, batch)
+        return {f"stage{i + 1}": m for i, m in enumerate(maps)}
+
+
+def check_top_k(k: Any) -> None:
+    """ValueError unless `k` is a positive integer (0 would print nothing, -1 almost everything)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (top-k) must be a positive integer, got {k!r}")
+
+
+def predict(
+    model: nn.Module, params: Any, images: Iterable[Any], batch_size: int = 8
+) -> np.ndarray:
+    """Probabilities of a classifier `model` for images (or clips) of any size."""
+    return Predictor(model.config, params, batch_size=batch_size).predict(images)

@@ -1,0 +1,48 @@
+"""Building a model by type, and its parameters: real (random init) or shapes only."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hiera_jax.models.config import HieraConfig, is_pretraining_name
+from hiera_jax.models.hiera import HieraForImageClassification, HieraModel
+from hiera_jax.models.mae import HieraForPreTraining
+
+# What a checkpoint holds: a classifier, an MAE (with decoder), or the encoder alone (HieraModel).
+MODEL_TYPES = ("classification", "pretraining", "backbone")
+
+
+def model_type_for(name_or_config: str | HieraConfig, model_type: str | None) -> str:
+    """`model_type` if given (checked), else "pretraining" for `mae_*` names, else "classification"."""
+    if model_type is not None:
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+        return model_type
+    if isinstance(name_or_config, str) and is_pretraining_name(name_or_config):
+        return "pretraining"
+    return "classification"
+
+
+def build_model(config: HieraConfig, model_type: str) -> nn.Module:
+    classes = {
+        "classification": HieraForImageClassification,
+        "pretraining": HieraForPreTraining,
+        "backbone": HieraModel,
+    }
+    return classes[model_type](config)
+
+
+def init_params(model: nn.Module, key: jax.Array, batch: int = 1) -> dict:
+    """Initialise parameters with a dummy input of the model's configured shape."""
+    cfg = model.config
+    x = jnp.zeros((batch, *cfg.input_size, cfg.in_chans), jnp.float32)
+    init = jax.jit(lambda k: model.init({"params": k, "mask": k, "dropout": k}, x)["params"])
+    return init(key)
+
+
+def abstract_params(config: HieraConfig, model_type: str) -> dict:
+    """Shapes of the Flax parameters of a model, without allocating them."""
+    model = build_model(config, model_type)
+    return jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
