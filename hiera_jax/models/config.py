@@ -1,10 +1,25 @@
-"""Hiera configuration and the registry of official variants.
+"""Hiera configuration in two vocabularies, and the registry of official variants.
 
-`HieraConfig` carries the keyword arguments of the official `Hiera` / `MaskedAutoencoderHiera`
-constructors under the same names, so a config reads like the PyTorch call that built the
-checkpoint. Everything the modules need that follows from those arguments (per-block widths,
-window sizes, unroll schedules) is derived here once, in plain Python, so the modules only see
-static shapes.
+`HieraConfig` stores one canonical form whose field names are the keyword arguments of the official
+`Hiera` / `MaskedAutoencoderHiera` constructors (`stages`, `q_pool`, `dim_mul`, ...), so a config
+reads like the PyTorch call that built a checkpoint. It is also built from, and written as, the
+Hugging Face `transformers.HieraConfig` (`depths`, `num_query_pool`, `embed_dim_multiplier`, ...):
+both spellings of a field land in the same field, `to_dict()` writes transformers' `config.json`,
+and the Hugging Face names read back as properties. Everything the modules need that follows from
+the fields (per-block widths, windows, unroll schedules) is derived here once, in plain Python, so
+the modules only see static shapes.
+
+Two things differ between the two codebases, not only in name:
+
+- `num_heads` is one number per stage here (transformers' form). The official `num_heads=1,
+  head_mul=2.0` is accepted and expanded as the official constructor does.
+- For some architectures the two compute different models from the same hyper-parameters:
+  transformers shrinks attention windows by the query stride at every stage, pooled or not, and
+  lets a stage's first block use mask-unit attention if either its own stage or the previous one
+  does; the official code shrinks windows only where it pools and takes the previous stage's
+  choice. They agree for every published model. `block_rule` records which rule a config means:
+  configs written with transformers' names get "transformers", the official names "official", and
+  where the two give the same blocks it is stored as "official", so equal models compare equal.
 """
 
 from __future__ import annotations
@@ -12,15 +27,61 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hiera_jax.models.activations import ACTIVATIONS
+
 Shape = tuple[int, ...]
+
+# ---------------------------------------------------------------------- vocabularies
+# transformers' HieraConfig name -> the canonical (official) field it sets.
+HF_ALIASES: dict[str, str] = {
+    "image_size": "input_size",
+    "num_channels": "in_chans",
+    "depths": "stages",
+    "num_query_pool": "q_pool",
+    "query_stride": "q_stride",
+    "masked_unit_size": "mask_unit_size",
+    "masked_unit_attention": "mask_unit_attn",
+    "embed_dim_multiplier": "dim_mul",
+    "patch_size": "patch_kernel",
+    "decoder_hidden_size": "decoder_embed_dim",
+    "num_labels": "num_classes",
+}
+# Keys of transformers' config.json files that describe the file or PyTorch, not the model:
+# accepted and ignored (`dtype` / `torch_dtype` there is the storage dtype of the weights).
+HF_METADATA_KEYS = frozenset(
+    {
+        "transformers_version", "architectures", "model_type", "_name_or_path", "name_or_path",
+        "dtype", "torch_dtype", "hidden_size", "stage_names", "_commit_hash", "use_bfloat16",
+        "torchscript", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings",
+        "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+        "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task", "tokenizer_class",
+        "prefix", "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id",
+        "decoder_start_token_id", "task_specific_params", "max_length", "min_length",
+        "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+        "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+        "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+        "num_return_sequences", "output_scores", "return_dict_in_generate",
+        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+        "_attn_implementation_autoset", "_attn_implementation_internal", "auto_map",
+        "per_layer_config", "tie_last_hidden_states",
+    }
+)  # fmt: skip
+# transformers-only inputs that map onto canonical fields by a rule, not a rename.
+HF_DERIVED_INPUTS = ("id2label", "label2id", "out_features", "out_indices")
+# Official-constructor inputs expanded into canonical fields (per-stage heads).
+OFFICIAL_INPUTS = ("head_mul",)
+HF_EXTRAS_KEY = "hiera_jax"  # our fields transformers has no name for, inside config.json
+BLOCK_RULES = ("official", "transformers")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    """Static description of one encoder block, as the official constructor loop computes it."""
+    """Static description of one encoder block, as the constructor loop computes it."""
 
     dim: int
     dim_out: int
@@ -31,30 +92,39 @@ class BlockSpec:
     drop_path: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class HieraConfig:
-    """Hyper-parameters of a Hiera model; field names follow the official `Hiera` kwargs."""
+    """Hyper-parameters of a Hiera model: official field names, transformers' accepted too.
 
-    input_size: Shape = (224, 224)  # (H, W) for images, (T, H, W) for video
-    in_chans: int = 3
+    `HieraConfig(stages=(1, 2, 7, 2), num_heads=1)` and
+    `HieraConfig(depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8])` are the same config. An unknown
+    keyword, a field given under both names, or a value the models cannot honour is a ValueError.
+    """
+
+    input_size: Shape = (224, 224)  # (H, W) for images, (T, H, W) for video; HF image_size
+    in_chans: int = 3  # HF num_channels
     embed_dim: int = 96  # width of the first stage
-    num_heads: int = 1  # heads of the first stage
-    num_classes: int = 1000
-    stages: Shape = (2, 3, 16, 3)  # blocks per stage
-    q_pool: int = 3  # number of stage transitions that pool queries
-    q_stride: Shape = (2, 2)
-    mask_unit_size: Shape = (8, 8)  # in tokens
-    mask_unit_attn: tuple[bool, ...] = (True, True, False, False)
-    dim_mul: float = 2.0
-    head_mul: float = 2.0
-    patch_kernel: Shape = (7, 7)
+    num_heads: Shape = (1, 2, 4, 8)  # heads per stage (official: num_heads=1, head_mul=2.0)
+    num_classes: int = 1000  # HF num_labels
+    stages: Shape = (2, 3, 16, 3)  # blocks per stage; HF depths
+    q_pool: int = 3  # number of stage transitions that pool queries; HF num_query_pool
+    q_stride: Shape = (2, 2)  # HF query_stride
+    mask_unit_size: Shape = (8, 8)  # in tokens; HF masked_unit_size
+    mask_unit_attn: tuple[bool, ...] = (True, True, False, False)  # HF masked_unit_attention
+    dim_mul: float = 2.0  # HF embed_dim_multiplier
+    patch_kernel: Shape = (7, 7)  # HF patch_size
     patch_stride: Shape = (4, 4)
     patch_padding: Shape = (3, 3)
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
-    norm_layer: str = "LayerNorm"  # the only norm the official models use (eps 1e-6)
+    hidden_act: str = "gelu"  # the MLP's activation (transformers' names; gelu = exact erf)
+    layer_norm_eps: float = 1e-6
+    block_rule: str = "official"  # "official" or "transformers": see the module docstring
+    norm_layer: str = "LayerNorm"  # the only norm the official models use
     head_dropout: float = 0.0
     head_init_scale: float = 0.001
+    initializer_range: float = 0.02  # std of the classifier-style init (official trunc_normal)
+    layer_norm_init: float = 1.0  # initial LayerNorm scale
     sep_pos_embed: bool = False  # separate spatial/temporal position embeddings (video)
     # timm-only options (`timm.models.hiera.Hiera` kwargs, used by the *_abswin_* variants).
     abs_win_pos_embed: bool = False  # global table resized to the grid + a tiled window table
@@ -63,10 +133,18 @@ class HieraConfig:
     use_expand_proj: bool = True  # False: widen by concatenating max- and avg-pooled x
     weight_init: str = ""  # "" = the official init; "jax" = timm's jax init and fix_init
     # MAE decoder (official `MaskedAutoencoderHiera` kwargs) and masking.
-    decoder_embed_dim: int = 512
+    decoder_embed_dim: int = 512  # HF decoder_hidden_size
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     mask_ratio: float = 0.6  # fraction of mask units dropped (0.6 images, 0.9 video)
+    normalize_pixel_loss: bool = True  # MAE targets normalised per patch (official norm_pix)
+    # Labels and outputs (transformers' id2label, problem_type, out_features / out_indices).
+    class_names: tuple[str, ...] | None = None  # names of the classes in order; None = unnamed
+    problem_type: str | None = None  # classification loss: None = chosen by the labels' dtype
+    out_stage_indices: tuple[int, ...] | None = None  # HieraBackbone outputs; None = last stage
+    output_hidden_states: bool = False  # the Hugging Face-style call's defaults
+    output_attentions: bool = False
+    return_dict: bool = True
     # Execution switches: they change speed and memory, never the parameters.
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     remat: bool = False  # rematerialise each block in the backward pass
@@ -74,13 +152,15 @@ class HieraConfig:
     # tracing for a GPU, where the unrolled blocks ran 25% faster (BENCHMARKS.md).
     scan_blocks: bool | None = None
 
-    def __post_init__(self) -> None:
-        # Accept lists (JSON, command lines) but store tuples, so configs stay hashable.
+    def __init__(self, **kwargs: Any) -> None:
+        values = _canonical_kwargs(kwargs)
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, list):
-                object.__setattr__(self, field.name, tuple(value))
+            value = values.pop(field.name, field.default)
+            object.__setattr__(self, field.name, _freeze(value))
+        assert not values, values  # _canonical_kwargs rejects unknown names
         self.validate()
+        if self.block_rule == "transformers" and self._rules_agree():
+            object.__setattr__(self, "block_rule", "official")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -88,10 +168,19 @@ class HieraConfig:
         dims = len(self.input_size)
         if dims not in (2, 3):
             raise ValueError(f"input_size must be (H, W) or (T, H, W), got {self.input_size}")
-        if any(isinstance(s, bool) or int(s) != s or s < 1 for s in self.input_size):
-            raise ValueError(f"input_size must hold positive integers, got {self.input_size}")
-        if int(self.in_chans) != self.in_chans or self.in_chans < 1:
-            raise ValueError(f"in_chans must be a positive integer, got {self.in_chans}")
+        for name in ("input_size", "stages", "num_heads", "q_stride", "mask_unit_size",
+                     "patch_kernel", "patch_stride", "global_pos_size"):  # fmt: skip
+            if any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in getattr(self, name)
+            ):
+                raise ValueError(f"{name} must hold positive integers, got {getattr(self, name)}")
+        for name in ("in_chans", "embed_dim", "num_classes", "decoder_embed_dim",
+                     "decoder_depth", "decoder_num_heads"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in self.patch_padding):
+            raise ValueError(f"patch_padding must hold integers >= 0, got {self.patch_padding}")
         for name in ("q_stride", "mask_unit_size", "patch_kernel", "patch_stride", "patch_padding"):
             if len(getattr(self, name)) != dims:
                 raise ValueError(
@@ -103,7 +192,7 @@ class HieraConfig:
                 raise ValueError(
                     "abs_win_pos_embed is for image models (2-D input_size, sep_pos_embed=False)"
                 )
-            if len(self.global_pos_size) != 2 or min(self.global_pos_size) < 1:
+            if len(self.global_pos_size) != 2:
                 raise ValueError(
                     f"global_pos_size must be (H, W) of positive sizes, got {self.global_pos_size}"
                 )
@@ -118,15 +207,34 @@ class HieraConfig:
             )
         if self.norm_layer != "LayerNorm":
             raise ValueError(f"norm_layer={self.norm_layer!r} is not supported; use 'LayerNorm'")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; supported: "
+                f"{', '.join(sorted(ACTIVATIONS))}"
+            )
+        if self.block_rule not in BLOCK_RULES:
+            raise ValueError(f"block_rule must be one of {BLOCK_RULES}, got {self.block_rule!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if len(self.stages) < 1 or min(self.stages) < 1:
-            raise ValueError(f"stages must be positive block counts, got {self.stages}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if not self.dim_mul > 0 or not self.mlp_ratio > 0:
+            raise ValueError(
+                f"dim_mul and mlp_ratio must be > 0, got {self.dim_mul} and {self.mlp_ratio}"
+            )
+        if len(self.num_heads) != len(self.stages):
+            raise ValueError(
+                f"num_heads {self.num_heads} has {len(self.num_heads)} entries but there are "
+                f"{len(self.stages)} stages: give one per stage, or one int for the first stage "
+                "(multiplied by head_mul at each stage)"
+            )
         if len(self.mask_unit_attn) != len(self.stages):
             raise ValueError(
                 f"mask_unit_attn has {len(self.mask_unit_attn)} entries but there are "
                 f"{len(self.stages)} stages"
             )
+        if isinstance(self.q_pool, bool) or not isinstance(self.q_pool, int):
+            raise ValueError(f"q_pool must be an integer, got {self.q_pool!r}")
         if not 0 <= self.q_pool < len(self.stages):
             raise ValueError(
                 f"q_pool={self.q_pool} is too large: it must be at least 0 and less than the "
@@ -158,11 +266,20 @@ class HieraConfig:
                     f"mask_unit_size {self.mask_unit_size} is not divisible by the pooled stride "
                     f"q_stride ** q_pool = {tuple(pooled)}"
                 )
-        for spec in self.block_specs:
+        tokens = self.num_tokens
+        for i, spec in enumerate(self.block_specs):
             if spec.dim_out % spec.heads:
                 raise ValueError(
                     f"a block of width {spec.dim_out} cannot split into {spec.heads} heads"
                 )
+            if spec.use_mask_unit_attn and (
+                spec.window_size < 1 or tokens % (spec.q_stride * spec.window_size)
+            ):
+                raise ValueError(
+                    f"block {i} attends within windows of {spec.window_size} tokens "
+                    f"(block_rule={self.block_rule!r}), which do not tile its {tokens} tokens"
+                )
+            tokens //= spec.q_stride
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError(
                 f"decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
@@ -170,6 +287,19 @@ class HieraConfig:
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names for num_classes={self.num_classes}"
+            )
+        if self.problem_type not in (
+            None, "regression", "single_label_classification", "multi_label_classification"
+        ):  # fmt: skip
+            raise ValueError(
+                f"problem_type must be None, 'regression', 'single_label_classification' or "
+                f"'multi_label_classification', got {self.problem_type!r}"
+            )
+        if self.out_stage_indices is not None:
+            _check_out_indices(self.out_stage_indices, len(self.stages) + 1)
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -211,38 +341,62 @@ class HieraConfig:
 
     @property
     def block_specs(self) -> tuple[BlockSpec, ...]:
-        """Per-block widths, heads, pooling and windows: the official constructor loop."""
-        embed_dim, num_heads = self.embed_dim, self.num_heads
+        """Per-block widths, heads, pooling and windows, by this config's `block_rule`."""
+        return self._block_specs(self.block_rule)
+
+    def _block_specs(self, rule: str) -> tuple[BlockSpec, ...]:
         flat_mu_size = math.prod(self.mask_unit_size)
         flat_q_stride = math.prod(self.q_stride)
         stage_ends = self.stage_ends
-        q_pool_blocks = [end + 1 for end in stage_ends[: self.q_pool]]
+        q_pool_blocks = {end + 1 for end in stage_ends[: self.q_pool]}
         depth = self.depth
-        # Linear from 0 to drop_path_rate over the blocks (official torch.linspace rule).
+        # Linear from 0 to drop_path_rate over the blocks (the torch.linspace rule of both).
         rates = [self.drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        specs, stage = [], 0
+        widths = [self.embed_dim]
+        for stage in range(1, len(self.stages)):
+            if rule == "official":  # int(embed_dim * dim_mul) at each transition
+                widths.append(int(widths[-1] * self.dim_mul))
+            else:  # transformers: int(embed_dim * embed_dim_multiplier ** stage)
+                widths.append(int(self.embed_dim * self.dim_mul**stage))
+        specs, stage, dim, pooled_mu = [], 0, self.embed_dim, flat_mu_size
         for i in range(depth):
-            dim_out = embed_dim
-            use_mask_unit_attn = self.mask_unit_attn[stage]  # lags one block behind the stage
-            if i - 1 in stage_ends:
-                dim_out = int(embed_dim * self.dim_mul)
-                num_heads = int(num_heads * self.head_mul)
+            first = i - 1 in stage_ends  # the first block of a stage after the first
+            if first:
                 stage += 1
+            if rule == "official":
+                # The official loop reads the attention switch before moving to the next stage.
+                use_mask_unit_attn = self.mask_unit_attn[stage - 1 if first else stage]
                 if i in q_pool_blocks:
-                    flat_mu_size //= flat_q_stride
+                    pooled_mu //= flat_q_stride
+                window = pooled_mu
+            else:
+                previous = self.mask_unit_attn[max(stage - 1, 0)]
+                use_mask_unit_attn = self.mask_unit_attn[stage] or ((first or i == 0) and previous)
+                window = int(flat_mu_size * flat_q_stride**-stage)
             specs.append(
                 BlockSpec(
-                    dim=embed_dim,
-                    dim_out=dim_out,
-                    heads=num_heads,
+                    dim=dim,
+                    dim_out=widths[stage],
+                    heads=self.num_heads[stage],
                     q_stride=flat_q_stride if i in q_pool_blocks else 1,
-                    window_size=flat_mu_size,
+                    window_size=window,
                     use_mask_unit_attn=use_mask_unit_attn,
                     drop_path=rates[i],
                 )
             )
-            embed_dim = dim_out
+            dim = widths[stage]
         return tuple(specs)
+
+    def _rules_agree(self) -> bool:
+        """Whether the official and transformers rules build the same blocks for this config."""
+
+        def shape(specs):  # an unused window size makes no difference
+            return [
+                dataclasses.replace(s, window_size=s.window_size if s.use_mask_unit_attn else 0)
+                for s in specs
+            ]
+
+        return shape(self._block_specs("official")) == shape(self._block_specs("transformers"))
 
     @property
     def block_runs(self) -> tuple[tuple[int, int], ...]:
@@ -316,23 +470,420 @@ class HieraConfig:
     def pred_dim(self) -> int:
         return self.pred_stride ** min(2, len(self.q_stride)) * self.in_chans
 
+    # ------------------------------------------------------------------ transformers' names
+    @property
+    def model_type(self) -> str:
+        return "hiera"
+
+    @property
+    def image_size(self) -> list[int]:
+        return list(self.input_size)
+
+    @property
+    def num_channels(self) -> int:
+        return self.in_chans
+
+    @property
+    def depths(self) -> list[int]:
+        return list(self.stages)
+
+    @property
+    def num_query_pool(self) -> int:
+        return self.q_pool
+
+    @property
+    def query_stride(self) -> list[int]:
+        return list(self.q_stride)
+
+    @property
+    def masked_unit_size(self) -> list[int]:
+        return list(self.mask_unit_size)
+
+    @property
+    def masked_unit_attention(self) -> list[bool]:
+        return list(self.mask_unit_attn)
+
+    @property
+    def embed_dim_multiplier(self) -> float:
+        return self.dim_mul
+
+    @property
+    def patch_size(self) -> list[int]:
+        return list(self.patch_kernel)
+
+    @property
+    def decoder_hidden_size(self) -> int:
+        return self.decoder_embed_dim
+
+    @property
+    def num_labels(self) -> int:
+        return self.num_classes
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class index -> name: the names given, else transformers' `LABEL_{i}`."""
+        names = self.class_names or tuple(f"LABEL_{i}" for i in range(self.num_classes))
+        return dict(enumerate(names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_features
+
+    @property
+    def stage_names(self) -> list[str]:
+        """`stem` (the embeddings) then `stage1` ... `stageN`: the backbone's output names."""
+        return ["stem"] + [f"stage{i}" for i in range(1, len(self.stages) + 1)]
+
+    @property
+    def out_indices(self) -> list[int]:
+        indices = self.out_stage_indices
+        return list(indices) if indices is not None else [len(self.stages)]
+
+    @property
+    def out_features(self) -> list[str]:
+        return [self.stage_names[i] for i in self.out_indices]
+
+    def is_transformers_compatible(self) -> str | None:
+        """None if transformers' HieraConfig describes this exact model, else why not."""
+        if self.is_video:
+            return "transformers has no video Hiera"
+        if self.sep_pos_embed or self.abs_win_pos_embed:
+            return "transformers' Hiera has one absolute position table (no sep/abswin tables)"
+        if self.init_values is not None or not self.use_expand_proj:
+            return "transformers' Hiera has no layer scale and always widens with a projection"
+        if self.block_rule == "official" and not self._rules_agree():
+            return (
+                "transformers computes this config's attention windows differently (its "
+                "block_rule is 'transformers'; this model follows the official code)"
+            )
+        return None
+
     # ------------------------------------------------------------------ (de)serialisation
-    def replace(self, **overrides: Any) -> HieraConfig:
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            known = ", ".join(f.name for f in dataclasses.fields(self))
-            raise ValueError(f"unknown HieraConfig field(s) {unknown}; known fields: {known}")
-        return dataclasses.replace(self, **overrides)
+    def replace(self, **changes: Any) -> HieraConfig:
+        """A copy with `changes` (either vocabulary) applied; the block rule is kept unless given.
+
+        Another number of stages keeps the rule of heads that grow by one factor per stage (the
+        official `num_heads` and `head_mul`); other per-stage heads must then be given too.
+        """
+        values = dataclasses.asdict(self)
+        names = set(changes)
+        canonical = {HF_ALIASES.get(k, k) for k in names}
+        if "num_heads" not in canonical:
+            stages = changes.get("stages", changes.get("depths"))
+            head_mul = changes.get("head_mul")
+            if head_mul is None and stages is not None and len(stages) != len(self.stages):
+                head_mul = self._head_multiplier()
+            if head_mul is not None:
+                values["num_heads"] = self.num_heads[0]
+                changes = {**changes, "head_mul": head_mul}
+        if {"id2label", "label2id"} & names:
+            values.pop("class_names")
+            values.pop("num_classes")
+        if {"out_features", "out_indices"} & names:
+            values.pop("out_stage_indices")
+        for key in canonical & set(values):
+            values.pop(key)
+        return type(self)(**values, **changes)
+
+    def _head_multiplier(self) -> float | None:
+        """The factor the heads grow by per stage, if they follow the official rule."""
+        heads = self.num_heads
+        if len(heads) == 1:
+            return 2.0
+        factor = heads[1] / heads[0]
+        for before, after in zip(heads, heads[1:]):
+            if int(before * factor) != after:
+                return None
+        return factor
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """transformers' `config.json` for this config, plus our own fields under `hiera_jax`."""
+        out: dict[str, Any] = {
+            "model_type": "hiera",
+            "embed_dim": self.embed_dim,
+            "image_size": list(self.input_size),
+            "patch_size": list(self.patch_kernel),
+            "patch_stride": list(self.patch_stride),
+            "patch_padding": list(self.patch_padding),
+            "mlp_ratio": self.mlp_ratio,
+            "depths": list(self.stages),
+            "num_heads": list(self.num_heads),
+            "embed_dim_multiplier": self.dim_mul,
+            "num_query_pool": self.q_pool,
+            "query_stride": list(self.q_stride),
+            "masked_unit_size": list(self.mask_unit_size),
+            "masked_unit_attention": list(self.mask_unit_attn),
+            "drop_path_rate": self.drop_path_rate,
+            "num_channels": self.in_chans,
+            "hidden_act": self.hidden_act,
+            "initializer_range": self.initializer_range,
+            "layer_norm_init": self.layer_norm_init,
+            "layer_norm_eps": self.layer_norm_eps,
+            "decoder_hidden_size": self.decoder_embed_dim,
+            "decoder_depth": self.decoder_depth,
+            "decoder_num_heads": self.decoder_num_heads,
+            "normalize_pixel_loss": self.normalize_pixel_loss,
+            "mask_ratio": self.mask_ratio,
+            "hidden_size": self.hidden_size,
+            "stage_names": self.stage_names,
+            "out_features": self.out_features,
+            "out_indices": self.out_indices,
+            "id2label": {str(i): name for i, name in self.id2label.items()},
+            "label2id": self.label2id,
+            "problem_type": self.problem_type,
+            "output_hidden_states": self.output_hidden_states,
+            "output_attentions": self.output_attentions,
+            "return_dict": self.return_dict,
+        }
+        out[HF_EXTRAS_KEY] = {name: _jsonable(getattr(self, name)) for name in _EXTRA_FIELDS}
+        return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> HieraConfig:
-        return cls().replace(**dict(values))
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> HieraConfig:
+        """A config from transformers' `config.json` (ours included), our older `config.json`
+        (`{"format": "hiera-jax", "config": {...}}`) or a plain dict of keyword arguments.
+
+        In a transformers file a missing `id2label` means 2 labels, as transformers reads it,
+        and the file's `dtype` (the weights' storage type) is not the compute dtype.
+        """
+        values = dict(values)
+        if values.get("format") == "hiera-jax" and isinstance(values.get("config"), Mapping):
+            return cls(**{**values["config"], **overrides})
+        if "model_type" in values:
+            if values["model_type"] != "hiera":
+                raise ValueError(
+                    f"config.json has model_type {values['model_type']!r}, not a Hiera model "
+                    "('hiera')"
+                )
+            extras = values.pop(HF_EXTRAS_KEY, None) or {}
+            if not isinstance(extras, Mapping):
+                raise ValueError(f"config.json's {HF_EXTRAS_KEY!r} entry must be an object")
+            values = {k: v for k, v in values.items() if k not in HF_METADATA_KEYS}  # dtype too
+            if not {"id2label", "num_labels", "num_classes"} & set(values):
+                values["num_labels"] = 2  # transformers' default, which its files leave out
+            values.update(extras)
+        return cls(**{**values, **overrides})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write `config.json` (transformers' form) into `directory`."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "config.json")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> HieraConfig:
+        """The config of a pretrained model: a directory, a Hugging Face repo id, or any name
+        `hiera_jax.load_pretrained` takes. `revision`, `token`, `source` go to the hub; other
+        keyword arguments override fields (either vocabulary)."""
+        if _PRETRAINED_READER is None:  # set when hiera_jax.weights is imported
+            raise RuntimeError("import hiera_jax to read pretrained configs")
+        hub_args = {k: kwargs.pop(k) for k in ("revision", "token", "source") if k in kwargs}
+        config = _PRETRAINED_READER(name_or_path, **hub_args)
+        return config.replace(**kwargs) if kwargs else config
+
+
+# Set by hiera_jax.weights: `(name_or_path, **hub_args) -> HieraConfig`. The config layer sits
+# below the weights layer, so the weights layer registers how to read a pretrained config.
+_PRETRAINED_READER: Callable[..., HieraConfig] | None = None
+
+
+def register_pretrained_reader(reader: Callable[..., HieraConfig]) -> None:
+    global _PRETRAINED_READER
+    _PRETRAINED_READER = reader
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(HieraConfig))
+_HF_FIELDS = frozenset(
+    {
+        "input_size", "in_chans", "embed_dim", "num_heads", "num_classes", "stages", "q_pool",
+        "q_stride", "mask_unit_size", "mask_unit_attn", "dim_mul", "patch_kernel",
+        "patch_stride", "patch_padding", "mlp_ratio", "drop_path_rate", "hidden_act",
+        "layer_norm_eps", "initializer_range", "layer_norm_init", "decoder_embed_dim",
+        "decoder_depth", "decoder_num_heads", "mask_ratio", "normalize_pixel_loss",
+        "class_names", "problem_type", "out_stage_indices", "output_hidden_states",
+        "output_attentions", "return_dict",
+    }
+)  # fmt: skip
+_EXTRA_FIELDS = tuple(name for name in _FIELDS if name not in _HF_FIELDS)
+
+
+def _canonical_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor keywords in either vocabulary -> canonical field values (only those given)."""
+    kwargs = dict(kwargs)
+    unknown = [
+        k
+        for k in kwargs
+        if k not in _FIELDS
+        and k not in HF_ALIASES
+        and k not in HF_DERIVED_INPUTS
+        and k not in OFFICIAL_INPUTS
+        and k not in HF_METADATA_KEYS
+    ]
+    if unknown:
+        import difflib
+
+        known = sorted({*_FIELDS, *HF_ALIASES, *HF_DERIVED_INPUTS, *OFFICIAL_INPUTS})
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"unknown HieraConfig field(s) {', '.join(hints)}; known fields: {', '.join(known)}"
+        )
+    if kwargs.get("model_type", "hiera") != "hiera":
+        raise ValueError(f"model_type must be 'hiera', got {kwargs['model_type']!r}")
+    hf_vocabulary = bool(set(kwargs) & (set(HF_ALIASES) | set(HF_DERIVED_INPUTS)))
+    for key in HF_METADATA_KEYS - set(_FIELDS):  # `dtype` here is the compute dtype
+        kwargs.pop(key, None)
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        name = HF_ALIASES.get(key, key)
+        if name in out:
+            other = next(k for k in kwargs if k != key and HF_ALIASES.get(k, k) == name)
+            raise ValueError(f"{key} and {other} are the same HieraConfig field; give one of them")
+        out[name] = value
+    for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if name in out and out[name] is None:  # transformers' "no decoder": only the MAE builds
+            del out[name]  # one, and with the official decoder's size (512 wide, 8 deep, 16 heads)
+    if hf_vocabulary and "block_rule" not in out:
+        out["block_rule"] = "transformers"
+    _expand_heads(out)
+    _labels(out)
+    _backbone_outputs(out)
+    return out
+
+
+def _expand_heads(out: dict[str, Any]) -> None:
+    """num_heads: one int (the official first-stage heads, times head_mul per stage) or a list."""
+    head_mul = out.pop("head_mul", None)
+    heads = out.get("num_heads", 1 if head_mul is not None or "stages" in out else None)
+    if heads is None:
+        return
+    if isinstance(heads, (list, tuple)):
+        if head_mul is not None:
+            raise ValueError("head_mul only applies to an int num_heads, not per-stage heads")
+        return
+    if isinstance(heads, bool) or not isinstance(heads, int):
+        raise ValueError(f"num_heads must be an int or one int per stage, got {heads!r}")
+    head_mul = 2.0 if head_mul is None else float(head_mul)
+    stages = out.get("stages", HieraConfig.stages)
+    if not isinstance(stages, (list, tuple)):
+        return  # validate() reports the stages
+    per_stage = [heads]
+    for _ in range(len(stages) - 1):
+        per_stage.append(int(per_stage[-1] * head_mul))  # the official constructor's rule
+    out["num_heads"] = tuple(per_stage)
+
+
+def _labels(out: dict[str, Any]) -> None:
+    """id2label / label2id / num_labels -> num_classes and class_names."""
+    id2label = out.pop("id2label", None)
+    label2id = out.pop("label2id", None)
+    if id2label is not None:
+        if not isinstance(id2label, Mapping):
+            raise ValueError(f"id2label must be a mapping of index to name, got {id2label!r}")
+        try:
+            indexed = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"id2label keys must be class indices, got {list(id2label)}") from err
+        if sorted(indexed) != list(range(len(indexed))):
+            raise ValueError(f"id2label must name classes 0..N-1, got indices {sorted(indexed)}")
+        names = tuple(indexed[i] for i in range(len(indexed)))
+        if "num_classes" in out and out["num_classes"] != len(names):
+            raise ValueError(
+                f"num_labels/num_classes={out['num_classes']} but id2label names {len(names)}"
+            )
+        if "class_names" in out:
+            raise ValueError("give class names as id2label or class_names, not both")
+        out["num_classes"] = len(names)
+        out["class_names"] = names
+    if label2id is not None:
+        if not isinstance(label2id, Mapping):
+            raise ValueError(f"label2id must be a mapping of name to index, got {label2id!r}")
+        names = out.get("class_names")
+        if names is None:
+            inverse = {int(v): str(k) for k, v in label2id.items()}
+            if sorted(inverse) != list(range(len(inverse))):
+                raise ValueError(f"label2id must map to 0..N-1, got {sorted(inverse)}")
+            out["class_names"] = tuple(inverse[i] for i in range(len(inverse)))
+            out.setdefault("num_classes", len(inverse))
+        elif {str(k): int(v) for k, v in label2id.items()} != {n: i for i, n in enumerate(names)}:
+            raise ValueError("label2id is not the inverse of id2label")
+    names = out.get("class_names")
+    if names is not None:
+        names = tuple(str(n) for n in names)
+        # transformers' placeholder names mean "no names"; stored as None (one form).
+        out["class_names"] = (
+            None if names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
+        )
+
+
+def _backbone_outputs(out: dict[str, Any]) -> None:
+    """out_features / out_indices (transformers' backbone rules) -> out_stage_indices."""
+    features = out.pop("out_features", None)
+    indices = out.pop("out_indices", None)
+    if features is None and indices is None:
+        if out.get("out_stage_indices") is not None:
+            out["out_stage_indices"] = tuple(out["out_stage_indices"])
+        return
+    stages = out.get("stages", HieraConfig.stages)
+    names = ["stem"] + [f"stage{i}" for i in range(1, len(stages) + 1)]
+    if features is not None:
+        if isinstance(features, str) or not all(isinstance(f, str) for f in features):
+            raise ValueError(f"out_features must be a list of stage names, got {features!r}")
+        unknown = [f for f in features if f not in names]
+        if unknown:
+            raise ValueError(f"out_features {unknown} are not stage names {names}")
+        from_features = tuple(names.index(f) for f in features)
+    if indices is not None:
+        if isinstance(indices, int) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices
+        ):
+            raise ValueError(f"out_indices must be a list of ints, got {indices!r}")
+        if any(not -len(names) <= i < len(names) for i in indices):
+            raise ValueError(f"out_indices {list(indices)} out of range for stages {names}")
+        from_indices = tuple(i % len(names) for i in indices)
+    if features is not None and indices is not None and from_features != from_indices:
+        raise ValueError(
+            f"out_features {list(features)} and out_indices {list(indices)} name different stages"
+        )
+    chosen = from_features if features is not None else from_indices
+    _check_out_indices(chosen, len(names))
+    out["out_stage_indices"] = None if chosen == (len(names) - 1,) else chosen
+
+
+def _check_out_indices(indices: Sequence[int], num_names: int) -> None:
+    if not indices:
+        raise ValueError("the backbone needs at least one output stage")
+    if any(not 0 <= i < num_names for i in indices):
+        raise ValueError(f"output stage indices {list(indices)} out of range 0..{num_names - 1}")
+    if list(indices) != sorted(set(indices)):
+        raise ValueError(f"output stages must be distinct and in stage order, got {list(indices)}")
+
+
+def _freeze(value: Any) -> Any:
+    """Lists (JSON, command lines) as tuples, so configs stay hashable."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ---------------------------------------------------------------------- variants
@@ -406,12 +957,18 @@ def is_pretraining_name(name: str) -> bool:
 
 
 def get_config(name: str, **overrides: Any) -> HieraConfig:
-    """The config of an official variant, with explicit keyword overrides applied on top."""
+    """The config of an official variant, with explicit keyword overrides applied on top.
+
+    Overrides may use either vocabulary (`num_query_pool=1` or `q_pool=1`).
+    """
     variants = {**VARIANTS, **TIMM_VARIANTS}
     if name not in variants:
         known = ", ".join(list_models(include_timm=True))
         raise ValueError(f"unknown model name {name!r}; known models: {known}")
-    return HieraConfig().replace(**{**variants[name], **overrides})
+    base = dict(variants[name])
+    for key in overrides:  # an override under either name replaces the variant's value
+        base.pop(HF_ALIASES.get(key, key), None)
+    return HieraConfig(**base, **overrides)
 
 
 def resolve_config(name_or_config: str | HieraConfig, **overrides: Any) -> HieraConfig:

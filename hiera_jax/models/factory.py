@@ -6,12 +6,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiera_jax.models.backbone import HieraBackbone
 from hiera_jax.models.config import HieraConfig, is_pretraining_name
 from hiera_jax.models.hiera import HieraForImageClassification, HieraModel
 from hiera_jax.models.mae import HieraForPreTraining
 
-# What a checkpoint holds: a classifier, an MAE (with decoder), or the encoder alone (HieraModel).
-MODEL_TYPES = ("classification", "pretraining", "backbone")
+# What a checkpoint holds: a classifier, an MAE (with decoder), the encoder alone (HieraModel), or
+# the encoder with per-stage norms for feature maps (HieraBackbone, transformers' AutoBackbone).
+MODEL_TYPES = ("classification", "pretraining", "backbone", "feature_backbone")
+MODULES = {
+    "classification": HieraForImageClassification,
+    "pretraining": HieraForPreTraining,
+    "backbone": HieraModel,
+    "feature_backbone": HieraBackbone,
+}
 
 
 def model_type_for(name_or_config: str | HieraConfig, model_type: str | None) -> str:
@@ -26,12 +34,10 @@ def model_type_for(name_or_config: str | HieraConfig, model_type: str | None) ->
 
 
 def build_model(config: HieraConfig, model_type: str) -> nn.Module:
-    classes = {
-        "classification": HieraForImageClassification,
-        "pretraining": HieraForPreTraining,
-        "backbone": HieraModel,
-    }
-    return classes[model_type](config)
+    """The Flax module of `model_type` for `config`."""
+    if model_type not in MODULES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    return MODULES[model_type](config)
 
 
 def init_params(model: nn.Module, key: jax.Array, batch: int = 1) -> dict:

@@ -3,13 +3,16 @@
 Parameter trees are flat and named like the official state dict (`patch_embed`, `pos_embed`,
 `blocks_{i}`, `norm`, `head`), so every model that shares the encoder shares its subtree names:
 an MAE checkpoint's encoder drops straight into a classifier for finetuning.
+
+`interpolate_pos_encoding=True` runs a model at an input size other than its config's: the shapes
+of that call are those of the config at the input's size, and the position tables (declared at the
+config's size) are resampled to it inside the traced function, as transformers does per call.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -17,36 +20,9 @@ from hiera_jax.models import masking, pos_embed
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
 from hiera_jax.models.matmul import Dense
+from hiera_jax.models.outputs import HieraModelOutput
 from hiera_jax.models.scan import run_blocks, use_scan
 from hiera_jax.models.unroll import reroll, unroll
-
-
-@flax.struct.dataclass
-class HieraModelOutput:
-    """Backbone outputs.
-
-    pooler_output: [B, C] mean of the last stage's tokens, layer-normed (None with a mask).
-    last_hidden_state: [B, N, C] tokens of the last block (only kept tokens with a mask); in
-        raster order when every unroll stride has been pooled (q_pool = len(stages) - 1, the
-        classifiers), still unrolled otherwise (MAE encoders): use feature_maps[-1] for a map.
-    feature_maps: per stage, [B, (T), H, W, C] in spatial order, or [B, #MUs_kept, *mu, C] with a
-        mask; None unless requested.
-    hidden_states: with `output_hidden_states=True`, as Hugging Face returns them: the embeddings
-        (after the unroll and, with a mask, the selection of kept units) and the output of every
-        stage, each [B, N, C] in the unrolled token order (len(stages) + 1 entries).
-    reshaped_hidden_states: the same states rerolled as each stage sees them: [B, (T), H, W, C]
-        in spatial order (embeddings at the first stage's grid), or [B, #MUs_kept, *mu, C] with a
-        mask; the same maps as `feature_maps` for the stages.
-    attentions: with `output_attentions=True`, the softmax probabilities of the last block of each
-        stage, [B, heads, windows, n_q, n_k] (windows = 1 for global attention), as Hugging Face.
-    """
-
-    pooler_output: jnp.ndarray | None
-    last_hidden_state: jnp.ndarray
-    feature_maps: tuple[jnp.ndarray, ...] | None = None
-    hidden_states: tuple[jnp.ndarray, ...] | None = None
-    reshaped_hidden_states: tuple[jnp.ndarray, ...] | None = None
-    attentions: tuple[jnp.ndarray, ...] | None = None
 
 
 def check_input(config: HieraConfig, x: jnp.ndarray) -> None:
@@ -86,14 +62,34 @@ def check_input(config: HieraConfig, x: jnp.ndarray) -> None:
     if shape[1:-1] != tuple(config.input_size):
         raise ValueError(
             f"expected input size {tuple(config.input_size)} for this model, got "
-            f"{shape[1:-1]} (input shape {shape}, layout {layout}); build "
-            f"the model with input_size={shape[1:-1]} to run at another size"
+            f"{shape[1:-1]} (input shape {shape}, layout {layout}); pass "
+            "interpolate_pos_encoding=True to run at another size (the position embeddings are "
+            f"resampled), or build the model with input_size={shape[1:-1]}"
         )
     if shape[-1] != config.in_chans:
         raise ValueError(
             f"expected {config.in_chans} channels in the last axis ({layout}), got "
             f"{shape[-1]} (input shape {shape})"
         )
+
+
+def input_config(
+    config: HieraConfig, x: jnp.ndarray, interpolate_pos_encoding: bool
+) -> HieraConfig:
+    """The config whose shapes a call on channels-last `x` runs at: the model's, or (with
+    `interpolate_pos_encoding`) the model's at `x`'s size. A bad input raises in `check_input`,
+    with the model's own sizes."""
+    size = tuple(x.shape[1:-1])
+    rank_ok = x.ndim == len(config.input_size) + 2 and x.shape[-1] == config.in_chans
+    if not interpolate_pos_encoding or not rank_ok or size == tuple(config.input_size):
+        return config
+    try:
+        return config.replace(input_size=size)
+    except ValueError as err:
+        raise ValueError(
+            f"cannot run this model (built for {tuple(config.input_size)}) at input size "
+            f"{size}: {err}"
+        ) from err
 
 
 class HieraEncoder(nn.Module):
@@ -110,20 +106,41 @@ class HieraEncoder(nn.Module):
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.config.dtype)
 
-    def final_norm(self, name: str = "norm") -> LayerNorm:
-        """The LayerNorm before the head (official (1, 0.02) init; (1, 0) for MAE and timm jax)."""
-        zero_bias = self.mae_init or self.config.weight_init == "jax"
-        return layer_norm(name, zero_bias, self.compute_dtype)
-
-    def pos_embed(self) -> jnp.ndarray:
+    def layer_norm(self, name: str, zero_bias: bool | None = None) -> LayerNorm:
+        """A LayerNorm with the config's eps and init ((1, 0.02); (1, 0) for MAE and timm jax)."""
         cfg = self.config
-        init = nn.initializers.normal(0.02)  # official trunc_normal_(std=0.02)
+        if zero_bias is None:
+            zero_bias = self.mae_init or cfg.weight_init == "jax"
+        return layer_norm(
+            name,
+            zero_bias,
+            self.compute_dtype,
+            eps=cfg.layer_norm_eps,
+            bias=cfg.initializer_range,
+            scale=cfg.layer_norm_init,
+        )
+
+    def final_norm(self, name: str = "norm") -> LayerNorm:
+        """The LayerNorm before the head."""
+        return self.layer_norm(name)
+
+    def input_config(self, x: jnp.ndarray, interpolate_pos_encoding: bool) -> HieraConfig:
+        """The config whose shapes this call runs at (`input_config`)."""
+        return input_config(self.config, x, interpolate_pos_encoding)
+
+    def pos_embed(self, run: HieraConfig) -> jnp.ndarray:
+        """The position embedding [1, N, C] for the token grid of `run` (resampled if it differs)."""
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)  # official trunc_normal_(std=0.02)
         dim = cfg.embed_dim
+        grid, run_grid = cfg.tokens_spatial_shape, run.tokens_spatial_shape
         if cfg.sep_pos_embed:
-            frames, *spatial = cfg.tokens_spatial_shape
-            num_spatial = spatial[0] * spatial[1]
-            spatial_embed = self.param("pos_embed_spatial", init, (1, num_spatial, dim))
+            frames, *spatial = grid
+            spatial_embed = self.param("pos_embed_spatial", init, (1, spatial[0] * spatial[1], dim))
             temporal_embed = self.param("pos_embed_temporal", init, (1, frames, dim))
+            spatial_embed = pos_embed.resize_grid(spatial_embed, grid[1:], run_grid[1:], xp=jnp)
+            temporal_embed = pos_embed.resize_grid(temporal_embed, grid[:1], run_grid[:1], xp=jnp)
+            frames, num_spatial = run_grid[0], run_grid[1] * run_grid[2]
             # token index t·H·W + h·W + w: spatial tiled over T, temporal repeated H·W times.
             return jnp.tile(spatial_embed, (1, frames, 1)) + jnp.repeat(
                 temporal_embed, num_spatial, axis=1
@@ -133,10 +150,9 @@ class HieraEncoder(nn.Module):
             # call (constant matrices), so the same parameters serve any input size.
             global_table = self.param("pos_embed", init, (1, *cfg.global_pos_size, dim))
             window_table = self.param("pos_embed_win", init, (1, *cfg.mask_unit_size, dim))
-            return pos_embed.abswin_pos_embed(
-                global_table, window_table, cfg.tokens_spatial_shape, xp=jnp
-            )
-        return self.param("pos_embed", init, (1, cfg.num_tokens, dim))
+            return pos_embed.abswin_pos_embed(global_table, window_table, run_grid, xp=jnp)
+        table = self.param("pos_embed", init, (1, cfg.num_tokens, dim))
+        return pos_embed.resize_grid(table, grid, run_grid, xp=jnp)
 
     def encode(
         self,
@@ -161,22 +177,25 @@ class HieraEncoder(nn.Module):
         return_intermediates: bool,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        run: HieraConfig | None = None,
     ) -> tuple[jnp.ndarray, list[jnp.ndarray], dict[str, tuple[jnp.ndarray, ...]]]:
         """`encode`, plus the Hugging Face style states that were asked for.
 
         The dict holds `hidden_states` and `reshaped_hidden_states` (with `output_hidden_states`)
-        and `attentions` (with `output_attentions`); see `HieraModelOutput`.
+        and `attentions` (with `output_attentions`); see `HieraModelOutput`. `run` is the config
+        of this call's input size (`input_config`); None = the model's.
         """
         cfg = self.config
+        run = cfg if run is None else run
         masked = mask is not None
-        check_input(cfg, x)
-        keep = cfg.num_kept_mask_units
+        check_input(run, x)
+        keep = run.num_kept_mask_units
         pixel_mask = None
         if masked:
-            cfg.check_masking_supported()
-            masking.check_mask(mask, x.shape[0], cfg.num_mask_units, keep)
+            run.check_masking_supported()
+            masking.check_mask(mask, x.shape[0], run.num_mask_units, keep)
             mask = mask.astype(bool)
-            pixel_mask = masking.mask_to_pixels(mask, cfg.mask_spatial_shape, cfg.input_size)
+            pixel_mask = masking.mask_to_pixels(mask, run.mask_spatial_shape, run.input_size)
         dtype = self.compute_dtype
         x = PatchEmbed(
             cfg.embed_dim,
@@ -186,17 +205,18 @@ class HieraEncoder(nn.Module):
             mae_init=self.mae_init,
             dtype=dtype,
             weight_init=cfg.weight_init,
+            init_std=cfg.initializer_range,
             name="patch_embed",
         )(x.astype(dtype), pixel_mask)
-        x = x + self.pos_embed().astype(x.dtype)
-        x = unroll(x, cfg.tokens_spatial_shape, cfg.unroll_schedule)
+        x = x + self.pos_embed(run).astype(x.dtype)
+        x = unroll(x, run.tokens_spatial_shape, run.unroll_schedule)
         if masked:
             x = masking.select_kept_tokens(x, mask, keep)
             # A traced mask with the wrong keep count cannot raise: poison the output instead.
             x = x * masking.count_guard(mask, keep).astype(x.dtype)
 
         def rerolled(tokens: jnp.ndarray, stage: int) -> jnp.ndarray:
-            schedule, size = cfg.reroll_plan(stage)
+            schedule, size = run.reroll_plan(stage)
             return reroll(tokens, size, schedule, masked=masked)
 
         hidden, reshaped, attentions = [], [], []
@@ -223,11 +243,15 @@ class HieraEncoder(nn.Module):
                 weight_init=cfg.weight_init,
                 # timm fix_init (with its jax init): attn.proj, mlp.fc2 / sqrt(2 · (i + 1)).
                 init_rescale=(2.0 * (i + 1)) ** -0.5 if cfg.weight_init == "jax" else 1.0,
+                hidden_act=cfg.hidden_act,
+                norm_eps=cfg.layer_norm_eps,
+                init_std=cfg.initializer_range,
+                norm_scale_init=cfg.layer_norm_init,
                 name=f"blocks_{i}",
             )
 
-        # Runs of identical blocks go through one scan (hiera_jax.models.scan); init always runs them
-        # one by one, so each block draws its parameters under its own name.
+        # Runs of identical blocks go through one scan (hiera_jax.models.scan); init always runs
+        # them one by one, so each block draws its parameters under its own name.
         scan = use_scan(cfg) and not self.is_initializing()
         block_cls = nn.remat(HieraBlock, static_argnums=(2, 3)) if cfg.remat else HieraBlock
         intermediates = []
@@ -267,13 +291,30 @@ class HieraEncoder(nn.Module):
         return x, intermediates, states
 
 
+def check_noise(noise: jnp.ndarray, batch: int, run: HieraConfig) -> jnp.ndarray:
+    """Hugging Face's `noise` [B, #MUs] (floats; the lowest-noise units are kept), checked."""
+    noise = jnp.asarray(noise)
+    expected = (batch, run.num_mask_units)
+    if tuple(noise.shape) != expected:
+        raise ValueError(
+            f"noise must have shape [batch, num_mask_units] = {expected}, got {tuple(noise.shape)}"
+        )
+    if not jnp.issubdtype(noise.dtype, jnp.floating):
+        raise ValueError(f"noise must be floats (uniform in [0, 1)), got dtype {noise.dtype}")
+    return noise
+
+
 class HieraModel(HieraEncoder):
     """Hiera backbone: pooled features, last hidden state and (on request) per-stage maps.
 
     `output_hidden_states=True` / `output_attentions=True` add the Hugging Face `HieraModel`
     outputs of the same names (see `HieraModelOutput`); both default off, and then the outputs and
-    the compiled computation are those without them.
+    the compiled computation are those without them. A `mask` ([B, #MUs], True = kept) or
+    Hugging Face's `noise` ([B, #MUs]: the lowest-noise units are kept) runs the encoder on the
+    kept mask units only, as transformers' `HieraModel(..., is_mae=True)`.
     """
+
+    add_pooling_layer: bool = True  # transformers' HieraModel(add_pooling_layer=...): `norm`
 
     @nn.compact
     def __call__(
@@ -281,11 +322,21 @@ class HieraModel(HieraEncoder):
         x: jnp.ndarray,
         mask: jnp.ndarray | None = None,
         *,
+        noise: jnp.ndarray | None = None,
         train: bool = False,
         return_intermediates: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
     ) -> HieraModelOutput:
+        run = self.input_config(x, interpolate_pos_encoding)
+        ids_restore = None
+        if noise is not None:
+            if mask is not None:
+                raise ValueError("pass either mask or noise, not both")
+            noise = check_noise(noise, x.shape[0], run)
+            mask = masking.mask_from_noise(noise, run.num_kept_mask_units)
+            ids_restore = masking.ids_restore(noise)
         tokens, maps, states = self.encode_with_states(
             x,
             mask,
@@ -293,13 +344,20 @@ class HieraModel(HieraEncoder):
             return_intermediates=return_intermediates,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            run=run,
         )
+        if mask is not None:
+            mask = jnp.asarray(mask).astype(bool)
+            if ids_restore is None:
+                ids_restore = masking.ids_restore(~mask)  # kept units first, in index order
         pooled = None
-        if mask is None:
+        if self.add_pooling_layer:  # over the kept tokens when masked, as transformers pools
             pooled = self.final_norm()(tokens.mean(axis=1))
         return HieraModelOutput(
-            pooler_output=pooled,
             last_hidden_state=tokens,
+            pooler_output=pooled,
+            bool_masked_pos=mask,
+            ids_restore=ids_restore,
             feature_maps=tuple(maps) if return_intermediates else None,
             **states,
         )
@@ -324,6 +382,7 @@ class HieraForImageClassification(HieraEncoder):
         return_features: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
     ) -> jnp.ndarray | tuple[jnp.ndarray, dict[str, Any]]:
         cfg = self.config
         tokens, maps, states = self.encode_with_states(
@@ -333,6 +392,7 @@ class HieraForImageClassification(HieraEncoder):
             return_intermediates=return_features,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            run=self.input_config(x, interpolate_pos_encoding),
         )
         pooled = self.final_norm()(tokens.mean(axis=1))
         pooled = nn.Dropout(cfg.head_dropout)(pooled, deterministic=not train)
@@ -340,7 +400,7 @@ class HieraForImageClassification(HieraEncoder):
             cfg.num_classes,
             dtype=self.compute_dtype,
             name="head",
-            **head_init(cfg.head_init_scale, cfg.weight_init),
+            **head_init(cfg.head_init_scale, cfg.weight_init, cfg.initializer_range),
         )(pooled)
         logits = logits.astype(jnp.float32)
         if return_features or output_hidden_states or output_attentions:

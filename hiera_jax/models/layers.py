@@ -14,22 +14,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiera_jax.models.activations import ACTIVATIONS
 from hiera_jax.models.matmul import Dense
 
 LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
 
 # Official initialisation. Classification models (`Hiera._init_weights`): trunc_normal(0.02)
-# weights, 0.02 biases, LayerNorm (1, 0.02). MAE models (`_mae_init_weights`): xavier-uniform
-# weights, zero biases, LayerNorm (1, 0). torch's trunc_normal_(std=0.02) cuts at +-2 absolute,
-# i.e. +-100 std, so a plain normal is the same distribution.
-HIERA_KERNEL_INIT = nn.initializers.normal(0.02)
+# weights, 0.02 biases, LayerNorm (1, 0.02); transformers' is the same with its
+# `initializer_range` for 0.02 and `layer_norm_init` for the LayerNorm scale. MAE models
+# (`_mae_init_weights`): xavier-uniform weights, zero biases, LayerNorm (1, 0). torch's
+# trunc_normal_(std=0.02) cuts at +-2 absolute, i.e. +-100 std, so a plain normal is the same
+# distribution.
+INIT_STD = 0.02
 MAE_KERNEL_INIT = nn.initializers.xavier_uniform()
 
 
 def dense_inits(
-    mae_init: bool, weight_init: str = "", *, mlp: bool = False, rescale: float = 1.0
+    mae_init: bool,
+    weight_init: str = "",
+    *,
+    mlp: bool = False,
+    rescale: float = 1.0,
+    std: float = INIT_STD,
 ) -> dict:
-    """Dense initialisers: official classifier, official MAE, or timm's `weight_init="jax"`.
+    """Dense initialisers: official classifier (normal `std`, bias `std`), official MAE, or
+    timm's `weight_init="jax"`.
 
     timm's jax init (`init_weight_jax`): xavier-uniform weights, zero biases except the MLP's
     (normal, std 1e-6); its `fix_init_weight` then divides `attn.proj` and `mlp.fc2` weights by
@@ -44,7 +53,7 @@ def dense_inits(
         return dict(kernel_init=kernel, bias_init=bias)
     if mae_init:
         return dict(kernel_init=MAE_KERNEL_INIT, bias_init=nn.initializers.zeros)
-    return dict(kernel_init=HIERA_KERNEL_INIT, bias_init=nn.initializers.constant(0.02))
+    return dict(kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.constant(std))
 
 
 class LayerNorm(nn.Module):
@@ -58,11 +67,12 @@ class LayerNorm(nn.Module):
     epsilon: float = LAYER_NORM_EPS
     dtype: jnp.dtype = jnp.float32
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,))
+        scale = self.param("scale", self.scale_init, (channels,))
         bias = self.param("bias", self.bias_init, (channels,))
         x32 = x.astype(jnp.float32)
         mean = x32.mean(axis=-1, keepdims=True)
@@ -72,18 +82,24 @@ class LayerNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
-def layer_norm(name: str, mae_init: bool, dtype: jnp.dtype) -> LayerNorm:
-    bias_init = nn.initializers.zeros if mae_init else nn.initializers.constant(0.02)
-    return LayerNorm(epsilon=LAYER_NORM_EPS, bias_init=bias_init, dtype=dtype, name=name)
-
-
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """Exact (erf) GELU, as torch.nn.GELU; Flax's default tanh form moves logits by ~3e-4.
-
-    Written as torch writes it, `x / 2 * (1 + erf(x / sqrt(2)))`: `jax.nn.gelu(approximate=False)`
-    goes through `erfc`, which XLA CPU lowers to exponentials and selects (~3x slower here).
-    """
-    return x * (0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype)))
+def layer_norm(
+    name: str,
+    zero_bias: bool,
+    dtype: jnp.dtype,
+    *,
+    eps: float = LAYER_NORM_EPS,
+    bias: float = INIT_STD,
+    scale: float = 1.0,
+) -> LayerNorm:
+    """A LayerNorm initialised to (`scale`, `bias`), or (`scale`, 0) with `zero_bias` (MAE)."""
+    bias_init = nn.initializers.zeros if zero_bias else nn.initializers.constant(bias)
+    return LayerNorm(
+        epsilon=eps,
+        bias_init=bias_init,
+        scale_init=nn.initializers.constant(scale),
+        dtype=dtype,
+        name=name,
+    )
 
 
 class PatchEmbed(nn.Module):
@@ -96,6 +112,7 @@ class PatchEmbed(nn.Module):
     mae_init: bool = False
     dtype: jnp.dtype = jnp.float32
     weight_init: str = ""  # "jax": timm's lecun-normal conv, zero bias
+    init_std: float = INIT_STD
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, pixel_mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -111,7 +128,7 @@ class PatchEmbed(nn.Module):
             )
             bias_init = nn.initializers.zeros  # torch default is uniform; MAE never retouches it
         else:
-            kernel_init, bias_init = HIERA_KERNEL_INIT, nn.initializers.zeros
+            kernel_init, bias_init = nn.initializers.normal(self.init_std), nn.initializers.zeros
         x = nn.Conv(
             self.dim_out,
             kernel_size=tuple(self.kernel),
@@ -141,6 +158,7 @@ class MaskUnitAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     weight_init: str = ""
     proj_rescale: float = 1.0  # timm fix_init factor for `proj` (weight_init="jax")
+    init_std: float = INIT_STD
 
     @nn.compact
     def __call__(
@@ -157,7 +175,7 @@ class MaskUnitAttention(nn.Module):
             3 * self.dim_out,
             dtype=self.dtype,
             name="qkv",
-            **dense_inits(self.mae_init, self.weight_init),
+            **dense_inits(self.mae_init, self.weight_init, std=self.init_std),
         )(x)
         # [B, n, windows, 3, heads, d]: the window index is the fast axis of the sequence.
         # One transpose to [3, B, windows, heads, n, d] puts every batch axis in front, so both
@@ -175,7 +193,9 @@ class MaskUnitAttention(nn.Module):
         out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs.astype(v.dtype), v)
         out = out / denom.astype(out.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, self.dim_out)  # [B, n_q, w, h, d]
-        proj_init = dense_inits(self.mae_init, self.weight_init, rescale=self.proj_rescale)
+        proj_init = dense_inits(
+            self.mae_init, self.weight_init, rescale=self.proj_rescale, std=self.init_std
+        )
         out = Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(out)
         if return_attention:
             # [B, w, h, q, k] -> [B, h, w, q, k]; only built on request (same graph otherwise).
@@ -184,21 +204,26 @@ class MaskUnitAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (timm `Mlp`, no dropout)."""
+    """fc1 -> activation (exact GELU in every official model) -> fc2 (timm `Mlp`, no dropout)."""
 
     hidden_dim: int
     mae_init: bool = False
     dtype: jnp.dtype = jnp.float32
     weight_init: str = ""
     fc2_rescale: float = 1.0  # timm fix_init factor for `fc2` (weight_init="jax")
+    act: str = "gelu"  # a transformers `hidden_act` name (hiera_jax.models.activations)
+    init_std: float = INIT_STD
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dim = x.shape[-1]
-        fc1 = dense_inits(self.mae_init, self.weight_init, mlp=True)
-        fc2 = dense_inits(self.mae_init, self.weight_init, mlp=True, rescale=self.fc2_rescale)
+        std = self.init_std
+        fc1 = dense_inits(self.mae_init, self.weight_init, mlp=True, std=std)
+        fc2 = dense_inits(
+            self.mae_init, self.weight_init, mlp=True, rescale=self.fc2_rescale, std=std
+        )
         x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **fc1)(x)
-        return Dense(dim, dtype=self.dtype, name="fc2", **fc2)(gelu(x))
+        return Dense(dim, dtype=self.dtype, name="fc2", **fc2)(ACTIVATIONS[self.act](x))
 
 
 class LayerScale(nn.Module):
@@ -284,6 +309,11 @@ class HieraBlock(nn.Module):
     use_expand_proj: bool = True  # False: widen x to [max-pool(x), avg-pool(x)], no `proj`
     weight_init: str = ""
     init_rescale: float = 1.0  # timm fix_init: attn.proj and mlp.fc2 weights times this
+    # transformers' HieraConfig options; the defaults are the official block.
+    hidden_act: str = "gelu"
+    norm_eps: float = LAYER_NORM_EPS
+    init_std: float = INIT_STD  # initializer_range
+    norm_scale_init: float = 1.0  # layer_norm_init
 
     @nn.compact
     def __call__(
@@ -300,10 +330,11 @@ class HieraBlock(nn.Module):
         """
         dim = x.shape[-1]
         zero_bias_norms = self.mae_init or self.weight_init == "jax"  # torch LayerNorm (1, 0)
-        x_norm = layer_norm("norm1", zero_bias_norms, self.dtype)(x)
+        norm_args = dict(eps=self.norm_eps, bias=self.init_std, scale=self.norm_scale_init)
+        x_norm = layer_norm("norm1", zero_bias_norms, self.dtype, **norm_args)(x)
         if dim != self.dim_out:
             if self.use_expand_proj:
-                proj_init = dense_inits(self.mae_init, self.weight_init)
+                proj_init = dense_inits(self.mae_init, self.weight_init, std=self.init_std)
                 x = Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(x_norm)
                 x = max_pool_unrolled(x, self.q_stride)
             else:
@@ -331,6 +362,7 @@ class HieraBlock(nn.Module):
             dtype=self.dtype,
             weight_init=self.weight_init,
             proj_rescale=self.init_rescale,
+            init_std=self.init_std,
             name="attn",
         )
         attn_probs = None
@@ -345,9 +377,11 @@ class HieraBlock(nn.Module):
             dtype=self.dtype,
             weight_init=self.weight_init,
             fc2_rescale=self.init_rescale,
+            act=self.hidden_act,
+            init_std=self.init_std,
             name="mlp",
         )
-        y = mlp(layer_norm("norm2", zero_bias_norms, self.dtype)(x))
+        y = mlp(layer_norm("norm2", zero_bias_norms, self.dtype, **norm_args)(x))
         x = x + drop_path_module(ls2(y), train=train, scanned=drop_mlp)
         if return_attention:
             return x, attn_probs
@@ -363,7 +397,7 @@ def max_pool_unrolled(x: jnp.ndarray, stride: int) -> jnp.ndarray:
     return x.reshape(x.shape[0], stride, -1, x.shape[-1]).max(axis=1)
 
 
-def head_init(scale: float, weight_init: str = ""):
+def head_init(scale: float, weight_init: str = "", std: float = INIT_STD):
     """Classifier init: the official trunc_normal(0.02) weights and 0.02 bias, times `scale`.
 
     timm's jax init zeroes the classifier (weights and bias) instead.
@@ -372,10 +406,10 @@ def head_init(scale: float, weight_init: str = ""):
         return dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
 
     def kernel(key, shape, dtype=jnp.float32):
-        return HIERA_KERNEL_INIT(key, shape, dtype) * scale
+        return nn.initializers.normal(std)(key, shape, dtype) * scale
 
     def bias(key, shape, dtype=jnp.float32):
-        return jnp.full(shape, 0.02 * scale, dtype)
+        return jnp.full(shape, std * scale, dtype)
 
     return dict(kernel_init=kernel, bias_init=bias)
 

@@ -12,10 +12,10 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hiera_jax.models import masking
+from hiera_jax.models import masking, pos_embed
 from hiera_jax.models.config import HieraConfig
-from hiera_jax.models.hiera import HieraEncoder
-from hiera_jax.models.layers import HieraBlock, dense_inits, fusion_head_init, layer_norm
+from hiera_jax.models.hiera import HieraEncoder, check_noise
+from hiera_jax.models.layers import HieraBlock, dense_inits, fusion_head_init
 from hiera_jax.models.matmul import Dense
 from hiera_jax.models.scan import run_blocks, use_scan
 from hiera_jax.models.unroll import undo_windowing
@@ -104,34 +104,33 @@ class HieraForPreTraining(HieraEncoder):
         return_reconstruction: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
     ):
         cfg = self.config
+        run = self.input_config(x, interpolate_pos_encoding)  # shapes of this input's size
         dtype = self.compute_dtype
-        keep = cfg.num_kept_mask_units
-        cfg.check_masking_supported()
+        keep = run.num_kept_mask_units
+        run.check_masking_supported()
         if keep < 1:
             raise ValueError(
-                f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {cfg.num_mask_units}"
+                f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {run.num_mask_units}"
             )
         if mask is not None and noise is not None:
             raise ValueError("pass either mask or noise to HieraForPreTraining, not both")
-        if noise is not None:
-            expected = (x.shape[0], cfg.num_mask_units)
-            if tuple(noise.shape) != expected:
-                raise ValueError(
-                    f"noise must have shape [batch, num_mask_units] = {expected}, "
-                    f"got {tuple(noise.shape)}"
-                )
-            mask = masking.mask_from_noise(noise, keep)
-        if mask is None:
+        if noise is None and mask is None:
             if not self.has_rng("mask"):
                 raise ValueError(
-                    "HieraForPreTraining needs a keep-mask: pass mask=... or rngs={'mask': key}"
+                    "HieraForPreTraining needs a keep-mask: pass mask=..., noise=... or "
+                    "rngs={'mask': key}"
                 )
-            mask = masking.random_keep_mask(
-                self.make_rng("mask"), x.shape[0], cfg.num_mask_units, cfg.mask_ratio
-            )
-        mask = jnp.asarray(mask)
+            noise = masking.random_noise(self.make_rng("mask"), x.shape[0], run.num_mask_units)
+        if noise is not None:
+            noise = check_noise(noise, x.shape[0], run)
+            mask = masking.mask_from_noise(noise, keep)
+            ids_restore = masking.ids_restore(noise)
+        else:
+            mask = jnp.asarray(mask)
+            ids_restore = masking.ids_restore(~mask.astype(bool))
 
         # ---------------------------------------------------------------- encoder
         _, maps, states = self.encode_with_states(
@@ -141,6 +140,7 @@ class HieraForPreTraining(HieraEncoder):
             return_intermediates=True,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            run=run,
         )
         # Resolution is constant after the last q-pool: fuse the stages before it and the last.
         maps = maps[: cfg.q_pool] + maps[-1:]
@@ -150,17 +150,19 @@ class HieraForPreTraining(HieraEncoder):
             if i < cfg.q_pool:
                 stage_map = self.fusion_head(i, stage_map, mu_final)
             fused = fused + stage_map
-        latent = layer_norm("encoder_norm", True, dtype)(fused)  # [B, K, *mu_final, C]
+        latent = self.layer_norm("encoder_norm", zero_bias=True)(fused)  # [B, K, *mu_final, C]
 
         # ---------------------------------------------------------------- decoder
         latent = Dense(
             cfg.decoder_embed_dim, dtype=dtype, name="decoder_embed", **dense_inits(True)
         )(latent)
         mask_token = self.param(
-            "mask_token", nn.initializers.normal(0.02), (1, 1, cfg.decoder_embed_dim)
+            "mask_token",
+            nn.initializers.normal(cfg.initializer_range),
+            (1, 1, cfg.decoder_embed_dim),
         )
         tokens = masking.scatter_kept_units(latent, mask, mask_token.reshape(-1))
-        grid_final = cfg.tokens_spatial_shape_final
+        grid_final = run.tokens_spatial_shape_final
         tokens = undo_windowing(tokens, grid_final, mu_final)
         tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])  # raster order
         visible = jnp.broadcast_to(
@@ -171,9 +173,10 @@ class HieraForPreTraining(HieraEncoder):
 
         pos = self.param(
             "decoder_pos_embed",
-            nn.initializers.normal(0.02),
-            (1, math.prod(grid_final), cfg.decoder_embed_dim),
+            nn.initializers.normal(cfg.initializer_range),
+            (1, math.prod(cfg.tokens_spatial_shape_final), cfg.decoder_embed_dim),
         )
+        pos = pos_embed.resize_grid(pos, cfg.tokens_spatial_shape_final, grid_final, xp=jnp)
         tokens = tokens + pos.astype(tokens.dtype)
         block_args = dict(
             dim_out=cfg.decoder_embed_dim,
@@ -181,6 +184,10 @@ class HieraForPreTraining(HieraEncoder):
             mlp_ratio=cfg.mlp_ratio,
             mae_init=True,
             dtype=dtype,
+            hidden_act=cfg.hidden_act,
+            norm_eps=cfg.layer_norm_eps,
+            init_std=cfg.initializer_range,
+            norm_scale_init=cfg.layer_norm_init,
         )
         names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_depth)]
         if use_scan(cfg) and not self.is_initializing() and len(names) >= 2:
@@ -191,13 +198,15 @@ class HieraForPreTraining(HieraEncoder):
             block_cls = nn.remat(HieraBlock, static_argnums=(2,)) if cfg.remat else HieraBlock
             for name in names:
                 tokens = block_cls(**block_args, name=name)(tokens, train)
-        tokens = layer_norm("decoder_norm", True, dtype)(tokens)
+        tokens = self.layer_norm("decoder_norm", zero_bias=True)(tokens)
         pred_all = Dense(cfg.pred_dim, dtype=dtype, name="decoder_pred", **dense_inits(True))(
             tokens
         ).astype(jnp.float32)  # [B, N_pred, pred_dim]
 
         # ---------------------------------------------------------------- loss
-        labels_all = normalize_targets(pixel_labels(x.astype(jnp.float32), cfg))
+        labels_all = pixel_labels(x.astype(jnp.float32), run)
+        if cfg.normalize_pixel_loss:
+            labels_all = normalize_targets(labels_all)
         num_masked = visible.shape[1] - keep * math.prod(mu_final)
         masked_idx = masking.kept_indices(~visible, num_masked)  # raster order of dropped tokens
         pred = jnp.take_along_axis(pred_all, masked_idx[..., None], axis=1)
@@ -208,7 +217,7 @@ class HieraForPreTraining(HieraEncoder):
         if return_reconstruction or output_hidden_states or output_attentions:
             extras = dict(states)
             if return_reconstruction:
-                extras.update(pred=pred_all, visible=visible)
+                extras.update(pred=pred_all, visible=visible, ids_restore=ids_restore)
             return loss, pred, label, mask, extras
         return loss, pred, label, mask
 

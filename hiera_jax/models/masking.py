@@ -17,11 +17,16 @@ def num_kept(num_mask_units: int, mask_ratio: float) -> int:
     return int(num_mask_units * (1 - mask_ratio))
 
 
+def random_noise(key: jax.Array, batch: int, num_mask_units: int) -> jnp.ndarray:
+    """Uniform noise [B, #MUs]: the units with the lowest noise are kept (`mask_from_noise`)."""
+    return jax.random.uniform(key, (batch, num_mask_units))
+
+
 def random_keep_mask(
     key: jax.Array, batch: int, num_mask_units: int, mask_ratio: float
 ) -> jnp.ndarray:
     """Keep the `num_kept` units with the lowest uniform noise in each row (official recipe)."""
-    noise = jax.random.uniform(key, (batch, num_mask_units))
+    noise = random_noise(key, batch, num_mask_units)
     return mask_from_noise(noise, num_kept(num_mask_units, mask_ratio))
 
 
@@ -37,6 +42,16 @@ def mask_from_noise(noise: jnp.ndarray, keep: int) -> jnp.ndarray:
     order = jnp.argsort(noise, axis=1, stable=True)
     rank = jnp.argsort(order, axis=1, stable=True)
     return rank < keep
+
+
+def ids_restore(noise: jnp.ndarray) -> jnp.ndarray:
+    """[B, #MUs] -> Hugging Face's `ids_restore`: each unit's place in the noise's ascending order.
+
+    `argsort(argsort(noise))`, the inverse of the shuffle that puts kept units first; a boolean
+    array (False first) gives the order of a given mask.
+    """
+    order = jnp.argsort(jnp.asarray(noise), axis=1, stable=True)
+    return jnp.argsort(order, axis=1, stable=True).astype(jnp.int32)
 
 
 def check_mask(mask: jax.Array, batch: int, num_mask_units: int, keep: int) -> None:

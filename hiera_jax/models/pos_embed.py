@@ -112,34 +112,39 @@ def abswin_pos_embed(
     return (resized + tiled).reshape(1, th * tw, channels)
 
 
-def resize_grid(table: np.ndarray, grid_in: Sequence[int], grid_out: Sequence[int]) -> np.ndarray:
+def resize_grid(table: Any, grid_in: Sequence[int], grid_out: Sequence[int], xp: Any = np) -> Any:
     """[1, H*W, C] raster tokens on `grid_in` -> [1, H'*W', C] on `grid_out` (bicubic).
 
     For a 3-D grid (T, H, W) every frame is resized bicubically in space, then the time axis
-    linearly: the two tables of a video model are kept separate, as they were trained.
+    linearly: the two tables of a video model are kept separate, as they were trained. With
+    `xp=numpy` (load time) the sums are float64; with `xp=jax.numpy` they are traced with float32
+    constant matrices (transformers' per-call `interpolate_pos_encoding`). The same grid returns
+    `table` itself.
     """
-    table = np.asarray(table)
     grid_in, grid_out = tuple(grid_in), tuple(grid_out)
     channels = table.shape[-1]
-    if table.shape != (1, math.prod(grid_in), channels):
+    if tuple(table.shape) != (1, math.prod(grid_in), channels):
         raise ValueError(
-            f"position table of shape {table.shape} does not match the token grid {grid_in}"
+            f"position table of shape {tuple(table.shape)} does not match the token grid {grid_in}"
         )
-    x = table.reshape(*grid_in, channels).astype(np.float64)
-    if len(grid_in) == 1:
-        x = np.einsum("ot,tc->oc", interpolation_matrix(grid_in[0], grid_out[0], "linear"), x)
-    elif len(grid_in) == 2:
-        mh = interpolation_matrix(grid_in[0], grid_out[0])
-        mw = interpolation_matrix(grid_in[1], grid_out[1])
-        x = np.einsum("oh,hwc,pw->opc", mh, x, mw)
-    elif len(grid_in) == 3:
-        mt = interpolation_matrix(grid_in[0], grid_out[0], "linear")
-        mh = interpolation_matrix(grid_in[1], grid_out[1])
-        mw = interpolation_matrix(grid_in[2], grid_out[2])
-        x = np.einsum("st,thwc,oh,pw->sopc", mt, x, mh, mw)
-    else:
-        raise ValueError(f"token grids have 1 to 3 axes, got {grid_in}")
-    return x.reshape(1, math.prod(grid_out), channels).astype(table.dtype)
+    if len(grid_in) != len(grid_out) or not 1 <= len(grid_in) <= 3:
+        raise ValueError(f"token grids have 1 to 3 axes, got {grid_in} -> {grid_out}")
+    if grid_in == grid_out:
+        return table
+    modes = {1: ("linear",), 2: ("cubic", "cubic"), 3: ("linear", "cubic", "cubic")}[len(grid_in)]
+    traced = xp is not np
+    matrices = [
+        interpolation_matrix(n_in, n_out, mode).astype(np.float32 if traced else np.float64)
+        for n_in, n_out, mode in zip(grid_in, grid_out, modes)
+    ]
+    x = table.reshape(*grid_in, channels)
+    if not traced:
+        x = np.asarray(x, np.float64)
+    letters_in, letters_out = "thw"[-len(grid_in) :], "sop"[-len(grid_in) :]
+    spec = ",".join(f"{o}{i}" for o, i in zip(letters_out, letters_in))
+    x = xp.einsum(f"{spec},{letters_in}c->{letters_out}c", *matrices, x)
+    x = x.reshape(1, math.prod(grid_out), channels)
+    return x.astype(table.dtype)
 
 
 def resize_pos_embed_params(
