@@ -1,17 +1,21 @@
-"""Convert a PyTorch Hiera checkpoint into a hiera-jax model directory.
+"""Convert a PyTorch Hiera checkpoint into a model directory (transformers' format).
 
     python convert/convert_pytorch.py --model hiera_base_224 --input hiera_base_224.pth --output ckpt/
-    python convert/convert_pytorch.py --model hiera_tiny_224 --input hf-dir/ --output ckpt/
+    python convert/convert_pytorch.py --input hf-dir/ --output ckpt/
 
 `--input` is an official `.pth` (`{"model_state": ...}`), a timm `.pth`/`.safetensors`, or a Hugging
 Face directory (`config.json` + `model.safetensors` or `pytorch_model.bin`). None needs torch:
 pickled files are read by a restricted unpickler that refuses anything but tensors
-(`hiera_jax.weights.torch_pickle`). The output loads with
-`model, params = hiera_jax.load_pretrained("ckpt/")`. `--in-chans 1` (or 4...) adapts the RGB patch
-embedding to another channel count, as timm's `adapt_input_conv` does.
+(`hiera_jax.weights.torch_pickle`). A Hugging Face directory's config.json decides the
+architecture (`--model`, if given, must describe the same one); for the other formats `--model`
+names the variant, or it is read from the tensor shapes. The output is `config.json` +
+`model.safetensors` that both `hiera_jax.load_pretrained("ckpt/")` and transformers load
+(`model_official.safetensors` for models transformers has no form for). `--in-chans 1` (or 4...)
+adapts the RGB patch embedding to another channel count, as timm's `adapt_input_conv` does.
 
 Published checkpoints need no command: `hiera_jax.load_pretrained("hiera_base_224")` (or a Hugging
-Face repo id, a timm name, an official URL) downloads and converts them once (`hiera_jax.weights.hub`).
+Face repo id, a timm name, an official URL) downloads and converts them once
+(`hiera_jax.weights.hub`).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import hiera_jax  # noqa: E402
-from hiera_jax.models.factory import MODEL_TYPES, model_type_for
+from hiera_jax.models.config import HieraConfig  # noqa: E402
+from hiera_jax.models.factory import MODEL_TYPES, model_type_for  # noqa: E402
+from hiera_jax.weights import formats, hub  # noqa: E402
 from hiera_jax.weights.adapt import adapt_in_chans  # noqa: E402
-from hiera_jax.weights.convert import SOURCES, detect_source  # noqa: E402
-from hiera_jax.weights.formats import check_hf_config, read_state_dict  # noqa: E402
+from hiera_jax.weights.convert import SOURCES, detect_source, unwrap_state_dict  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        required=True,
-        help=f"official variant name, one of: {', '.join(hiera_jax.list_models())}",
+        default=None,
+        help="official variant name (default: the input's config.json, else read from the "
+        f"tensor shapes), one of: {', '.join(hiera_jax.list_models(include_timm=True))}",
     )
     parser.add_argument(
         "--input",
@@ -46,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint file (.pth/.pt/.bin/.safetensors) or Hugging Face directory",
     )
     parser.add_argument(
-        "--output", required=True, help="directory to write config.json and params/ into"
+        "--output", required=True, help="directory to write config.json and model.safetensors into"
     )
     parser.add_argument(
         "--source", default="auto", choices=("auto", *SOURCES), help="key layout of the checkpoint"
@@ -55,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-type",
         default=None,
         choices=MODEL_TYPES,
-        help="target module (default: pretraining for mae_*, classification otherwise; backbone = HieraModel)",
+        help="target model (default: what the checkpoint holds; for --model, pretraining for "
+        "mae_* and classification otherwise); backbone = HieraModel, feature_backbone = "
+        "HieraBackbone",
     )
     parser.add_argument(
         "--in-chans",
@@ -68,23 +76,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def target_config(
+    args: argparse.Namespace, state_dict, file_config, named: HieraConfig | None
+) -> tuple[HieraConfig, str]:
+    """(config, model type): the input's Hiera config.json, `--model`, or the tensor shapes."""
+    if isinstance(file_config, dict) and file_config.get("model_type") == "hiera":
+        config = HieraConfig.from_dict(file_config)
+        if named is not None and (wrong := formats.config_differences(config, named)):
+            raise ValueError(
+                f"{args.input}'s config.json does not describe {args.model}: " + "; ".join(wrong)
+            )
+        return config, args.model_type or formats.model_type_of_keys(state_dict)
+    if named is not None:
+        return named, model_type_for(args.model, args.model_type)
+    name, model_type, overrides = hub.infer_variant(state_dict)
+    return hiera_jax.get_config(name, **overrides), args.model_type or model_type
+
+
 def convert(args: argparse.Namespace) -> str:
-    config = hiera_jax.get_config(args.model)
-    state_dict, hf_config = read_state_dict(args.input)
-    state_dict = hiera_jax.weights.convert.unwrap_state_dict(state_dict)
+    named = hiera_jax.get_config(args.model) if args.model else None  # a bad name fails first
+    state_dict, file_config = formats.read_state_dict(args.input)
+    state_dict = unwrap_state_dict(state_dict)
     source = detect_source(state_dict.keys()) if args.source == "auto" else args.source
-    if hf_config is not None:
-        check_hf_config(hf_config, config)
-    model_type = model_type_for(args.model, args.model_type)
+    config, model_type = target_config(args, state_dict, file_config, named)
     params = hiera_jax.convert_state_dict(state_dict, config, source=source, model_type=model_type)
     if args.in_chans is not None:
         params, config = adapt_in_chans(params, config, args.in_chans, model_type)
-    out = hiera_jax.save_pretrained(
-        args.output, params, config, model_type=model_type, name=args.model
-    )
+    out = hiera_jax.save_pretrained(args.output, params, config, model_type=model_type)
     count = sum(leaf.size for leaf in jax.tree.leaves(params))
+    what = args.model or ("from config.json" if file_config else "read from the tensors")
     print(
-        f"converted {len(state_dict)} tensors ({source} format, {count:,} parameters) into {model_type} model {args.model}: {out}"
+        f"converted {len(state_dict)} tensors ({source} format, {count:,} parameters) into "
+        f"{model_type} model ({what}): {out}"
     )
     return out
 

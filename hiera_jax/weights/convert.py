@@ -4,7 +4,10 @@ The three PyTorch formats differ only by key names (`../shared/HIERA_REFERENCE.m
 source is first renamed to the official keys, then one rule maps official keys to Flax paths:
 `blocks.3.attn.qkv.weight` -> `blocks_3/attn/qkv/kernel` (transposed). Nothing is dropped
 silently: a source tensor no parameter takes, a parameter no tensor fills, or a shape that
-does not fit raises ValueError listing every such key.
+does not fit raises ValueError listing every such key. Export goes the other way, to the
+official keys or to transformers' (`format="hf"`: `hiera.encoder.stages.0.layers.0...`, the
+keys its `HieraModel` / `HieraForImageClassification` / `HieraForPreTraining` /
+`HieraBackbone` load).
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ _HF_RULES = [
     (r"decoder\.decoder_norm\.(.+)", r"decoder_norm.\1"),
     (r"decoder\.decoder_pred\.(.+)", r"decoder_pred.\1"),
     (r"encoder_norm\.(.+)", r"encoder_norm.\1"),
+    (r"hidden_states_norms\.(.+)", r"hidden_states_norms.\1"),  # HieraBackbone
 ]
+EXPORT_FORMATS = ("official", "hf")
 
 
 def _hf_block_rest(rest: str) -> str:
@@ -96,6 +101,50 @@ def hf_to_official_key(key: str, config: HieraConfig) -> str | None:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, replacement, key)
     return None
+
+
+_OFFICIAL_TO_HF_BLOCK = {ours: theirs for theirs, ours in _HF_BLOCK_PARTS.items()}
+# Official key (a regex) -> transformers' key; `{p}` is "hiera." where transformers nests the
+# encoder under `self.hiera` (classifier and MAE), "" for HieraModel and HieraBackbone.
+_OFFICIAL_TO_HF = [
+    (r"patch_embed\.proj\.(.+)", r"{p}embeddings.patch_embeddings.projection.\1"),
+    (r"pos_embed", r"{p}embeddings.position_embeddings"),
+    (r"norm\.(.+)", r"{p}pooler.layernorm.\1"),
+    (r"head\.projection\.(.+)", r"classifier.\1"),
+    (r"encoder_norm\.(.+)", r"encoder_norm.\1"),
+    (r"multi_scale_fusion_heads\.(\d+)\.(.+)", r"multiscale_fusion.multi_scale_fusion_heads.\1.\2"),
+    (r"mask_token", r"decoder.mask_token"),
+    (r"decoder_pos_embed", r"decoder.decoder_position_embeddings"),
+    (r"decoder_embed\.(.+)", r"decoder.decoder_embeddings.\1"),
+    (r"decoder_norm\.(.+)", r"decoder.decoder_norm.\1"),
+    (r"decoder_pred\.(.+)", r"decoder.decoder_pred.\1"),
+    (r"hidden_states_norms\.(.+)", r"hidden_states_norms.\1"),
+]
+
+
+def _official_block_rest(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    head = _OFFICIAL_TO_HF_BLOCK.get(head, head)
+    return f"{head}.{tail}" if tail else head
+
+
+def official_to_hf_key(key: str, config: HieraConfig, model_type: str) -> str:
+    """One official key -> transformers' key for the class of `model_type` (inverse of
+    `hf_to_official_key`)."""
+    prefix = "hiera." if model_type in ("classification", "pretraining") else ""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if match:
+        block, starts = int(match[1]), [sum(config.stages[:i]) for i in range(len(config.stages))]
+        stage = max(i for i, start in enumerate(starts) if start <= block)
+        layer = block - starts[stage]
+        return f"{prefix}encoder.stages.{stage}.layers.{layer}.{_official_block_rest(match[2])}"
+    match = re.fullmatch(r"decoder_blocks\.(\d+)\.(.+)", key)
+    if match:
+        return f"decoder.decoder_block.layers.{match[1]}.{_official_block_rest(match[2])}"
+    for pattern, replacement in _OFFICIAL_TO_HF:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement.replace("{p}", prefix), key)
+    raise ValueError(f"no transformers key for parameter {key!r}")
 
 
 def to_official_keys(
@@ -243,13 +292,21 @@ def export_state_dict(
     name_or_config: str | HieraConfig,
     *,
     model_type: str | None = None,
+    format: str = "official",
 ) -> dict[str, np.ndarray]:
-    """Official PyTorch state dict (NumPy arrays) for Flax params, checked against the model.
+    """A PyTorch state dict (NumPy arrays) for Flax params, checked against the model.
 
-    Load it with `model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`.
+    `format="official"`: the official keys, for `model.load_state_dict({k: torch.from_numpy(v)
+    for k, v in sd.items()})` on the official (or timm) model. `format="hf"`: transformers' keys
+    for the class of `model_type`; the config must be one transformers can express
+    (`HieraConfig.is_transformers_compatible()`).
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     config = resolve_config(name_or_config)
     model_type = model_type_for(name_or_config, model_type)
+    if format == "hf" and (why := config.is_transformers_compatible()) is not None:
+        raise ValueError(f"this model has no transformers form: {why}")
     params = params.get("params", params) if isinstance(params, Mapping) else params
     flat = flax.traverse_util.flatten_dict(dict(params))
     target = flax.traverse_util.flatten_dict(abstract_params(config, model_type))
@@ -268,5 +325,7 @@ def export_state_dict(
     out = {}
     for path, value in flat.items():
         key, array = flax_to_official(path, np.asarray(jax.device_get(value), dtype=np.float32))
+        if format == "hf":
+            key = official_to_hf_key(key, config, model_type)
         out[key] = np.array(array, order="C")  # a writable copy, so torch.from_numpy takes it
     return out

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Any
-
-import numpy as np
 
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.weights import torch_pickle
 
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A directory's weights, in the order they are looked for (see hiera_jax.weights.directory).
+HF_WEIGHT_FILES = ("model.safetensors", "model_official.safetensors", "pytorch_model.bin")
 
 
 def read_state_dict(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -61,53 +59,52 @@ def _read_pickle(path: str) -> dict[str, Any]:
     return state
 
 
-def check_hf_config(hf_config: dict[str, Any], config: HieraConfig) -> None:
-    """ValueError if a Hugging Face config.json describes a different architecture."""
-    heads = [int(config.num_heads * config.head_mul**i) for i in range(len(config.stages))]
-    expected = {
-        "embed_dim": config.embed_dim,
-        "depths": list(config.stages),
-        "num_heads": heads,
-        "image_size": list(config.input_size),
-        "patch_size": list(config.patch_kernel),
-        "patch_stride": list(config.patch_stride),
-        "patch_padding": list(config.patch_padding),
-        "query_stride": list(config.q_stride),
-        "masked_unit_size": list(config.mask_unit_size),
-        "num_channels": config.in_chans,
-        "embed_dim_multiplier": config.dim_mul,
-        "mlp_ratio": config.mlp_ratio,
-    }
-    if hf_config.get("decoder_hidden_size") is not None:
-        expected.update(
-            decoder_hidden_size=config.decoder_embed_dim,
-            decoder_depth=config.decoder_depth,
-            decoder_num_heads=config.decoder_num_heads,
-        )
+def read_keys(path: str) -> list[str]:
+    """The tensor names of a weight file (a safetensors header only, without its tensors)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as f:
+                return list(f.keys())
+        except Exception as err:  # safetensors raises SafetensorError for truncated files
+            raise ValueError(
+                f"cannot read {path} as safetensors (corrupt or truncated?): {err}"
+            ) from err
+    return list(_read_pickle(path))
+
+
+def model_type_of_keys(keys) -> str:
+    """Which model a state dict in any of the formats holds, from its key names.
+
+    An MAE decoder makes it `pretraining`, a classifier `classification`, transformers' backbone
+    norms `feature_backbone` (HieraBackbone), none of them `backbone` (HieraModel).
+    """
+    keys = {k.removeprefix("hiera.") for k in keys}
+    if keys & {"decoder_pred.weight", "decoder.decoder_pred.weight"}:
+        return "pretraining"
+    if keys & {"head.projection.weight", "head.fc.weight", "classifier.weight"}:
+        return "classification"
+    if any(k.startswith("hidden_states_norms.") for k in keys):
+        return "feature_backbone"
+    return "backbone"
+
+
+def config_differences(found: HieraConfig, expected: HieraConfig) -> list[str]:
+    """`key: checkpoint X vs model Y` for every architecture field (transformers' names) where a
+    checkpoint's config and the one asked for differ."""
+    ours, theirs = found.to_dict(), expected.to_dict()
+    skip = {"id2label", "label2id", "out_features", "out_indices", "output_hidden_states",
+            "output_attentions", "return_dict", "problem_type", "drop_path_rate", "mask_ratio",
+            "stage_names", "hidden_size"}  # fmt: skip
     wrong = [
-        f"{key}: checkpoint {hf_config[key]} vs model {value}"
-        for key, value in expected.items()
-        if key in hf_config and _normalise(hf_config[key]) != _normalise(value)
+        f"{key}: checkpoint {ours[key]} vs model {theirs[key]}"
+        for key in theirs
+        if key not in skip and key != "hiera_jax" and ours.get(key) != theirs[key]
     ]
-    if wrong:
-        raise ValueError(
-            "Hugging Face config.json does not describe this model: " + "; ".join(wrong)
-        )
-    for key, ours in (
-        ("num_query_pool", config.q_pool),
-        ("masked_unit_attention", list(config.mask_unit_attn)),
-    ):
-        if key in hf_config and _normalise(hf_config[key]) != _normalise(ours):
-            warnings.warn(
-                f"Hugging Face config has {key}={hf_config[key]} but the target model uses {ours}; "
-                "parameters are the same, outputs will follow the target model",
-                stacklevel=2,
-            )
-
-
-def _normalise(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)
-    return value
+    for key, value in theirs["hiera_jax"].items():
+        if key not in ("dtype", "remat", "scan_blocks") and ours["hiera_jax"].get(key) != value:
+            wrong.append(f"{key}: checkpoint {ours['hiera_jax'].get(key)} vs model {value}")
+    if found.num_classes != expected.num_classes:
+        wrong.append(f"num_labels: checkpoint {found.num_classes} vs model {expected.num_classes}")
+    return wrong

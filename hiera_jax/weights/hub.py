@@ -1,7 +1,7 @@
 """Pretrained weights by name: Hugging Face repos, timm hub names, the official release URLs.
 
-`resolve_pretrained(name)` returns a local hiera-jax model directory (`config.json` + orbax
-params) for any of
+`resolve_pretrained(name)` returns a local model directory (`hiera_jax.weights.directory`) for
+any of
 
 - one of our names (`hiera_tiny_224`, `mae_hiera_tiny_224`, `hiera_base_16x224`, ... see
   `PRETRAINED` / `list_pretrained()`), fetched from the first source the table lists for it
@@ -17,20 +17,22 @@ params) for any of
   downloaded with urllib into a checksum-verified cache (a sha256 prefix in the file name, as
   torch.hub names them, is checked; otherwise the sha256 is recorded on first download and every
   later use of the file is checked against it);
-- a local path: a hiera-jax directory (returned as is), a PyTorch checkpoint file (`.pth`,
-  `.safetensors`, ...) or a Hugging Face model directory.
+- a local path: a model directory (ours or transformers'), a PyTorch checkpoint file (`.pth`,
+  `.safetensors`, ...) or a folder of weights without a Hiera config (timm's).
 
-Remote and PyTorch checkpoints are converted once, with `hiera_jax.weights.convert`, into
+A transformers repo or directory is read as it is: its config.json decides the architecture.
+Checkpoints without one (official `.pth`, timm) are converted once, with
+`hiera_jax.weights.convert`, into
 
     $HIERA_JAX_CACHE (default $HF_HOME/hiera_jax, i.e. ~/.cache/huggingface/hiera_jax)
-      hf/<owner>--<repo>/<commit>/<variant>-<model_type>/     from the Hugging Face hub
+      hf/<owner>--<repo>/<commit>/<variant>-<model_type>/     from a timm repo on the hub
       official/<file stem>/<sha256[:16]>/<variant>-<model_type>/  from a .pth URL
       local/<digest of path, size, mtime>/<variant>-<model_type>/  from a local PyTorch file
       downloads/<file>, downloads/<file>.sha256                 the downloaded .pth files
 
 and later calls load that directory without converting again (a new hub commit or a different
-file converts anew). The variant (`hiera_tiny_224`...), model type and class count are read from
-the checkpoint's tensor shapes, and checked against the table for the names it lists.
+file converts anew). For those the variant (`hiera_tiny_224`...), model type and class count
+are read from the tensor shapes, and checked against the table for the names it lists.
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ from typing import Any
 
 from hiera_jax.models.config import VARIANTS, get_config
 from hiera_jax.weights import convert as convert_lib
+from hiera_jax.weights import directory as directory_lib
 from hiera_jax.weights import formats
-from hiera_jax.weights.directory import CONFIG_FILE, FORMAT, save_pretrained
+from hiera_jax.weights.directory import CONFIG_FILE, save_pretrained
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/hiera/{file}.pth"
 SOURCE_KINDS = ("hf", "timm", "official")
 HUB_ORGS = ("facebook", "timm")  # repo ids of these owners need no `hf-hub:` prefix
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A repo's weights, in the order they are looked for: transformers' keys, our official-key file
+# (models transformers has no form for), transformers' older pickle.
+WEIGHT_FILES = ("model.safetensors", "model_official.safetensors", "pytorch_model.bin")
 SOURCE_FILE = "source.json"  # written next to config.json in every converted directory
 _HTTP_MODULES = ("huggingface_hub", "httpx", "httpx2", "httpcore")  # their errors: a failed fetch
 _HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's convention: name-<sha256 prefix>.pth
@@ -272,58 +277,55 @@ def _resolve_entry(
 
 
 def _resolve_local(path: str) -> str:
-    """A hiera-jax directory as is; a PyTorch file or Hugging Face directory converted once."""
+    """A model directory (ours, older ours, transformers') as is; a PyTorch file or another
+    directory of weights (timm's) converted once."""
     if os.path.isdir(path):
-        config = os.path.join(path, CONFIG_FILE)
         weights = [os.path.join(path, f) for f in WEIGHT_FILES]
         weights = [w for w in weights if os.path.isfile(w)]
-        if not weights or _is_hiera_jax_config(config):
-            return path  # a hiera-jax directory, a workdir, or anything else: the loader explains
+        if not weights or directory_lib.is_model_directory(path):
+            return path  # a model directory, a workdir, or anything else: the loader explains
         weight_file = weights[0]
-        hf_config = config if os.path.isfile(config) else None
+        config = os.path.join(path, CONFIG_FILE)
+        extra_config = config if os.path.isfile(config) else None
     else:
-        weight_file, hf_config = path, None
-    stats = [os.stat(p) for p in (weight_file, hf_config) if p]
+        weight_file, extra_config = path, None
+    stats = [os.stat(p) for p in (weight_file, extra_config) if p]
     fingerprint = "\0".join(
         [os.path.realpath(weight_file), *(f"{s.st_size}:{s.st_mtime_ns}" for s in stats)]
     )
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     base = os.path.join(cache_dir(), "local", f"{_safe(os.path.basename(path))}-{digest}")
     origin = {"kind": "local", "path": os.path.abspath(path)}
-    return _convert_cached(base, weight_file, hf_config, origin, None)
-
-
-def _is_hiera_jax_config(path: str) -> bool:
-
-    try:
-        with open(path) as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _convert_cached(base, weight_file, origin, None)
 
 
 # ---------------------------------------------------------------------- Hugging Face hub
 def _resolve_hf(
     repo_id: str, revision: str | None, token: Any, entry: Pretrained | None = None
 ) -> str:
+    """The repo's snapshot folder when it is a model directory (transformers' or ours: its
+    config.json decides the architecture); timm's repos converted once."""
     entry = entry or _BY_REPO.get(repo_id)
     folder = _hf_snapshot(repo_id, revision, token)
-    commit = os.path.basename(os.path.normpath(folder))
-    base = os.path.join(cache_dir(), "hf", _safe(repo_id.replace("/", "--")), _safe(commit))
-    converted = _find_converted(base, entry)
-    if converted:
-        return converted
     weights = [os.path.join(folder, f) for f in WEIGHT_FILES]
     weights = [w for w in weights if os.path.isfile(w)]
     if not weights:
         raise PretrainedNotFoundError(
             _hf_missing_message(repo_id, revision, f"{' or '.join(WEIGHT_FILES)} in {folder}")
         )
-    config = os.path.join(folder, "config.json")
+    if directory_lib.is_model_directory(folder):
+        if entry is not None:
+            _, model_type = directory_lib.read_config(folder)
+            if model_type != entry.model_type:
+                raise ValueError(
+                    f"{repo_id} holds a {model_type} checkpoint, but {entry.model} "
+                    f"({entry.model_type}) was expected"
+                )
+        return folder
+    commit = os.path.basename(os.path.normpath(folder))
+    base = os.path.join(cache_dir(), "hf", _safe(repo_id.replace("/", "--")), _safe(commit))
     origin = {"kind": "hf", "repo": repo_id, "revision": revision or "main", "commit": commit}
-    return _convert_cached(
-        base, weights[0], config if os.path.isfile(config) else None, origin, entry
-    )
+    return _convert_cached(base, weights[0], origin, entry)
 
 
 def _hf_snapshot(repo_id: str, revision: str | None, token: Any) -> str:
@@ -343,11 +345,11 @@ def _hf_snapshot(repo_id: str, revision: str | None, token: Any) -> str:
     )
     try:
         folder = huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=["*.json", WEIGHT_FILES[0]], **kwargs
+            repo_id, allow_patterns=["*.json", *WEIGHT_FILES[:2]], **kwargs
         )
-        if not os.path.isfile(os.path.join(folder, WEIGHT_FILES[0])):
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES[:2]):
             folder = huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=[WEIGHT_FILES[1]], **kwargs
+                repo_id, allow_patterns=[WEIGHT_FILES[2]], **kwargs
             )
     except hf_errors.RepositoryNotFoundError as err:
         raise PretrainedNotFoundError(
@@ -411,7 +413,7 @@ def _resolve_url(url: str, entry: Pretrained | None) -> str:
     origin = {"kind": "official", "url": url, "file": path, "sha256": sha}
     if entry is not None:
         origin["checkpoint_key"] = entry.url_key
-    return _convert_cached(base, path, None, origin, entry)
+    return _convert_cached(base, path, origin, entry)
 
 
 def _url_filename(url: str) -> str:
@@ -552,15 +554,17 @@ def _find_converted(base: str, entry: Pretrained | None) -> str | None:
 def _convert_cached(
     base: str,
     weight_file: str,
-    hf_config_file: str | None,
     origin: dict[str, Any],
     entry: Pretrained | None,
 ) -> str:
-    """Convert `weight_file` into `base/<variant>-<model_type>` unless it is there already."""
+    """Convert `weight_file` into `base/<variant>-<model_type>` unless it is there already.
+
+    For checkpoints without a Hiera config.json (official `.pth`, timm): the variant is read
+    from the tensors (`infer_variant`).
+    """
     converted = _find_converted(base, entry)
     if converted:
         return converted
-
     state_dict, _ = formats.read_state_dict(weight_file)
     state_dict = convert_lib.unwrap_state_dict(state_dict)
     name, model_type, overrides = infer_variant(state_dict)
@@ -570,9 +574,6 @@ def _convert_cached(
             f"({entry.model_type}) was expected"
         )
     config = get_config(name, **overrides)
-    hf_config = _read_json(hf_config_file) if hf_config_file else None
-    if isinstance(hf_config, Mapping) and hf_config.get("model_type") == "hiera":
-        formats.check_hf_config(dict(hf_config), config)
     print(
         f"hiera_jax: converting {weight_file} ({name}, {model_type}) into {base} (once)",
         file=sys.stderr,
@@ -581,7 +582,7 @@ def _convert_cached(
     dest = os.path.join(base, f"{name}-{model_type}")
     tmp = f"{dest}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(tmp, params, config, model_type=model_type, name=name)
+    save_pretrained(tmp, params, config, model_type=model_type)
     _write_text(os.path.join(tmp, SOURCE_FILE), json.dumps(origin, indent=2) + "\n")
     try:
         os.replace(tmp, dest)
@@ -605,22 +606,20 @@ def infer_variant(state_dict: Mapping[str, Any]) -> tuple[str, str, dict[str, in
     """(variant name, model type, config overrides) of a PyTorch Hiera state dict in any format.
 
     The width and block count (and for Hugging Face keys the blocks per stage) pick the official
-    variant; decoder tensors make it `pretraining`, a classifier `classification`, neither
-    `backbone`. `num_classes` and `in_chans` are overridden when the tensors say so.
+    variant; the key names the model type (`formats.model_type_of_keys`). `num_classes` and `in_chans` are overridden when the tensors say so.
     """
     state_dict = convert_lib.unwrap_state_dict(state_dict)
     patch = head = None
     blocks: set[int] = set()
     hf_layers: dict[int, set[int]] = {}
-    pretraining = False
+    model_type = formats.model_type_of_keys(state_dict)
+    pretraining = model_type == "pretraining"
     for key, value in state_dict.items():
         key = key.removeprefix("hiera.")
         if key in ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight"):
             patch = value
         elif key in ("head.projection.weight", "head.fc.weight", "classifier.weight"):
             head = value
-        elif key in ("decoder_pred.weight", "decoder.decoder_pred.weight"):
-            pretraining = True
         elif match := re.match(r"blocks\.(\d+)\.", key):
             blocks.add(int(match[1]))
         elif match := re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.", key):
@@ -634,8 +633,6 @@ def infer_variant(state_dict: Mapping[str, Any]) -> tuple[str, str, dict[str, in
     embed_dim, in_chans, video = shape[0], shape[1], len(shape) == 5
     stages = tuple(len(hf_layers[s]) for s in sorted(hf_layers)) if hf_layers else None
     depth = sum(stages) if stages else len(blocks)
-    model_type = "classification" if head is not None else "backbone"
-    model_type = "pretraining" if pretraining else model_type
     candidates = [
         name
         for name, kw in VARIANTS.items()
