@@ -6,7 +6,9 @@ Three lines from a converted checkpoint to named predictions:
     predictor = inference.Predictor.from_pretrained("checkpoints/hiera_tiny_224")
     print(predictor.top_k(["cat.jpg"], k=5))
 
-Inputs go through `hiera_jax.inference.preprocess` (the official pipeline).
+Images go through `hiera_jax.inference.preprocess`: the model's image processor settings when
+its directory has a `preprocessor_config.json` (transformers' repos, models saved here), the
+official pipeline otherwise; `HieraImageProcessor` runs the same code.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from hiera_jax.inference.preprocess import (
     load_video,
     preprocess_image,
     preprocess_video,
+    processor_transform,
+    transform_image,
 )
 from hiera_jax.models.config import HieraConfig, get_config
 from hiera_jax.models.factory import build_model, init_params
 from hiera_jax.models.hiera import HieraEncoder, HieraForImageClassification
-from hiera_jax.weights.directory import read_config, read_preprocessing
-from hiera_jax.weights.loading import load_pretrained
+from hiera_jax.weights import hub
+from hiera_jax.weights.loading import load_model
 
 
 # ---------------------------------------------------------------------- prediction
@@ -103,7 +107,10 @@ class Predictor:
         source: str = "model",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        transform: dict[str, Any] | None = None,
     ):
+        """`transform`: `transform_image` keywords for images (`processor_transform` of an image
+        processor's settings); None = the official pipeline at the model's input size."""
         if len(mean) != config.in_chans or len(std) != config.in_chans:
             raise ValueError(
                 f"{source}: mean/std have {len(mean)}/{len(std)} values but the model takes "
@@ -117,7 +124,10 @@ class Predictor:
         self.temporal_stride = temporal_stride
         self.source = source
         self.has_head = model_type == "classification"
-        self.names = tuple(names) if names is not None else class_names(config.num_classes)
+        if names is None:
+            names = config.class_names or class_names(config.num_classes)
+        self.names = tuple(names)
+        self.transform = transform
         self._probs = _jitted_probs(config)
         self._maps = _jitted_maps(config)
 
@@ -126,23 +136,29 @@ class Predictor:
     def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
         """Load a `save_pretrained` / converter / train.py directory, or any name
         `hiera_jax.load_pretrained` takes (hub names, repo ids); overrides: `input_size`, `dtype`..."""
-        from hiera_jax.weights import hub
-
         hub_args = {k: overrides.pop(k) for k in ("source", "revision", "token") if k in overrides}
         directory = hub.resolve_pretrained(directory, **hub_args)
-        _, model_type, _ = read_config(directory)
-        # Normalise as the model was trained (train.py stores it); ImageNet's for converted ones.
-        norm = read_preprocessing(directory) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         batch_size = overrides.pop("batch_size", 8)
-        model, params = load_pretrained(directory, **overrides)
+        config, model_type, params, checkpoint = load_model(directory, **overrides)
+        # Normalise as the model was trained (its processor, or train.py's data statistics);
+        # ImageNet's for converted official and timm weights.
+        settings = checkpoint.preprocessing or {}
+        mean = tuple(settings.get("image_mean") or IMAGENET_MEAN)
+        std = tuple(settings.get("image_std") or IMAGENET_STD)
+        transform = None
+        if settings.get("image_processor_type"):
+            transform = processor_transform(settings)
+            if transform.get("crop") != tuple(config.input_size[-2:]):
+                transform = None  # run at another size: the official pipeline for that size
         return cls(
-            model.config,
+            config,
             params,
             model_type=model_type,
             batch_size=batch_size,
             source=directory,
-            mean=norm["mean"],
-            std=norm["std"],
+            mean=mean,
+            std=std,
+            transform=transform,
         )
 
     @classmethod
@@ -197,6 +213,8 @@ class Predictor:
                         std=self.std,
                     )
                 )
+            elif self.transform is not None:
+                out.append(transform_image(item, **self.transform, source=name))
             else:
                 out.append(preprocess_image(item, crop, mean=self.mean, std=self.std, source=name))
         if not out:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -143,6 +143,134 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def crop_start(size: int, crop: int, rounding: str = "round") -> int:
+    """Where a centre crop of `crop` pixels starts in a side of `size` (negative: zero padding).
+
+    "round": torchvision's `CenterCrop` (pads `(crop - size) // 2` first when the image is
+    smaller, else starts at `round((size - crop) / 2)`); "floor": transformers' `center_crop`,
+    `(size - crop) // 2` either way. They differ only by one pixel, for some odd differences.
+    """
+    if rounding == "floor":
+        return (size - crop) // 2
+    if rounding != "round":
+        raise ValueError(f"crop rounding must be 'round' or 'floor', got {rounding!r}")
+    return int(round((size - crop) / 2.0)) if size >= crop else -((crop - size) // 2)
+
+
+def transform_image(
+    image: Any,
+    *,
+    short_side: int | None = None,
+    resize_to: Sequence[int] | None = None,
+    resample: int = Image.BICUBIC,
+    crop: Sequence[int] | None = None,
+    crop_rounding: str = "round",
+    rescale_factor: float | None = 1 / 255,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    channels: int | None = None,
+    source: str = "image",
+) -> np.ndarray:
+    """The image pipeline both the Predictor and `HieraImageProcessor` run, on PIL: resize
+    (`short_side`, aspect kept, the long side truncated; or exactly `resize_to` (h, w)), centre
+    crop (zero padding where the image is smaller), rescale, normalise -> float32 [H, W, C].
+
+    uint8 pixels (and PIL images) are multiplied by `rescale_factor` (None: left 0-255); float
+    arrays are taken as [0, 1] values and are not rescaled again. `channels` (default len(mean),
+    else 3) of 1 gives grayscale (ITU-R 601 luma, as PIL's "L"). Float arrays outside
+    [-0.5, 1.5] or not finite raise ValueError (`check_float_range`); `source` names the image in
+    errors.
+    """
+    source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else source
+    pil = _to_pil(image, source)
+    is_float = isinstance(pil, list)
+    planes = pil if is_float else [pil]
+    width, height = planes[0].size
+    if resize_to is not None:
+        new_h, new_w = (int(v) for v in resize_to)
+    elif short_side is not None:
+        new_h, new_w = resized_size(height, width, int(short_side))
+    else:
+        new_h, new_w = height, width
+    if (new_h, new_w) != (height, width):  # an identity resize is skipped (as torchvision)
+        planes = [p.resize((new_w, new_h), resample) for p in planes]
+    if crop is not None:
+        crop_h, crop_w = (int(v) for v in crop)
+        top, left = (
+            crop_start(new_h, crop_h, crop_rounding),
+            crop_start(new_w, crop_w, crop_rounding),
+        )
+        planes = [p.crop((left, top, left + crop_w, top + crop_h)) for p in planes]  # zero fill
+    if is_float:
+        x = np.stack([np.asarray(p, dtype=np.float32) for p in planes], axis=-1)
+    else:
+        x = np.asarray(planes[0], dtype=np.float32)
+        if rescale_factor is not None and abs(rescale_factor * 255 - 1) < 1e-12:
+            x = x / np.float32(255.0)  # ToTensor (transformers' x * (1/255) in float64: the same)
+        elif rescale_factor is not None:
+            x = x * np.float32(rescale_factor)
+    out_channels = channels if channels is not None else (len(mean) if mean is not None else 3)
+    if out_channels == 1:
+        x = (x @ np.asarray(GRAY_WEIGHTS, np.float32))[..., None]
+    elif out_channels != 3:
+        raise ValueError(f"images can be preprocessed to 1 or 3 channels, not {out_channels}")
+    if mean is not None and std is not None:
+        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return x
+
+
+def processor_transform(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`transform_image` keywords for an image processor's settings (transformers'
+    `preprocessor_config.json`: BitImageProcessor's fields), with transformers' crop rounding."""
+    unknown = set(settings) - PROCESSOR_KEYS
+    if unknown:
+        raise ValueError(
+            f"unknown image processor setting(s) {sorted(unknown)}; known: {sorted(PROCESSOR_KEYS)}"
+        )
+    out: dict[str, Any] = {"crop_rounding": "floor"}
+    if settings.get("do_resize", True):
+        size = dict(settings.get("size") or {"shortest_edge": 256})
+        if set(size) == {"shortest_edge"} and settings.get("default_to_square", False):
+            out["resize_to"] = (int(size["shortest_edge"]),) * 2  # transformers' square rule
+        elif set(size) == {"shortest_edge"}:
+            out["short_side"] = int(size["shortest_edge"])
+        elif set(size) == {"height", "width"}:
+            out["resize_to"] = (int(size["height"]), int(size["width"]))
+        else:
+            raise ValueError(
+                f"size must be {{'shortest_edge': n}} or {{'height': h, 'width': w}}, got {size}"
+            )
+    if settings.get("do_center_crop", True):
+        crop = dict(settings.get("crop_size") or {"height": 224, "width": 224})
+        if set(crop) != {"height", "width"}:
+            raise ValueError(f"crop_size must be {{'height': h, 'width': w}}, got {crop}")
+        out["crop"] = (int(crop["height"]), int(crop["width"]))
+    out["resample"] = int(settings.get("resample", Image.BICUBIC))
+    out["rescale_factor"] = (
+        float(settings.get("rescale_factor", 1 / 255)) if settings.get("do_rescale", True) else None
+    )
+    mean = tuple(float(v) for v in settings.get("image_mean") or IMAGENET_MEAN)
+    std = tuple(float(v) for v in settings.get("image_std") or IMAGENET_STD)
+    if len(mean) != len(std):
+        raise ValueError(f"image_mean {mean} and image_std {std} differ in length")
+    if settings.get("do_normalize", True):
+        out.update(mean=mean, std=std)
+    else:
+        out.update(mean=None, std=None, channels=len(mean))
+    return out
+
+
+# The settings of transformers' BitImageProcessor (the `facebook/hiera-*-hf` repos' processor)
+# and the bookkeeping keys its preprocessor_config.json files carry.
+PROCESSOR_KEYS = frozenset(
+    {
+        "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+        "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb",
+        "image_processor_type", "processor_class", "_processor_class", "default_to_square",
+    }
+)  # fmt: skip
+
+
 def preprocess_image(
     image: Any,
     crop_size: int | Sequence[int] = 224,
@@ -152,7 +280,9 @@ def preprocess_image(
     std: Sequence[float] = IMAGENET_STD,
     source: str = "image",
 ) -> np.ndarray:
-    """One image (PIL, path, uint8 or [0, 1] float array) -> normalised float32 [H, W, C].
+    """One image (PIL, path, uint8 or [0, 1] float array) -> normalised float32 [H, W, C], by the
+    official pipeline: short side to `resize_size` (default 256/224 of the crop), bicubic,
+    torchvision's centre crop, ToTensor, Normalize.
 
     C = len(mean): 3 for the official models; 1 gives grayscale (ITU-R 601 luma, as PIL's "L").
     Float arrays outside [-0.5, 1.5] or not finite raise ValueError (see `check_float_range`);
@@ -161,30 +291,15 @@ def preprocess_image(
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
     if resize_size is None:
         resize_size = int(RESIZE_RATIO * min(crop_h, crop_w))
-    pil = _to_pil(image, os.fspath(image) if isinstance(image, (str, os.PathLike)) else source)
-    channels = pil if isinstance(pil, list) else [pil]
-    width, height = channels[0].size
-    new_h, new_w = resized_size(height, width, resize_size)
-    if (new_h, new_w) != (height, width):  # torchvision skips an identity resize
-        channels = [c.resize((new_w, new_h), Image.BICUBIC) for c in channels]
-    # torchvision CenterCrop (pads with zeros first when the image is smaller than the crop).
-    if new_h < crop_h or new_w < crop_w:
-        pad_h, pad_w = max(crop_h - new_h, 0), max(crop_w - new_w, 0)
-        box = (-(pad_w // 2), -(pad_h // 2), new_w + (pad_w + 1) // 2, new_h + (pad_h + 1) // 2)
-        channels = [c.crop(box) for c in channels]
-        new_w, new_h = channels[0].size
-    top = int(round((new_h - crop_h) / 2.0))
-    left = int(round((new_w - crop_w) / 2.0))
-    channels = [c.crop((left, top, left + crop_w, top + crop_h)) for c in channels]
-    if len(channels) == 1:
-        x = np.asarray(channels[0], dtype=np.float32) / np.float32(255.0)  # ToTensor
-    else:
-        x = np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=-1)
-    if len(mean) == 1:
-        x = (x @ np.asarray(GRAY_WEIGHTS, np.float32))[..., None]
-    elif len(mean) != 3:
-        raise ValueError(f"images can be preprocessed to 1 or 3 channels, not {len(mean)}")
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return transform_image(
+        image,
+        short_side=resize_size,
+        crop=(crop_h, crop_w),
+        crop_rounding="round",
+        mean=mean,
+        std=std,
+        source=source,
+    )
 
 
 # ---------------------------------------------------------------------- video

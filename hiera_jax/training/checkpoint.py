@@ -8,6 +8,7 @@ iterator's state, one JSON file per process, written by grain's orbax handler).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from hiera_jax.models.config import HieraConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,15 @@ RESUMABLE_CHANGES = frozenset(
         "head_dropout",
         "mask_ratio",
         "head_init_scale",
+        # Initialisers, labels and call defaults: no parameter depends on them.
+        "initializer_range",
+        "layer_norm_init",
+        "class_names",
+        "problem_type",
+        "out_stage_indices",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
     }
 )
 
@@ -113,8 +125,8 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 - judged by restore() below
             log.debug("no readable metadata in %s: %s", path, err)
             return
-        saved_task, saved_model = meta.get("task"), meta.get("model") or {}
-        ours = json.loads(json.dumps(model))  # tuples as JSON lists, like the saved copy
+        saved_task, saved_model = meta.get("task"), _canonical_model(meta.get("model") or {})
+        ours = _canonical_model(model)
         differ = [
             f"{k}: {saved_model.get(k)!r} there, {ours.get(k)!r} now"
             for k in sorted(set(saved_model) & set(ours))  # fields both versions know
@@ -193,3 +205,13 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _canonical_model(model: dict) -> dict:
+    """A run's model fields in today's canonical form, as JSON (tuples as lists): checkpoints of
+    earlier versions stored `num_heads` as the official int with `head_mul`."""
+    try:
+        model = dataclasses.asdict(HieraConfig.from_dict(model))
+    except (TypeError, ValueError):
+        pass  # compared field by field as stored
+    return json.loads(json.dumps(model))

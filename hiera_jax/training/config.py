@@ -106,9 +106,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields set from a Python value of more than one type: heads as one int (the official
+# `num_heads` with `head_mul`) or one per stage.
+_ANY_TYPE_FIELDS = ("num_heads",)
+
+
 def model_fields() -> ml_collections.ConfigDict:
-    """`name` and every HieraConfig field as an unset, typed placeholder (None = not overridden)."""
-    fields = {"name": config_dict.placeholder(str)}
+    """`name`, every HieraConfig field and the official `head_mul` as unset, typed placeholders
+    (None = not overridden)."""
+    fields = {"name": config_dict.placeholder(str), "head_mul": config_dict.placeholder(float)}
     for field in dataclasses.fields(HieraConfig):
         default = field.default
         if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
@@ -118,6 +124,8 @@ def model_fields() -> ml_collections.ConfigDict:
             kind = bool  # scan_blocks: None = automatic, True/False from a command line
         if kind is list:
             kind = tuple
+        if field.name in _ANY_TYPE_FIELDS:
+            kind = object
         fields[field.name] = config_dict.placeholder(kind)
     return ml_collections.ConfigDict(fields)
 
@@ -130,7 +138,7 @@ def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if name:
         return get_config(name, **kwargs)
-    return HieraConfig().replace(**kwargs)
+    return HieraConfig(**kwargs)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -211,7 +211,7 @@ def restore_or_init(
     notes = [f"ignored unfinished checkpoint {ckpt.directory}/{name}" for name in ckpt.partial]
     with jax.set_mesh(setup.mesh):
         if latest is not None:
-            ckpt.check_same_run(latest, task=setup.task, model=setup.mcfg.to_dict())
+            ckpt.check_same_run(latest, task=setup.task, model=dataclasses.asdict(setup.mcfg))
             state, _ = ckpt.restore(latest, setup.abstract_sharded_state())
             notes.append(f"resumed from {ckpt.directory}/{latest}")
             if not ckpt.restore_data(latest, train_iter):
@@ -468,7 +468,7 @@ def train_and_evaluate(
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     mcfg = setup.mcfg
-    meta_base = {"task": setup.task, "model": mcfg.to_dict(), "config": config.to_json()}
+    meta_base = {"task": setup.task, "model": dataclasses.asdict(mcfg), "config": config.to_json()}
     train_iter = None
     logger = None
     try:
