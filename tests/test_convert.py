@@ -252,22 +252,22 @@ def test_cli_and_loader_report_missing_and_corrupt_files(tmp_path, tiny_official
     out = hiera_jax.save_pretrained(
         str(tmp_path / "saved"), params, cfg, model_type="classification"
     )
-    wrong = hiera_jax.get_config("hiera_tiny_224", num_classes=10)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     hiera_jax.save_pretrained(str(tmp_path / "wrong"), params, cfg, model_type="classification")
     import json
 
     meta = json.loads((tmp_path / "wrong" / "config.json").read_text())
-    meta["config"] = wrong.to_dict()
+    meta["id2label"] = {str(i): f"c{i}" for i in range(10)}
+    del meta["label2id"]
     (tmp_path / "wrong" / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"head/kernel: stored \(768, 1000\) vs model \(768, 10\)"):
+    with pytest.raises(
+        ValueError, match=r"classifier\.weight -> head/kernel: checkpoint \(768, 1000\)"
+    ):
         hiera_jax.load_pretrained(str(tmp_path / "wrong"))
 
-    # Truncate every data file of the saved params: the loader must refuse, not return garbage.
-    for root, _, files in os.walk(os.path.join(out, "params")):
-        for f in files:
-            path = os.path.join(root, f)
-            if os.path.getsize(path) > 1000:
-                with open(path, "r+b") as fh:
-                    fh.truncate(100)
-    with pytest.raises(ValueError, match="cannot re"):
+    # Truncate the saved weights: the loader must refuse, not return garbage.
+    weights = os.path.join(out, "model.safetensors")
+    with open(weights, "r+b") as fh:
+        fh.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
         hiera_jax.load_pretrained(out)

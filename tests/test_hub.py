@@ -20,12 +20,12 @@ import flax
 import jax
 import numpy as np
 import pytest
+from hub_helpers import COMMIT, write_hf_cache
 
 import hiera_jax
 from hiera_jax.weights import hub
 from hiera_jax.weights.formats import read_state_dict
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 HF_REPO = "facebook/hiera-tiny-224-in1k-hf"
 TIMM_REPO = "timm/hiera_tiny_224.mae_in1k_ft_in1k"
@@ -77,38 +77,18 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def conversions(monkeypatch):
-    """Counts calls of the converter (hub converts through `hiera_jax.weights.convert`)."""
+    """Counts the hub's conversions of a source checkpoint into its cache (each reads the variant
+    from the tensors once, `hub.infer_variant`)."""
     calls = []
-    original = hiera_jax.weights.convert.convert_state_dict
+    original = hub.infer_variant
 
-    def counting(*args, **kwargs):
-        calls.append(args[1] if len(args) > 1 else kwargs.get("name_or_config"))
-        return original(*args, **kwargs)
+    def counting(state_dict):
+        result = original(state_dict)
+        calls.append(result[0])
+        return result
 
-    monkeypatch.setattr(hiera_jax.weights.convert, "convert_state_dict", counting)
+    monkeypatch.setattr(hub, "infer_variant", counting)
     return calls
-
-
-def write_hf_cache(home, repo_id: str, folder, commit: str = COMMIT, ref: str = "main"):
-    """The huggingface_hub cache layout for `folder`'s files at `commit`, `ref` pointing to it."""
-    storage = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    snapshot = storage / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for path in sorted(folder.iterdir()):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        blob = storage / "blobs" / digest
-        if not blob.exists():
-            try:
-                os.link(path, blob)
-            except OSError:
-                shutil.copyfile(path, blob)
-        link = snapshot / path.name
-        if not link.exists():
-            link.symlink_to(os.path.relpath(blob, snapshot))
-    (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def assert_same_params(actual, expected):
@@ -125,25 +105,22 @@ def direct(path, name, source, model_type=None):
 
 
 # ---------------------------------------------------------------------- Hugging Face repos
-def test_hf_repo_loads_offline_and_converts_once(files, home, conversions):
-    write_hf_cache(home, HF_REPO, files["hf"])
+def test_hf_repo_loads_offline_in_place(files, home, conversions):
+    snapshot = write_hf_cache(home, HF_REPO, files["hf"])
     expected = direct(files["hf"] / "model.safetensors", "hiera_tiny_224", "hf")
-    conversions.clear()
 
     model, params = hiera_jax.load_pretrained(HF_REPO)
     assert isinstance(model, hiera_jax.HieraForImageClassification)
+    # The repo's config.json is the architecture: tiny, with transformers' placeholder names.
     assert model.config == hiera_jax.get_config("hiera_tiny_224")
+    assert model.config.id2label[3] == "LABEL_3"
     assert_same_params(params, expected)
-    assert len(conversions) == 1
-
-    converted = home / "hiera_jax" / "hf" / "facebook--hiera-tiny-224-in1k-hf" / COMMIT
-    converted = converted / "hiera_tiny_224-classification"
-    assert (converted / "config.json").is_file() and (converted / "params").is_dir()
-    origin = json.loads((converted / hub.SOURCE_FILE).read_text())
-    assert origin == {"kind": "hf", "repo": HF_REPO, "revision": "main", "commit": COMMIT}
+    # Read where huggingface_hub keeps it: nothing converted, nothing copied into our cache.
+    assert hub.resolve_pretrained(HF_REPO) == str(snapshot)
+    assert not conversions and not (home / "hiera_jax" / "hf").exists()
 
     # The same weights again, by repo id, by our name (its first source), with the commit as
-    # revision, and through create_model: no second conversion.
+    # revision, through create_model and as each Hugging Face-style class.
     for name, kwargs in [
         (HF_REPO, {}),
         ("hiera_tiny_224", {}),
@@ -154,13 +131,16 @@ def test_hf_repo_loads_offline_and_converts_once(files, home, conversions):
     model, again = hiera_jax.create_model("hiera_tiny_224", pretrained=True, dtype="bfloat16")
     assert model.config.dtype == "bfloat16"
     assert_same_params(again, expected)
-    assert hub.resolve_pretrained("hiera_tiny_224") == str(converted)
-    assert len(conversions) == 1
+    classifier = hiera_jax.HieraForImageClassification.from_pretrained("hiera_tiny_224")
+    assert_same_params(classifier.params, expected)
+    # Asked for as HieraModel, the in1k repo drops its head (as transformers does).
+    backbone = hiera_jax.HieraModel.from_pretrained(HF_REPO)
+    assert_same_params(backbone.params, {k: v for k, v in expected.items() if k != "head"})
+    assert not conversions
 
-    # A new commit on main is a different checkpoint: converted once more, into its own folder.
+    # A new commit on main is another snapshot folder, read in place too.
     write_hf_cache(home, HF_REPO, files["hf"], commit=OTHER_COMMIT)
-    assert hub.resolve_pretrained(HF_REPO).split(os.sep)[-2] == OTHER_COMMIT
-    assert len(conversions) == 2
+    assert hub.resolve_pretrained(HF_REPO).split(os.sep)[-1] == OTHER_COMMIT
 
 
 def test_timm_hub_names(files, home, conversions):
@@ -331,12 +311,17 @@ def test_local_pytorch_files_convert_once(files, home, conversions):
         model, params = hiera_jax.load_pretrained(str(files["official"]))
         assert isinstance(model, hiera_jax.HieraForImageClassification)
         assert_same_params(params, expected)
-    _, params = hiera_jax.load_pretrained(str(files["hf"]))  # a transformers directory
+    assert len(conversions) == 1
+    assert hub.resolve_pretrained(str(files["official"])).startswith(
+        str(home / "hiera_jax" / "local")
+    )
+    # A transformers directory is read in place, a bare weights file is converted once.
+    _, params = hiera_jax.load_pretrained(str(files["hf"]))
+    assert_same_params(params, direct(files["hf"] / "model.safetensors", "hiera_tiny_224", "hf"))
+    assert hub.resolve_pretrained(str(files["hf"])) == str(files["hf"])
+    _, params = hiera_jax.load_pretrained(str(files["hf"] / "model.safetensors"))
     assert_same_params(params, direct(files["hf"] / "model.safetensors", "hiera_tiny_224", "hf"))
     assert len(conversions) == 2
-    assert all(p.startswith(str(home / "hiera_jax" / "local")) for p in [
-        hub.resolve_pretrained(str(files["official"])), hub.resolve_pretrained(str(files["hf"]))
-    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the table

@@ -134,7 +134,7 @@ def test_converter_in_chans_flag(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "config.json").read_text())["config"]["in_chans"] == 1
+    assert json.loads((out / "config.json").read_text())["num_channels"] == 1
     _, params = hiera_jax.load_pretrained(str(out))
     expected = _timm_adapt(model.patch_embed.proj.weight.detach().numpy().transpose(2, 3, 1, 0), 1)
     np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"], expected, rtol=1e-6)

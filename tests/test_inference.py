@@ -266,12 +266,13 @@ def test_checkpoint_that_does_not_fit(small_checkpoint, tmp_path):
     directory, _, _ = small_checkpoint
     bad = tmp_path / "bad"
     bad.mkdir()
-    os.symlink(os.path.join(directory, "params"), bad / "params")  # the small model's weights
+    weights = os.path.join(directory, "model.safetensors")  # the small model's weights
+    os.symlink(weights, bad / "model.safetensors")
     with open(os.path.join(directory, "config.json")) as f:
         meta = json.load(f)
-    meta["config"]["embed_dim"] = 32
+    meta["embed_dim"] = 32
     (bad / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"bad/params does not fit"):
+    with pytest.raises(ValueError, match=r"bad/model.safetensors does not fit"):
         inference.Predictor.from_pretrained(str(bad))
 
 

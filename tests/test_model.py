@@ -192,7 +192,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits():
 
 def test_mae_without_mask_or_rng_says_what_to_pass():
     model = HieraForPreTraining(SMALL_MAE)
-    with pytest.raises(ValueError, match=r"pass mask=\.\.\. or rngs=\{'mask': key\}"):
+    with pytest.raises(ValueError, match=r"pass mask=\.\.\., noise=\.\.\. or rngs=\{'mask': key\}"):
         jax.eval_shape(
             lambda: model.apply(
                 {"params": abstract_params(SMALL_MAE, "pretraining")}, jnp.zeros((1, 128, 128, 3))

@@ -69,7 +69,10 @@ def test_backbone_feature_maps_pooled_and_masked_tokens(record_parity):
     with torch.no_grad():
         masked_last, masked_maps = official(to_torch(x), mask=mask, return_intermediates=True)
     out = apply({"params": backbone_params}, x, mask=mask.numpy(), return_intermediates=True)
-    assert out.pooler_output is None
+    with torch.no_grad():  # pooled over the kept tokens, as transformers' MAE-mode HieraModel
+        masked_pooled = official.norm(masked_last.mean(dim=1)).numpy()
+    assert rel_err(out.pooler_output, masked_pooled) < TOL
+    np.testing.assert_array_equal(out.bool_masked_pos, mask.numpy())
     err = rel_err(out.last_hidden_state, masked_last.numpy())
     assert record_parity("HieraModel tiny", "official", "masked tokens", err) < TOL
     for ours, theirs in zip(out.feature_maps, masked_maps, strict=True):

@@ -95,10 +95,10 @@ def test_bad_inputs_name_the_file(setup, tmp_path, capsys):
     bad = tmp_path / "mismatch"
     shutil.copytree(ckpt, bad)
     meta = json.loads((bad / "config.json").read_text())
-    meta["config"]["stages"] = [1, 1, 2, 1]
+    meta["depths"] = [1, 1, 2, 1]
     (bad / "config.json").write_text(json.dumps(meta))
     err = _error_line(["--checkpoint", str(bad), images[0]], capsys)
-    assert re.search(r"mismatch.*does not fit.*blocks_4", err)
+    assert re.search(r"mismatch.*does not fit.*does not fill: blocks_3", err), err
     err = _error_line(["--checkpoint", str(tmp_path), images[0]], capsys)
     assert "not a hiera-jax model directory" in err
     assert "--checkpoint DIR, or --model NAME" in _error_line([images[0]], capsys)

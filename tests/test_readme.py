@@ -2,6 +2,9 @@
 
 import os
 import re
+import warnings
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,3 +30,129 @@ def test_quick_start_runs():
     namespace = {}
     exec(compile(snippet, "README.md quick start", "exec"), namespace)
     assert namespace["logits"].shape == (2, 1000)
+
+
+# ---------------------------------------------------------------------- the Hugging Face section
+def _hf_section_blocks():
+    readme = _read("README.md")
+    section = readme.split("## The Hugging Face API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def _as_transformers(block: str) -> str:
+    """The README's JAX code as the transformers docs page writes it."""
+    return block.replace("hiera_jax", "transformers").replace(
+        'return_tensors="np"', 'return_tensors="pt"'
+    )
+
+
+@pytest.fixture(scope="module")
+def docs_repos(tmp_path_factory):
+    """Random tiny transformers models saved as the three facebook/hiera-tiny-224 repos are
+    (config.json, model.safetensors, BitImageProcessor's preprocessor_config.json)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from reference import randomise_norms
+
+    root = tmp_path_factory.mktemp("docs_repos")
+    tiny = dict(depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8])
+    processor = transformers.BitImageProcessorPil(
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        size={"shortest_edge": 256},
+    )
+    torch.manual_seed(0)
+    models = {
+        "facebook/hiera-tiny-224-in1k-hf": transformers.HieraForImageClassification(
+            transformers.HieraConfig(**tiny, id2label={i: f"class {i}" for i in range(1000)})
+        ),
+        "facebook/hiera-tiny-224-hf": transformers.HieraModel(transformers.HieraConfig(**tiny)),
+        "facebook/hiera-tiny-224-mae-hf": transformers.HieraForPreTraining(
+            transformers.HieraConfig(
+                **tiny,
+                num_query_pool=2,
+                decoder_hidden_size=64,
+                decoder_depth=1,
+                decoder_num_heads=2,
+            )
+        ),
+    }
+    folders = {}
+    for repo, model in models.items():
+        folder = root / repo.split("/")[1]
+        randomise_norms(model.eval()).save_pretrained(folder)
+        processor.save_pretrained(folder)
+        folders[repo] = folder
+    return folders
+
+
+def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, monkeypatch, capsys):
+    """Every block of the README's Hugging Face section, run literally with hiera_jax and, with
+    the names swapped, with transformers, on the same offline hub cache of random weights."""
+    import huggingface_hub.constants
+    import numpy as np
+    import torch
+    from hub_helpers import write_hf_cache
+    from PIL import Image
+    from reference import rel_err
+
+    home = tmp_path / "hf_home"
+    for repo, folder in docs_repos.items():
+        write_hf_cache(home, repo, folder)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HIERA_JAX_CACHE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # transformers' AutoBackbone asks the hub whether the repo exists even offline; the answer
+    # the hub would give (it does) is all this stands in for.
+    import transformers.models.auto.auto_factory as auto_factory
+
+    class _Hub:
+        def repo_exists(self, repo_id):
+            return repo_id in docs_repos
+
+    monkeypatch.setattr(auto_factory, "hf_api", lambda: _Hub())
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (300, 400, 3), np.uint8)).save("cat.jpg")
+
+    blocks = _hf_section_blocks()
+    assert len(blocks) == 5
+    for block in blocks:
+        ours, theirs = {}, {}
+        with warnings.catch_warnings():  # a backbone from a HieraModel repo: new norms, as theirs
+            warnings.simplefilter("ignore", UserWarning)
+            exec(compile(block, "README.md (hiera_jax)", "exec"), ours)
+        printed = capsys.readouterr().out
+        exec(compile(_as_transformers(block), "README.md (transformers)", "exec"), theirs)
+        printed_theirs = capsys.readouterr().out
+        if "inputs" not in ours:  # the config block
+            assert ours["configuration"].depths == list(theirs["configuration"].depths)
+            assert ours["configuration"].num_heads == tuple(theirs["configuration"].num_heads)
+            continue
+        # The processors: the same pixels to 1/255 (transformers' default backend is
+        # torchvision's resize); the models: transformers' numbers on our pixels.
+        pixels = np.asarray(ours["inputs"]["pixel_values"])
+        assert pixels.shape == tuple(theirs["inputs"]["pixel_values"].shape) == (1, 3, 224, 224)
+        std = np.asarray([0.229, 0.224, 0.225])[:, None, None]
+        diff = np.abs((pixels - theirs["inputs"]["pixel_values"].numpy()) * std)
+        assert diff.mean() < 1 / 255
+        x = torch.from_numpy(pixels)
+        with torch.no_grad():
+            if "feature_maps" in ours:  # transformers' backbone is not Hiera's: shapes only
+                assert printed == printed_theirs == "[1, 768, 7, 7]\n"
+                continue
+            if "loss" in ours:  # the MAE draws a random mask each call, as transformers does
+                assert printed == printed_theirs == "[1, 196, 768]\n"
+                assert np.isfinite(float(ours["loss"]))
+                continue
+            reference = theirs["model"](pixel_values=x)
+        if "predicted_class_idx" in ours:
+            assert rel_err(ours["outputs"].logits, reference.logits.numpy()) < 1e-4
+            label = theirs["model"].config.id2label[int(reference.logits.argmax(-1))]
+            assert printed == f"Predicted class: {label}\n"
+            assert printed_theirs.startswith("Predicted class: class ")
+        else:
+            assert rel_err(ours["last_hidden_states"], reference.last_hidden_state.numpy()) < 1e-4
+            assert printed == printed_theirs == "[1, 49, 768]\n"

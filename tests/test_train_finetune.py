@@ -79,6 +79,34 @@ def test_pretrain_then_finetune(tmp_path, mae_run):
     assert ev["top5"] > 0.3  # 5 of 10 classes: chance is 0.5 only for a uniform model
 
 
+def test_the_exported_model_loads_in_transformers(mae_run):
+    """train.py's model/ is transformers' directory: its HieraForPreTraining gives our loss."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import hiera_jax
+
+    model_dir = mae_run[1]["model_dir"]
+    assert sorted(os.listdir(model_dir)) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip
+    theirs = transformers.HieraForPreTraining.from_pretrained(model_dir).eval()
+    ours = hiera_jax.HieraForPreTraining.from_pretrained(model_dir)
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 1, 32, 32).astype(np.float32)  # the digits: 32x32, one channel
+    noise = rng.rand(2, ours.config.num_mask_units).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x), noise=torch.from_numpy(noise))
+    out = ours(pixel_values=x, noise=noise)
+    np.testing.assert_allclose(out.logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.loss, ref.loss.numpy(), rtol=1e-4)
+    # Its processor normalises as the training data was (mean/std 0.5, one channel).
+    processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+    assert list(processor.image_mean) == [0.5] and processor.crop_size == {
+        "height": 32,
+        "width": 32,
+    }
+
+
 def test_init_from_rejects_a_mismatched_encoder(tmp_path, mae_run):
     mae_dir, _ = mae_run
     values = th.overrides(total_steps=1, init_from=str(mae_dir), model__embed_dim=8)

@@ -35,7 +35,7 @@ from hiera_jax.models import hiera as hiera_lib
 from hiera_jax.models import mae as mae_lib
 from hiera_jax.models import masking
 from hiera_jax.models.config import HieraConfig
-from hiera_jax.models.factory import init_params
+from hiera_jax.models.factory import abstract_params, init_params
 from hiera_jax.models.outputs import (
     BackboneOutput,
     HieraForImageClassificationOutput,
@@ -95,9 +95,7 @@ class HieraPreTrainedModel:
     def _checked(self, params: Any) -> dict:
         if isinstance(params, Mapping) and set(params) == {"params"}:
             params = params["params"]
-        expected = flax.traverse_util.flatten_dict(
-            jax.eval_shape(lambda k: init_params(self.module, k), jax.random.key(0))
-        )
+        expected = flax.traverse_util.flatten_dict(self._abstract_params())
         got = flax.traverse_util.flatten_dict(dict(params))
         missing = ["/".join(p) for p in expected if p not in got]
         extra = ["/".join(p) for p in got if p not in expected]
@@ -112,6 +110,9 @@ class HieraPreTrainedModel:
                 f"unexpected {extra[:10]}, wrong shapes {wrong[:10]}"
             )
         return dict(params)
+
+    def _abstract_params(self) -> dict:
+        return abstract_params(self.config, self.model_type)
 
     def num_parameters(self) -> int:
         return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree.leaves(self.params)))
@@ -347,6 +348,12 @@ class HieraModel(HieraPreTrainedModel):
 
     def _build_module(self, config: HieraConfig) -> nn.Module:
         return hiera_lib.HieraModel(config, add_pooling_layer=self.add_pooling_layer)
+
+    def _abstract_params(self) -> dict:
+        params = abstract_params(self.config, self.model_type)
+        return (
+            params if self.add_pooling_layer else {k: v for k, v in params.items() if k != "norm"}
+        )
 
     def _fit_loaded(self, params: dict) -> dict:
         if not self.add_pooling_layer:
