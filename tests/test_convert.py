@@ -271,3 +271,72 @@ def test_cli_and_loader_report_missing_and_corrupt_files(tmp_path, tiny_official
         fh.truncate(os.path.getsize(weights) // 2)
     with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
         hiera_jax.load_pretrained(out)
+
+
+def test_directories_of_the_earlier_format_still_load(tmp_path, tiny_official, image):
+    """`{"format": "hiera-jax", ...}` + orbax `params/` (what save_pretrained wrote before it
+    wrote transformers' directories), made here with orbax directly, as that writer did."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    params = hiera_jax.convert_state_dict(tiny_official.state_dict(), "hiera_tiny_224")
+    old = tmp_path / "old"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(str(old / "params"), params, force=True)
+        checkpointer.wait_until_finished()
+    official_fields = {  # the official names, heads as one int and head_mul, as it stored them
+        "input_size": [224, 224], "in_chans": 3, "embed_dim": 96, "num_heads": 1,
+        "head_mul": 2.0, "num_classes": 1000, "stages": [1, 2, 7, 2], "q_pool": 3,
+        "mask_unit_attn": [True, True, False, False], "dim_mul": 2.0, "dtype": "float32",
+    }  # fmt: skip
+    meta = {
+        "format": "hiera-jax",
+        "model_type": "classification",
+        "name": "hiera_tiny_224",
+        "config": official_fields,
+        "preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    }
+    (old / "config.json").write_text(json.dumps(meta))
+    model, loaded = hiera_jax.load_pretrained(str(old))
+    assert isinstance(model, hiera_jax.HieraForImageClassification)
+    assert model.config == hiera_jax.get_config("hiera_tiny_224")
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+    with torch.no_grad():
+        expected = tiny_official(to_torch(image)).numpy()
+    assert rel_err(_logits(model, loaded, image), expected) < TOL
+    processor = hiera_jax.HieraImageProcessor.from_pretrained(str(old))  # its stored mean/std
+    assert processor.image_mean == [0.5, 0.5, 0.5] and processor.image_std == [0.25, 0.25, 0.25]
+    # Saved again, it is transformers' directory.
+    model.save_pretrained(str(tmp_path / "new"), params=loaded)
+    assert sorted(os.listdir(tmp_path / "new")) == ["config.json", "model.safetensors"]
+
+
+def test_models_transformers_cannot_express_save_with_the_official_keys(tmp_path):
+    """A video model: config.json + model_official.safetensors, which the official model loads
+    strictly and our loaders read back; transformers finds no model.safetensors to misread."""
+    from safetensors.torch import load_file
+
+    kwargs = dict(input_size=(8, 64, 64))
+    official = official_model("hiera_base_16x224", **kwargs)
+    config = hiera_jax.get_config("hiera_base_16x224", **kwargs)
+    params = hiera_jax.convert_state_dict(official.state_dict(), config)
+    assert "transformers has no video Hiera" in config.is_transformers_compatible()
+    out = hiera_jax.save_pretrained(
+        str(tmp_path / "video"), params, config, model_type="classification"
+    )
+    assert sorted(os.listdir(out)) == ["config.json", "model_official.safetensors"]
+    fresh = official_model("hiera_base_16x224", seed=1, **kwargs)
+    fresh.load_state_dict(load_file(os.path.join(out, "model_official.safetensors")), strict=True)
+    x = random_input((1, 8, 64, 64, 3), seed=11)
+    with torch.no_grad():
+        expected = official(to_torch(x)).numpy()
+        again = fresh(to_torch(x)).numpy()
+    np.testing.assert_array_equal(again, expected)
+    model, loaded = hiera_jax.load_pretrained(out)
+    assert model.config == config
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+    from transformers import HieraForImageClassification
+
+    with pytest.raises(OSError, match="model.safetensors"):
+        HieraForImageClassification.from_pretrained(out)

@@ -257,6 +257,25 @@ def test_mae_with_noise_matches_transformers(saved, pixels, record_parity):
     )
 
 
+def test_hiera_model_in_mae_mode_masks_as_transformers(saved, pixels, record_parity):
+    hf, path = saved["HieraModel"]
+    theirs = transformers.HieraModel.from_pretrained(path, is_mae=True).eval()
+    ours = hiera_jax.HieraModel.from_pretrained(path, is_mae=True)
+    noise = np.random.RandomState(8).rand(2, 4).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(pixels), noise=torch.from_numpy(noise))
+    out = ours(pixels, noise=noise)
+    np.testing.assert_array_equal(out.bool_masked_pos, ref.bool_masked_pos.numpy())
+    np.testing.assert_array_equal(out.ids_restore, ref.ids_restore.numpy())
+    _close(
+        out.last_hidden_state,
+        ref.last_hidden_state,
+        "HieraModel is_mae last_hidden_state",
+        record_parity,
+    )
+    _close(out.pooler_output, ref.pooler_output, "HieraModel is_mae pooler_output", record_parity)
+
+
 def test_interpolate_pos_encoding_at_another_size(saved, record_parity):
     x = np.random.RandomState(2).randn(2, 3, 96, 96).astype(np.float32)
     for name in ("HieraModel", "HieraForImageClassification"):
@@ -395,9 +414,10 @@ def test_image_processor_matches_transformers(tmp_path):
         got = ours(images=image, return_tensors="np")["pixel_values"]
         assert got.shape == (1, 3, 224, 224) and got.dtype == np.float32
         pil = theirs_pil(images=image, return_tensors="np")["pixel_values"]
-        np.testing.assert_allclose(got[0] * std, pil[0] * std, atol=1.01 / 255)
+        np.testing.assert_allclose(got[0] * std, pil[0] * std, atol=1e-6)  # the same PIL steps
         fast = theirs(images=image, return_tensors="pt")["pixel_values"].numpy()
-        assert np.abs((got[0] - fast[0]) * std).mean() < 1 / 255
+        diff = np.abs((got[0] - fast[0]) * std)  # torchvision's resize: a pixel level, rarely two
+        assert diff.max() <= 2.001 / 255 and diff.mean() < 0.05 / 255
     batch = ours(images=images[:2], return_tensors="jax")
     assert batch.pixel_values.shape == (2, 3, 224, 224) and isinstance(
         batch.pixel_values, jax.Array
@@ -409,6 +429,31 @@ def test_image_processor_matches_transformers(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = transformers.AutoImageProcessor.from_pretrained(tmp_path / "ours")
     assert back.size == {"shortest_edge": 256} and back.crop_size == {"height": 224, "width": 224}
+
+
+def test_predictor_preprocesses_as_the_directory_processor(saved, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from hiera_jax import inference
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved["HieraForImageClassification"][1], model_dir)
+    processor = transformers.BitImageProcessorPil(
+        size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64},
+        image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4],
+    )  # fmt: skip
+    processor.save_pretrained(model_dir)
+    image = Image.fromarray(np.random.RandomState(9).randint(0, 256, (95, 131, 3), np.uint8))
+    predictor = inference.Predictor.from_pretrained(str(model_dir))
+    assert predictor.mean == (0.5, 0.4, 0.3)
+    ours = hiera_jax.HieraImageProcessor.from_pretrained(model_dir)(image, return_tensors="np")
+    np.testing.assert_array_equal(
+        predictor.preprocess([image]), ours["pixel_values"].transpose(0, 2, 3, 1)
+    )
+    theirs = processor(image, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ours["pixel_values"], theirs, atol=1.01 / 255 / 0.2)
 
 
 # ---------------------------------------------------------------------- calls, errors
@@ -455,3 +500,23 @@ def test_bad_calls_and_checkpoints_are_one_clear_error(saved, pixels, tmp_path):
     (bad / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="hidden_act='relu6' is not supported"):
         hiera_jax.HieraModel.from_pretrained(bad)
+
+
+def test_a_classifier_for_another_class_count(saved, pixels):
+    """transformers' finetuning start: another num_labels, the head initialised anew."""
+    path = saved["HieraForImageClassification"][1]
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes=True"):
+        hiera_jax.HieraForImageClassification.from_pretrained(path, num_labels=3)
+    with pytest.warns(UserWarning, match="newly initialised: head/bias, head/kernel"):
+        model = hiera_jax.HieraForImageClassification.from_pretrained(
+            path, num_labels=3, ignore_mismatched_sizes=True
+        )
+    assert model.config.num_labels == 3 and model.config.id2label == {
+        0: "LABEL_0",
+        1: "LABEL_1",
+        2: "LABEL_2",
+    }
+    assert model(pixels).logits.shape == (2, 3)
+    source = hiera_jax.HieraForImageClassification.from_pretrained(path)
+    np.testing.assert_array_equal(model.params["blocks_3"]["mlp"]["fc1"]["kernel"],
+                                  source.params["blocks_3"]["mlp"]["fc1"]["kernel"])  # fmt: skip

@@ -82,8 +82,8 @@ def conversions(monkeypatch):
     calls = []
     original = hub.infer_variant
 
-    def counting(state_dict):
-        result = original(state_dict)
+    def counting(state_dict, *args):
+        result = original(state_dict, *args)
         calls.append(result[0])
         return result
 
@@ -158,6 +158,10 @@ def test_timm_hub_names(files, home, conversions):
     ]:
         _, again = hiera_jax.load_pretrained(name, **kwargs)
         assert_same_params(again, expected)
+    classifier = hiera_jax.HieraForImageClassification.from_pretrained(
+        "hiera_tiny_224.mae_in1k_ft_in1k"
+    )
+    assert_same_params(classifier.params, expected)
     assert len(conversions) == 1
 
     # timm's `.mae` is the MAE encoder without a classifier: a HieraModel (backbone).
@@ -168,6 +172,34 @@ def test_timm_hub_names(files, home, conversions):
     )
     assert_same_params(params, expected)
     assert len(conversions) == 2
+
+
+def test_timm_repo_config_json_names_the_variant(home, tmp_path, conversions):
+    """timm's abswin Hiera is no official variant: its repo's config.json names it."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(4)
+    model = timm.create_model("hiera_small_abswin_256", pretrained=False, num_classes=10)
+    folder = tmp_path / "abswin"
+    folder.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text(
+        json.dumps({"architecture": "hiera_small_abswin_256", "num_classes": 10})
+    )
+    write_hf_cache(home, "timm/hiera_small_abswin_256.test", folder)
+    loaded, params = hiera_jax.load_pretrained("timm/hiera_small_abswin_256.test")
+    assert loaded.config == hiera_jax.get_config("hiera_small_abswin_256", num_classes=10)
+    assert_same_params(params, direct(folder / "model.safetensors", loaded.config, "timm"))
+    assert conversions == ["hiera_small_abswin_256"]
+    # A config.json that names a variant the tensors are not is refused.
+    (folder / "config.json").write_text(json.dumps({"architecture": "hiera_base_224"}))
+    with pytest.raises(ValueError, match="names hiera_base_224, but its tensors are 96 wide"):
+        hiera_jax.load_pretrained(str(folder))
 
 
 def test_offline_miss_is_one_line_naming_the_file_and_place(home, tmp_path, capsys):
@@ -245,6 +277,8 @@ def test_official_url_checksum_cache(files, home, conversions, monkeypatch):
     _, again = hiera_jax.load_pretrained("hiera_tiny_224", source="official")
     assert_same_params(again, expected)
     assert hub.resolve_pretrained(url) == str(converted / "hiera_tiny_224-classification")
+    backbone = hiera_jax.HieraModel.from_pretrained(url)  # the URL, asked for as HieraModel
+    assert_same_params(backbone.params, {k: v for k, v in expected.items() if k != "head"})
     assert len(conversions) == 1
     assert hub.download_url(url) == str(cached)  # verified against the record
 

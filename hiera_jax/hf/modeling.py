@@ -19,12 +19,12 @@ working on these objects.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,42 @@ from hiera_jax.models.outputs import (
     HieraForPreTrainingOutput,
     HieraModelOutput,
 )
+from hiera_jax.weights import convert as convert_lib
 from hiera_jax.weights import directory as directory_lib
-from hiera_jax.weights import loading
+from hiera_jax.weights import hub, loading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call: its pixels and the static options that key its compiled function."""
+
+    x: Any
+    channels_first: bool
+    attentions: bool
+    hidden: bool
+    interpolate: bool
+    as_dict: bool
+    train: bool
+
+    def options(self) -> tuple:
+        return (self.channels_first, self.attentions, self.hidden, self.interpolate, self.train)
+
+    def channels_last(self, x: jnp.ndarray) -> jnp.ndarray:
+        return jnp.moveaxis(x, 1, -1) if self.channels_first else x
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """The options as the modules take them."""
+        return dict(
+            train=self.train,
+            output_hidden_states=self.hidden,
+            output_attentions=self.attentions,
+            interpolate_pos_encoding=self.interpolate,
+        )
+
+
+def _rngs(dropout_key: jax.Array | None, **others: jax.Array | None) -> dict[str, jax.Array]:
+    rngs = {"dropout": dropout_key, **others}
+    return {name: key for name, key in rngs.items() if key is not None}
 
 
 class HieraPreTrainedModel:
@@ -95,20 +129,7 @@ class HieraPreTrainedModel:
     def _checked(self, params: Any) -> dict:
         if isinstance(params, Mapping) and set(params) == {"params"}:
             params = params["params"]
-        expected = flax.traverse_util.flatten_dict(self._abstract_params())
-        got = flax.traverse_util.flatten_dict(dict(params))
-        missing = ["/".join(p) for p in expected if p not in got]
-        extra = ["/".join(p) for p in got if p not in expected]
-        wrong = [
-            f"{'/'.join(p)}: {tuple(np.shape(v))} vs {tuple(expected[p].shape)}"
-            for p, v in got.items()
-            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
-        ]
-        if missing or extra or wrong:
-            raise ValueError(
-                f"params do not fit this {type(self).__name__}: missing {missing[:10]}, "
-                f"unexpected {extra[:10]}, wrong shapes {wrong[:10]}"
-            )
+        convert_lib.check_params_fit(params, self._abstract_params(), f"this {type(self).__name__}")
         return dict(params)
 
     def _abstract_params(self) -> dict:
@@ -135,15 +156,41 @@ class HieraPreTrainedModel:
         return f"{type(self).__name__}({self.config!r})"
 
     # ------------------------------------------------------------------ calling
-    def _options(self, output_attentions, output_hidden_states, return_dict) -> tuple:
+    def _begin(
+        self,
+        pixel_values: Any,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        interpolate_pos_encoding: bool | None,
+        return_dict: bool | None,
+        train: bool,
+    ) -> _Call:
+        """A call's input and options, the config's defaults where the call gives None."""
         cfg = self.config
-        return (
-            cfg.output_attentions if output_attentions is None else bool(output_attentions),
-            cfg.output_hidden_states
+        x, channels_first = self._pixels(pixel_values)
+        return _Call(
+            x=x,
+            channels_first=channels_first,
+            attentions=cfg.output_attentions
+            if output_attentions is None
+            else bool(output_attentions),
+            hidden=cfg.output_hidden_states
             if output_hidden_states is None
             else bool(output_hidden_states),
-            cfg.return_dict if return_dict is None else bool(return_dict),
+            interpolate=bool(interpolate_pos_encoding),
+            as_dict=cfg.return_dict if return_dict is None else bool(return_dict),
+            train=bool(train),
         )
+
+    def _forward(self, call: _Call, extra_options: tuple, fn, params: Any, *args: Any) -> Any:
+        """`fn(params, pixels, *args)`, jitted once per set of options; a tuple unless
+        `return_dict`."""
+        key = ("forward", call.options(), extra_options)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(fn)
+        params = self.params if params is None else params
+        out = self._compiled[key](params, call.x, *args)
+        return out if call.as_dict else out.to_tuple()
 
     def _pixels(self, pixel_values: Any) -> tuple[Any, bool]:
         """(array, channels_first): NCHW as transformers' processor gives it; NHWC where the
@@ -181,13 +228,6 @@ class HieraPreTrainedModel:
     def _next_key(self) -> jax.Array:
         self._rng, key = jax.random.split(self._rng)
         return key
-
-    def _run(self, name: str, options: tuple, fn, *args: Any) -> Any:
-        """`fn(*args)` jitted once per (name, options); shapes retrace as jit does."""
-        key = (name, options)
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(fn)
-        return self._compiled[key](*args)
 
     def _dropout_key(self, train: bool, dropout_rng: jax.Array | None) -> jax.Array | None:
         if not train:
@@ -265,7 +305,7 @@ class HieraPreTrainedModel:
         )
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(folder)))
-            _upload(folder, repo_id, **push_kwargs)
+            hub.upload_folder(folder, repo_id, **push_kwargs)
         return folder
 
     def _saved_params(self, params: Any) -> dict:
@@ -286,7 +326,7 @@ class HieraPreTrainedModel:
         if needed) with `huggingface_hub`; returns its commit info."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, params=params)
-            return _upload(
+            return hub.upload_folder(
                 tmp,
                 repo_id,
                 commit_message=commit_message,
@@ -295,30 +335,6 @@ class HieraPreTrainedModel:
                 revision=revision,
                 create_pr=create_pr,
             )
-
-
-def _upload(
-    folder: str,
-    repo_id: str,
-    *,
-    commit_message: str = "Upload model",
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-) -> Any:
-    import huggingface_hub
-
-    api = huggingface_hub.HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message,
-        revision=revision,
-        create_pr=create_pr,
-        repo_type="model",
-    )
 
 
 # ---------------------------------------------------------------------- the classes
@@ -383,56 +399,36 @@ class HieraModel(HieraPreTrainedModel):
         dropout_rng: jax.Array | None = None,
         mask_rng: jax.Array | None = None,
     ) -> HieraModelOutput | tuple:
-        attentions, hidden, as_dict = self._options(
-            output_attentions, output_hidden_states, return_dict
-        )
         if noise is not None and not self.is_mae:
             raise ValueError(
                 "noise masks the input only in an MAE encoder: build HieraModel(config, "
                 "is_mae=True) (transformers' HieraModel ignores noise otherwise)"
             )
-        x, channels_first = self._pixels(pixel_values)
-        interpolate = bool(interpolate_pos_encoding)
+        call = self._begin(
+            pixel_values,
+            output_attentions,
+            output_hidden_states,
+            interpolate_pos_encoding,
+            return_dict,
+            train,
+        )
         mask_key = None
         if self.is_mae and noise is None:
             mask_key = mask_rng if mask_rng is not None else self._next_key()
-        options = (
-            attentions,
-            hidden,
-            interpolate,
-            channels_first,
-            train,
-            noise is not None,
-            mask_key is not None,
-        )
 
         def forward(params, x, noise, mask_key, dropout_key):
-            x = jnp.moveaxis(x, 1, -1) if channels_first else x
+            x = call.channels_last(x)
             if mask_key is not None:
-                run = hiera_lib.input_config(self.config, x, interpolate)
+                run = hiera_lib.input_config(self.config, x, call.interpolate)
                 noise = masking.random_noise(mask_key, x.shape[0], run.num_mask_units)
             return self.module.apply(
-                {"params": params},
-                x,
-                noise=noise,
-                train=train,
-                output_hidden_states=hidden,
-                output_attentions=attentions,
-                interpolate_pos_encoding=interpolate,
-                rngs={} if dropout_key is None else {"dropout": dropout_key},
+                {"params": params}, x, noise=noise, rngs=_rngs(dropout_key), **call.module_kwargs()
             )
 
-        out = self._run(
-            "forward",
-            options,
-            forward,
-            self.params if params is None else params,
-            x,
-            noise,
-            mask_key,
-            self._dropout_key(train, dropout_rng),
-        )
-        return out if as_dict else out.to_tuple()
+        options = (noise is not None, mask_key is not None)
+        noise = None if noise is None else _array(noise)
+        dropout_key = self._dropout_key(train, dropout_rng)
+        return self._forward(call, options, forward, params, noise, mask_key, dropout_key)
 
 
 class HieraForImageClassification(HieraPreTrainedModel):
@@ -456,29 +452,27 @@ class HieraForImageClassification(HieraPreTrainedModel):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> HieraForImageClassificationOutput | tuple:
-        attentions, hidden, as_dict = self._options(
-            output_attentions, output_hidden_states, return_dict
+        call = self._begin(
+            pixel_values,
+            output_attentions,
+            output_hidden_states,
+            interpolate_pos_encoding,
+            return_dict,
+            train,
         )
-        x, channels_first = self._pixels(pixel_values)
-        interpolate = bool(interpolate_pos_encoding)
+        problem = None
         if labels is not None:
             labels = _array(labels)
             problem = classification_problem(self.config, labels)
-        else:
-            problem = None
-        options = (attentions, hidden, interpolate, channels_first, train, problem)
+            check_labels(labels, self.config, problem, call.x.shape[0])
 
         def forward(params, x, labels, dropout_key):
-            x = jnp.moveaxis(x, 1, -1) if channels_first else x
             logits, extras = self.module.apply(
                 {"params": params},
-                x,
-                train=train,
+                call.channels_last(x),
                 return_features=True,  # always a (logits, extras) pair; XLA drops what is unused
-                output_hidden_states=hidden,
-                output_attentions=attentions,
-                interpolate_pos_encoding=interpolate,
-                rngs={} if dropout_key is None else {"dropout": dropout_key},
+                rngs=_rngs(dropout_key),
+                **call.module_kwargs(),
             )
             loss = None if problem is None else classification_loss(logits, labels, problem)
             return HieraForImageClassificationOutput(
@@ -489,16 +483,8 @@ class HieraForImageClassification(HieraPreTrainedModel):
                 reshaped_hidden_states=extras.get("reshaped_hidden_states"),
             )
 
-        out = self._run(
-            "forward",
-            options,
-            forward,
-            self.params if params is None else params,
-            x,
-            labels,
-            self._dropout_key(train, dropout_rng),
-        )
-        return out if as_dict else out.to_tuple()
+        dropout_key = self._dropout_key(train, dropout_rng)
+        return self._forward(call, (problem,), forward, params, labels, dropout_key)
 
 
 class HieraForPreTraining(HieraPreTrainedModel):
@@ -527,33 +513,28 @@ class HieraForPreTraining(HieraPreTrainedModel):
         dropout_rng: jax.Array | None = None,
         mask_rng: jax.Array | None = None,
     ) -> HieraForPreTrainingOutput | tuple:
-        attentions, hidden, as_dict = self._options(
-            output_attentions, output_hidden_states, return_dict
+        call = self._begin(
+            pixel_values,
+            output_attentions,
+            output_hidden_states,
+            interpolate_pos_encoding,
+            return_dict,
+            train,
         )
-        x, channels_first = self._pixels(pixel_values)
-        interpolate = bool(interpolate_pos_encoding)
         mask_key = None
         if noise is None:
             mask_key = mask_rng if mask_rng is not None else self._next_key()
         else:
             noise = _array(noise)
-        options = (attentions, hidden, interpolate, channels_first, train, noise is not None)
 
         def forward(params, x, noise, mask_key, dropout_key):
-            x = jnp.moveaxis(x, 1, -1) if channels_first else x
-            rngs = {} if mask_key is None else {"mask": mask_key}
-            if dropout_key is not None:
-                rngs["dropout"] = dropout_key
             loss, _, _, _, extras = self.module.apply(
                 {"params": params},
-                x,
+                call.channels_last(x),
                 noise=noise,
-                train=train,
                 return_reconstruction=True,
-                output_hidden_states=hidden,
-                output_attentions=attentions,
-                interpolate_pos_encoding=interpolate,
-                rngs=rngs,
+                rngs=_rngs(dropout_key, mask=mask_key),
+                **call.module_kwargs(),
             )
             return HieraForPreTrainingOutput(
                 loss=loss,
@@ -565,17 +546,9 @@ class HieraForPreTraining(HieraPreTrainedModel):
                 reshaped_hidden_states=extras.get("reshaped_hidden_states"),
             )
 
-        out = self._run(
-            "forward",
-            options,
-            forward,
-            self.params if params is None else params,
-            x,
-            noise,
-            mask_key,
-            self._dropout_key(train, dropout_rng),
-        )
-        return out if as_dict else out.to_tuple()
+        dropout_key = self._dropout_key(train, dropout_rng)
+        options = (noise is not None,)
+        return self._forward(call, options, forward, params, noise, mask_key, dropout_key)
 
 
 class HieraBackbone(HieraPreTrainedModel):
@@ -622,38 +595,28 @@ class HieraBackbone(HieraPreTrainedModel):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> BackboneOutput | tuple:
-        attentions, hidden, as_dict = self._options(
-            output_attentions, output_hidden_states, return_dict
+        call = self._begin(
+            pixel_values,
+            output_attentions,
+            output_hidden_states,
+            interpolate_pos_encoding,
+            return_dict,
+            train,
         )
-        x, channels_first = self._pixels(pixel_values)
-        interpolate = bool(interpolate_pos_encoding)
-        options = (attentions, hidden, interpolate, channels_first, train)
 
         def forward(params, x, dropout_key):
-            x = jnp.moveaxis(x, 1, -1) if channels_first else x
             out = self.module.apply(
                 {"params": params},
-                x,
-                train=train,
-                output_hidden_states=hidden,
-                output_attentions=attentions,
-                interpolate_pos_encoding=interpolate,
-                rngs={} if dropout_key is None else {"dropout": dropout_key},
+                call.channels_last(x),
+                rngs=_rngs(dropout_key),
+                **call.module_kwargs(),
             )
             maps = tuple(jnp.moveaxis(m, -1, 1) for m in out.feature_maps)  # channels-first
             return BackboneOutput(
                 feature_maps=maps, hidden_states=out.hidden_states, attentions=out.attentions
             )
 
-        out = self._run(
-            "forward",
-            options,
-            forward,
-            self.params if params is None else params,
-            x,
-            self._dropout_key(train, dropout_rng),
-        )
-        return out if as_dict else out.to_tuple()
+        return self._forward(call, (), forward, params, self._dropout_key(train, dropout_rng))
 
 
 CLASSES: dict[str, type[HieraPreTrainedModel]] = {
@@ -681,6 +644,18 @@ def classification_problem(config: HieraConfig, labels: Any) -> str:
     if jnp.issubdtype(labels.dtype, jnp.integer):
         return "single_label_classification"
     return "multi_label_classification"
+
+
+def check_labels(labels: Any, config: HieraConfig, problem: str, batch: int) -> None:
+    """ValueError for labels of a shape the loss cannot take (transformers' `view(-1)` rules)."""
+    shape = tuple(labels.shape)
+    if problem == "single_label_classification" and int(np.prod(shape)) != batch:
+        raise ValueError(f"labels must hold one class index per image ({batch}), got shape {shape}")
+    if problem == "multi_label_classification" and shape != (batch, config.num_classes):
+        raise ValueError(
+            f"multi-label labels must be [batch, num_labels] = {(batch, config.num_classes)}, "
+            f"got {shape}"
+        )
 
 
 def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, problem: str) -> jnp.ndarray:

@@ -216,28 +216,21 @@ class HieraImageProcessor:
         create_pr: bool = False,
     ) -> Any:
         """Upload `preprocessor_config.json` to the Hugging Face repo `repo_id` (created if needed)."""
-        import huggingface_hub
-
-        api = huggingface_hub.HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
+            return hub.upload_folder(
+                tmp,
+                repo_id,
                 commit_message=commit_message,
+                private=private,
+                token=token,
                 revision=revision,
                 create_pr=create_pr,
-                repo_type="model",
             )
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as JSON: {err}") from err
+    value = directory_lib.read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path} is not an image processor config (a JSON object)")
     return value

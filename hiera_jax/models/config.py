@@ -154,6 +154,9 @@ class HieraConfig:
 
     def __init__(self, **kwargs: Any) -> None:
         values = _canonical_kwargs(kwargs)
+        size = values.get("input_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            values["input_size"] = (size, size)  # a square image side
         for field in dataclasses.fields(self):
             value = values.pop(field.name, field.default)
             object.__setattr__(self, field.name, _freeze(value))
@@ -165,6 +168,10 @@ class HieraConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError for a config the official code would reject or mis-shape."""
+        for name in _SEQUENCE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, tuple) and not (value is None and name in _OPTIONAL_FIELDS):
+                raise ValueError(f"{name} must be a list, got {value!r}")
         dims = len(self.input_size)
         if dims not in (2, 3):
             raise ValueError(f"input_size must be (H, W) or (T, H, W), got {self.input_size}")
@@ -583,6 +590,8 @@ class HieraConfig:
         if {"id2label", "label2id"} & names:
             values.pop("class_names")
             values.pop("num_classes")
+        elif "num_classes" in canonical and "class_names" not in names:
+            values.pop("class_names")  # another class count: the old names no longer apply
         if {"out_features", "out_indices"} & names:
             values.pop("out_stage_indices")
         for key in canonical & set(values):
@@ -705,6 +714,10 @@ def register_pretrained_reader(reader: Callable[..., HieraConfig]) -> None:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(HieraConfig))
+_SEQUENCE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(HieraConfig) if str(f.type).startswith(("Shape", "tuple"))
+)
+_OPTIONAL_FIELDS = ("class_names", "out_stage_indices")
 _HF_FIELDS = frozenset(
     {
         "input_size", "in_chans", "embed_dim", "num_heads", "num_classes", "stages", "q_pool",

@@ -79,9 +79,11 @@ _HF_RULES = [
 EXPORT_FORMATS = ("official", "hf")
 
 
-def _hf_block_rest(rest: str) -> str:
+def _rename_block_part(rest: str, table: Mapping[str, str]) -> str:
+    """`layernorm_before.weight` -> `norm1.weight` (or back): the first part renamed by `table`."""
     head, _, tail = rest.partition(".")
-    return f"{_HF_BLOCK_PARTS.get(head, head)}.{tail}" if tail else _HF_BLOCK_PARTS.get(head, head)
+    head = table.get(head, head)
+    return f"{head}.{tail}" if tail else head
 
 
 def hf_to_official_key(key: str, config: HieraConfig) -> str | None:
@@ -93,10 +95,10 @@ def hf_to_official_key(key: str, config: HieraConfig) -> str | None:
         if stage >= len(config.stages) or layer >= config.stages[stage]:
             return None
         block = sum(config.stages[:stage]) + layer
-        return f"blocks.{block}.{_hf_block_rest(match[3])}"
+        return f"blocks.{block}.{_rename_block_part(match[3], _HF_BLOCK_PARTS)}"
     match = re.fullmatch(r"decoder\.decoder_block\.layers\.(\d+)\.(.+)", key)
     if match:
-        return f"decoder_blocks.{match[1]}.{_hf_block_rest(match[2])}"
+        return f"decoder_blocks.{match[1]}.{_rename_block_part(match[2], _HF_BLOCK_PARTS)}"
     for pattern, replacement in _HF_RULES:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, replacement, key)
@@ -122,12 +124,6 @@ _OFFICIAL_TO_HF = [
 ]
 
 
-def _official_block_rest(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    head = _OFFICIAL_TO_HF_BLOCK.get(head, head)
-    return f"{head}.{tail}" if tail else head
-
-
 def official_to_hf_key(key: str, config: HieraConfig, model_type: str) -> str:
     """One official key -> transformers' key for the class of `model_type` (inverse of
     `hf_to_official_key`)."""
@@ -137,10 +133,10 @@ def official_to_hf_key(key: str, config: HieraConfig, model_type: str) -> str:
         block, starts = int(match[1]), [sum(config.stages[:i]) for i in range(len(config.stages))]
         stage = max(i for i, start in enumerate(starts) if start <= block)
         layer = block - starts[stage]
-        return f"{prefix}encoder.stages.{stage}.layers.{layer}.{_official_block_rest(match[2])}"
+        return f"{prefix}encoder.stages.{stage}.layers.{layer}.{_rename_block_part(match[2], _OFFICIAL_TO_HF_BLOCK)}"
     match = re.fullmatch(r"decoder_blocks\.(\d+)\.(.+)", key)
     if match:
-        return f"decoder.decoder_block.layers.{match[1]}.{_official_block_rest(match[2])}"
+        return f"decoder.decoder_block.layers.{match[1]}.{_rename_block_part(match[2], _OFFICIAL_TO_HF_BLOCK)}"
     for pattern, replacement in _OFFICIAL_TO_HF:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, replacement.replace("{p}", prefix), key)
@@ -287,6 +283,26 @@ def convert_state_dict(
     return flax.traverse_util.unflatten_dict(filled)
 
 
+def check_params_fit(params: Mapping[str, Any], target: Mapping[str, Any], what: str) -> dict:
+    """The flat params (`{path tuple: array}`) if their tree and shapes are `target`'s; else a
+    ValueError naming every unexpected, missing and wrongly shaped leaf."""
+    flat = flax.traverse_util.flatten_dict(dict(params))
+    target = flax.traverse_util.flatten_dict(dict(target))
+    extra = ["/".join(p) for p in flat if p not in target]
+    missing = ["/".join(p) for p in target if p not in flat]
+    wrong = [
+        f"{'/'.join(p)}: {tuple(np.shape(v))} vs {tuple(target[p].shape)}"
+        for p, v in flat.items()
+        if p in target and tuple(np.shape(v)) != tuple(target[p].shape)
+    ]
+    if extra or missing or wrong:
+        raise ValueError(
+            f"params do not fit {what}: unexpected {_format_keys(extra)}; "
+            f"missing {_format_keys(missing)}; wrong shapes {wrong}"
+        )
+    return flat
+
+
 def export_state_dict(
     params: Mapping[str, Any],
     name_or_config: str | HieraConfig,
@@ -308,20 +324,7 @@ def export_state_dict(
     if format == "hf" and (why := config.is_transformers_compatible()) is not None:
         raise ValueError(f"this model has no transformers form: {why}")
     params = params.get("params", params) if isinstance(params, Mapping) else params
-    flat = flax.traverse_util.flatten_dict(dict(params))
-    target = flax.traverse_util.flatten_dict(abstract_params(config, model_type))
-    extra = ["/".join(p) for p in flat if p not in target]
-    missing = ["/".join(p) for p in target if p not in flat]
-    wrong = [
-        f"{'/'.join(p)}: {tuple(np.shape(v))} vs {tuple(target[p].shape)}"
-        for p, v in flat.items()
-        if p in target and tuple(np.shape(v)) != tuple(target[p].shape)
-    ]
-    if extra or missing or wrong:
-        raise ValueError(
-            f"params do not fit the {model_type} model: unexpected {_format_keys(extra)}; "
-            f"missing {_format_keys(missing)}; wrong shapes {wrong}"
-        )
+    flat = check_params_fit(params, abstract_params(config, model_type), f"the {model_type} model")
     out = {}
     for path, value in flat.items():
         key, array = flax_to_official(path, np.asarray(jax.device_get(value), dtype=np.float32))

@@ -13,8 +13,9 @@ transformers model directory:
 
 A model transformers cannot express (video, timm's abswin, a block rule transformers computes
 differently: `HieraConfig.is_transformers_compatible()`) is written the same way but with the
-official PyTorch keys in `model_official.safetensors` (the official or timm model loads them), so
-transformers stops at the missing `model.safetensors` instead of building another model.
+official PyTorch keys in `model_official.safetensors` (the official model's `load_state_dict`
+takes them, timm's through its `checkpoint_filter_fn`), so transformers stops at the missing
+`model.safetensors` instead of building another model.
 
 Directories of the earlier format (`{"format": "hiera-jax", "config": ...}` + orbax `params/`)
 and transformers' own (`model.safetensors` or `pytorch_model.bin`) load too. In every case the
@@ -194,7 +195,8 @@ def _missing_config_message(directory: str, path: str) -> str:
     )
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+    """A JSON file, or ValueError naming it."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -213,7 +215,7 @@ def is_model_directory(directory: str) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        meta = _read_json(path)
+        meta = read_json(path)
     except ValueError:
         return True  # ours by name; read_config explains what is wrong with it
     if not isinstance(meta, dict):
@@ -228,7 +230,7 @@ def _config_and_meta(directory: str) -> tuple[HieraConfig, dict[str, Any], str]:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_config_message(directory, path))
-    meta = _read_json(path)
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a model config (a JSON object)")
     if meta.get("format") == LEGACY_FORMAT:
@@ -282,8 +284,8 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     directory = os.path.abspath(os.fspath(directory))
     config, model_type = read_config(directory)
     processor_path = os.path.join(directory, PREPROCESSOR_FILE)
-    preprocessing = _read_json(processor_path) if os.path.isfile(processor_path) else None
-    meta = _read_json(os.path.join(directory, CONFIG_FILE))
+    preprocessing = read_json(processor_path) if os.path.isfile(processor_path) else None
+    meta = read_json(os.path.join(directory, CONFIG_FILE))
     if meta.get("format") == LEGACY_FORMAT:
         params = _read_legacy_params(directory, config, model_type)
         if preprocessing is None and meta.get("preprocessing"):

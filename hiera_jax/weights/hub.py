@@ -51,7 +51,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from hiera_jax.models.config import VARIANTS, get_config
+from hiera_jax.models.config import TIMM_VARIANTS, VARIANTS, get_config
 from hiera_jax.weights import convert as convert_lib
 from hiera_jax.weights import directory as directory_lib
 from hiera_jax.weights import formats
@@ -296,7 +296,7 @@ def _resolve_local(path: str) -> str:
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     base = os.path.join(cache_dir(), "local", f"{_safe(os.path.basename(path))}-{digest}")
     origin = {"kind": "local", "path": os.path.abspath(path)}
-    return _convert_cached(base, weight_file, origin, None)
+    return _convert_cached(base, weight_file, origin, None, extra_config)
 
 
 # ---------------------------------------------------------------------- Hugging Face hub
@@ -325,7 +325,10 @@ def _resolve_hf(
     commit = os.path.basename(os.path.normpath(folder))
     base = os.path.join(cache_dir(), "hf", _safe(repo_id.replace("/", "--")), _safe(commit))
     origin = {"kind": "hf", "repo": repo_id, "revision": revision or "main", "commit": commit}
-    return _convert_cached(base, weights[0], origin, entry)
+    config = os.path.join(folder, CONFIG_FILE)
+    return _convert_cached(
+        base, weights[0], origin, entry, config if os.path.isfile(config) else None
+    )
 
 
 def _hf_snapshot(repo_id: str, revision: str | None, token: Any) -> str:
@@ -395,6 +398,32 @@ def _one_line(err: BaseException | None) -> str:
     text = " ".join(str(err).split()) if err is not None else ""
     text = f"{type(err).__name__}: {text}" if err is not None else ""
     return text if len(text) < 300 else text[:297] + "..."
+
+
+def upload_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload model",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> Any:
+    """Upload `folder` to the Hugging Face model repo `repo_id` (created if needed) with
+    huggingface_hub; returns its commit info. What `push_to_hub` does, for models and processors."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        repo_type="model",
+    )
 
 
 # ---------------------------------------------------------------------- official URLs
@@ -556,18 +585,21 @@ def _convert_cached(
     weight_file: str,
     origin: dict[str, Any],
     entry: Pretrained | None,
+    config_file: str | None = None,
 ) -> str:
     """Convert `weight_file` into `base/<variant>-<model_type>` unless it is there already.
 
-    For checkpoints without a Hiera config.json (official `.pth`, timm): the variant is read
-    from the tensors (`infer_variant`).
+    For checkpoints without a Hiera config.json (official `.pth`, timm): the variant is the one
+    timm's `config_file` names (`"architecture"`), or is read from the tensors (`infer_variant`).
     """
     converted = _find_converted(base, entry)
     if converted:
         return converted
     state_dict, _ = formats.read_state_dict(weight_file)
     state_dict = convert_lib.unwrap_state_dict(state_dict)
-    name, model_type, overrides = infer_variant(state_dict)
+    timm_config = directory_lib.read_json(config_file) if config_file else None
+    architecture = timm_config.get("architecture") if isinstance(timm_config, dict) else None
+    name, model_type, overrides = infer_variant(state_dict, architecture)
     if entry is not None and (name, model_type) != (entry.model, entry.model_type):
         raise ValueError(
             f"{weight_file} holds a {model_type} {name} checkpoint, but {entry.model} "
@@ -593,20 +625,17 @@ def _convert_cached(
     return dest
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as JSON: {err}") from err
-
-
 # ---------------------------------------------------------------------- variant inference
-def infer_variant(state_dict: Mapping[str, Any]) -> tuple[str, str, dict[str, int]]:
+def infer_variant(
+    state_dict: Mapping[str, Any], architecture: str | None = None
+) -> tuple[str, str, dict[str, int]]:
     """(variant name, model type, config overrides) of a PyTorch Hiera state dict in any format.
 
-    The width and block count (and for Hugging Face keys the blocks per stage) pick the official
-    variant; the key names the model type (`formats.model_type_of_keys`). `num_classes` and `in_chans` are overridden when the tensors say so.
+    `architecture` (the variant timm's config.json names) is taken when it is one of ours and the
+    tensors' width and depth fit it; otherwise the width and block count (and for Hugging Face
+    keys the blocks per stage) pick the official variant. The key names give the model type
+    (`formats.model_type_of_keys`); `num_classes` and `in_chans` are overridden when the tensors
+    say so.
     """
     state_dict = convert_lib.unwrap_state_dict(state_dict)
     patch = head = None
@@ -633,15 +662,25 @@ def infer_variant(state_dict: Mapping[str, Any]) -> tuple[str, str, dict[str, in
     embed_dim, in_chans, video = shape[0], shape[1], len(shape) == 5
     stages = tuple(len(hf_layers[s]) for s in sorted(hf_layers)) if hf_layers else None
     depth = sum(stages) if stages else len(blocks)
-    candidates = [
-        name
-        for name, kw in VARIANTS.items()
-        if kw["embed_dim"] == embed_dim
-        and sum(kw["stages"]) == depth
-        and (stages is None or tuple(kw["stages"]) == stages)
-        and ("input_size" in kw) == video
-        and name.startswith("mae_") == pretraining
-    ]
+    named = {**VARIANTS, **TIMM_VARIANTS}.get(architecture or "")
+    if named is not None and (named["embed_dim"], sum(named["stages"])) != (embed_dim, depth):
+        raise ValueError(
+            f"the checkpoint's config.json names {architecture}, but its tensors are "
+            f"{embed_dim} wide and {depth} blocks deep"
+        )
+    candidates = (
+        [architecture]
+        if named is not None
+        else [
+            name
+            for name, kw in VARIANTS.items()
+            if kw["embed_dim"] == embed_dim
+            and sum(kw["stages"]) == depth
+            and (stages is None or tuple(kw["stages"]) == stages)
+            and ("input_size" in kw) == video
+            and name.startswith("mae_") == pretraining
+        ]
+    )
     if len(candidates) != 1:
         kind = "video" if video else "image"
         raise ValueError(
