@@ -187,7 +187,7 @@ def run(config) -> None:
         print("Finished: " + "; ".join(parts), flush=True)
     where = [f"checkpoints in {summary['checkpoint_dir']}"]
     if summary["model_dir"]:
-        where.append(f"model (load_pretrained) in {summary['model_dir']}")
+        where.append(f"model (from_pretrained, here or in transformers) in {summary['model_dir']}")
     if summary["pictures_dir"]:
         where.append(f"reconstruction pictures in {summary['pictures_dir']}")
     where.append(f"metrics in {summary['metrics_file']} and {summary['workdir']}/tensorboard")

@@ -24,8 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
     # fill them with `c.model.update(...)`.
     c.model = model_fields()
     c.model.name = "mae_hiera_tiny_224"
-    # Finetuning init: a hiera-jax model directory (save_pretrained / converter output, or a
-    # training workdir holding `model/`); its encoder (patch_embed, pos_embed*, blocks_*) is copied.
+    # Finetuning init: a model directory (save_pretrained / converter output), a training workdir
+    # holding `model/`, or a pretrained name or repo id (facebook/hiera-base-224-mae-hf,
+    # mae_hiera_base_224, a .pth file or URL); its encoder (patch_embed, pos_embed*, blocks_*) is
+    # copied.
     c.init_from = ""
 
     # Steps: total_steps > 0 wins over num_epochs; the same for warmup.

@@ -38,6 +38,7 @@ from hiera_jax.training.setup import (
     model_flops_per_step,
 )
 from hiera_jax.training.steps import eval_step, reconstruct, train_step
+from hiera_jax.weights import hub
 from hiera_jax.weights.directory import save_pretrained
 from hiera_jax.weights.loading import load_pretrained
 
@@ -60,20 +61,26 @@ def local_path(path: str, what: str) -> str:
 
 
 def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
-    """Encoder leaves of a hiera-jax model directory (or a workdir with `model/`), shape-checked.
+    """Encoder leaves of a model directory, a training workdir holding `model/`, or any pretrained
+    name the hub resolves (`facebook/hiera-base-224-mae-hf`, `mae_hiera_base_224`, an official
+    `.pth` URL), shape-checked.
 
     Returns ({flat path: np.ndarray} for every encoder leaf of `params`, names left at init).
     """
-    path = os.path.abspath(local_path(path, "init_from"))
-    candidates = [path, os.path.join(path, "model")]
+    text = str(path)
+    if not text.startswith(("http://", "https://")):
+        text = local_path(text, "init_from")  # gs:// and the like: mount it first
+    # Names and repo ids download (once), .pth files convert (once), directories stay as they are.
+    found = os.path.abspath(hub.resolve_pretrained(text))
+    candidates = [found, os.path.join(found, "model")]
     directory = next(
         (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
     )
     if directory is None:
         raise FileNotFoundError(
-            f"init_from={path} is neither a hiera-jax model directory (config.json + params/, "
-            "from save_pretrained or convert/convert_pytorch.py) nor a finished training workdir "
-            "holding model/ (it is written when a run ends)"
+            f"init_from={found} is neither a model directory (config.json + model.safetensors, "
+            "from save_pretrained or convert/convert_pytorch.py), a finished training workdir "
+            "holding model/ (it is written when a run ends), nor a pretrained name"
         )
     _, source = load_pretrained(directory)
     source = flax.traverse_util.flatten_dict(jax.device_get(source), sep="/")
