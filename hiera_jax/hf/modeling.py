@@ -49,9 +49,9 @@ from hiera_jax.weights import hub, loading
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """One call: its pixels and the static options that key its compiled function."""
+    """A call's static options: they key its compiled function, whose body reads them (so the
+    pixels are not kept here: the compiled function would hold on to the first batch)."""
 
-    x: Any
     channels_first: bool
     attentions: bool
     hidden: bool
@@ -164,12 +164,11 @@ class HieraPreTrainedModel:
         interpolate_pos_encoding: bool | None,
         return_dict: bool | None,
         train: bool,
-    ) -> _Call:
-        """A call's input and options, the config's defaults where the call gives None."""
+    ) -> tuple[_Call, Any]:
+        """A call's options (the config's defaults where the call gives None) and pixels."""
         cfg = self.config
         x, channels_first = self._pixels(pixel_values)
-        return _Call(
-            x=x,
+        call = _Call(
             channels_first=channels_first,
             attentions=cfg.output_attentions
             if output_attentions is None
@@ -181,15 +180,15 @@ class HieraPreTrainedModel:
             as_dict=cfg.return_dict if return_dict is None else bool(return_dict),
             train=bool(train),
         )
+        return call, x
 
     def _forward(self, call: _Call, extra_options: tuple, fn, params: Any, *args: Any) -> Any:
-        """`fn(params, pixels, *args)`, jitted once per set of options; a tuple unless
-        `return_dict`."""
+        """`fn(params, *args)`, jitted once per set of options; a tuple unless `return_dict`."""
         key = ("forward", call.options(), extra_options)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(fn)
         params = self.params if params is None else params
-        out = self._compiled[key](params, call.x, *args)
+        out = self._compiled[key](params, *args)
         return out if call.as_dict else out.to_tuple()
 
     def _pixels(self, pixel_values: Any) -> tuple[Any, bool]:
@@ -404,7 +403,7 @@ class HieraModel(HieraPreTrainedModel):
                 "noise masks the input only in an MAE encoder: build HieraModel(config, "
                 "is_mae=True) (transformers' HieraModel ignores noise otherwise)"
             )
-        call = self._begin(
+        call, x = self._begin(
             pixel_values,
             output_attentions,
             output_hidden_states,
@@ -428,7 +427,7 @@ class HieraModel(HieraPreTrainedModel):
         options = (noise is not None, mask_key is not None)
         noise = None if noise is None else _array(noise)
         dropout_key = self._dropout_key(train, dropout_rng)
-        return self._forward(call, options, forward, params, noise, mask_key, dropout_key)
+        return self._forward(call, options, forward, params, x, noise, mask_key, dropout_key)
 
 
 class HieraForImageClassification(HieraPreTrainedModel):
@@ -452,7 +451,7 @@ class HieraForImageClassification(HieraPreTrainedModel):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> HieraForImageClassificationOutput | tuple:
-        call = self._begin(
+        call, x = self._begin(
             pixel_values,
             output_attentions,
             output_hidden_states,
@@ -464,7 +463,7 @@ class HieraForImageClassification(HieraPreTrainedModel):
         if labels is not None:
             labels = _array(labels)
             problem = classification_problem(self.config, labels)
-            check_labels(labels, self.config, problem, call.x.shape[0])
+            check_labels(labels, self.config, problem, x.shape[0])
 
         def forward(params, x, labels, dropout_key):
             logits, extras = self.module.apply(
@@ -484,7 +483,7 @@ class HieraForImageClassification(HieraPreTrainedModel):
             )
 
         dropout_key = self._dropout_key(train, dropout_rng)
-        return self._forward(call, (problem,), forward, params, labels, dropout_key)
+        return self._forward(call, (problem,), forward, params, x, labels, dropout_key)
 
 
 class HieraForPreTraining(HieraPreTrainedModel):
@@ -513,7 +512,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
         dropout_rng: jax.Array | None = None,
         mask_rng: jax.Array | None = None,
     ) -> HieraForPreTrainingOutput | tuple:
-        call = self._begin(
+        call, x = self._begin(
             pixel_values,
             output_attentions,
             output_hidden_states,
@@ -548,7 +547,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
 
         dropout_key = self._dropout_key(train, dropout_rng)
         options = (noise is not None,)
-        return self._forward(call, options, forward, params, noise, mask_key, dropout_key)
+        return self._forward(call, options, forward, params, x, noise, mask_key, dropout_key)
 
 
 class HieraBackbone(HieraPreTrainedModel):
@@ -595,7 +594,7 @@ class HieraBackbone(HieraPreTrainedModel):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> BackboneOutput | tuple:
-        call = self._begin(
+        call, x = self._begin(
             pixel_values,
             output_attentions,
             output_hidden_states,
@@ -616,7 +615,7 @@ class HieraBackbone(HieraPreTrainedModel):
                 feature_maps=maps, hidden_states=out.hidden_states, attentions=out.attentions
             )
 
-        return self._forward(call, (), forward, params, self._dropout_key(train, dropout_rng))
+        return self._forward(call, (), forward, params, x, self._dropout_key(train, dropout_rng))
 
 
 CLASSES: dict[str, type[HieraPreTrainedModel]] = {
