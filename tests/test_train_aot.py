@@ -143,7 +143,8 @@ def test_flop_count_on_tpu_devices():
 def test_aot_scans_the_blocks_unless_told_not_to(remat):
     """A TPU target scans when `scan_blocks` is unset (None), whatever this host's backend is,
     and the report says which program was compiled. XLA counts the scanned body once, so the
-    roofline's compute comes from the same step unscanned, with remat's recompute."""
+    roofline's compute comes from the same step unscanned, with remat's recompute, and its HBM
+    traffic counts the loop body as often as it runs."""
     config = th.make_config("mae", {"batch_size": 64, "model.remat": remat})
     assert config.model.get("scan_blocks") is None
     report = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")
@@ -158,3 +159,38 @@ def test_aot_scans_the_blocks_unless_told_not_to(remat):
     assert fl["compiled_per_step"] < fl["executed_per_step"]  # the body counted once
     floor = fl["executed_per_step"] / report["devices"] / roof["peak_bf16_flops_per_device"]
     assert roof["compute_seconds"] >= floor * (1 - 1e-9)
+    # XLA counts the scanned body's bytes once too; the report counts every trip (hlo_cost).
+    assert fl["bytes_accessed_per_device"] > 1.15 * fl["xla_bytes_accessed_per_device"]
+    memory_s = fl["bytes_accessed_per_device"] / roof["hbm_bandwidth_per_device"]
+    assert roof["memory_seconds"] == pytest.approx(memory_s)
+    if remat:
+        # With remat the scanned and unscanned steps run the same computation (nothing saved
+        # in either), so the unscanned program's own XLA count is the reference: within 10%.
+        config.model.scan_blocks = False
+        plain = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")["flops"]
+        reference = plain["xla_bytes_accessed_per_device"]
+        assert plain["bytes_accessed_per_device"] == reference  # no loop: XLA's figure
+        assert abs(fl["bytes_accessed_per_device"] / reference - 1) < 0.1, (fl, reference)
+        assert fl["xla_bytes_accessed_per_device"] < 0.85 * reference
+
+
+def test_hbm_traffic_benchmark_attributes_the_bytes(tmp_path):
+    """benchmarks/hbm_traffic.py compiles a step unscanned for a TPU and splits its traffic by
+    model part; the parts add up to the program's count, and attention is where the tables say."""
+    out = tmp_path / "traffic.json"
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "benchmarks/hbm_traffic.py", "--recipe", "digits_mae"]
+    command += ["--per-device", "16", "--json", str(out)]
+    run = subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.load(open(out))["results"]
+    parts = {k: sum(v.values()) for k, v in result["parts"].items()}
+    total = sum(parts.values())
+    # The estimate against XLA's own count of the same program (tiled sizes, sliced operands).
+    assert abs(total / result["xla_bytes_per_device"] - 1) < 0.15, (total, result)
+    for part in ("attention", "MLP", "norms", "MAE decoder: attention", "optimizer update"):
+        assert parts.get(part, 0) > 0, (part, parts)
+    assert set(result["parts"]["attention"]) == {"forward", "backward"}
+    assert parts["attention"] == max(parts.values())
+    assert "| attention |" in run.stdout
