@@ -149,8 +149,8 @@ def table() -> str:
         return (row, r["remat"], r["grad_accum_steps"])
 
     lines = [
-        "| recipe | slice | mesh (data, fsdp) | batch / device | remat, accum | peak / HBM per device (GiB) | fits | step >= (ms) | MFU ceiling | model TFLOP/step | collectives | scan | code (MB) | compile (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | slice | mesh (data, fsdp) | batch / device | remat, accum | peak / HBM per device (GiB) | fits | step >= (ms) | MFU ceiling | HBM GB / image | model TFLOP/step | collectives | scan | code (MB) | compile (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(reports, key=key):
         slices = SLICE_NAMES.get(r["topology"], r["topology"])
@@ -167,6 +167,12 @@ def table() -> str:
         step = f"{roof['step_lower_bound_seconds'] * 1e3:.0f}" if roof else "-"
         mfu = f"{roof['mfu_ceiling']:.0%}" if roof.get("mfu_ceiling") else "-"
         flops = (r.get("flops") or {}).get("model_per_step")
+        traffic = (r.get("flops") or {}).get("bytes_accessed_per_device")
+        per_image = (
+            f"{traffic / r['per_device_batch'] / 1e9:.2f}"
+            if traffic and "xla_bytes_accessed_per_device" in r["flops"]
+            else "-"  # reports from before loops were counted: XLA's loop-once figure
+        )
         coll = r.get("collectives") or {}
         coll_text = ", ".join(
             f"{re.sub(r'(^|-)(.)[a-z]*', lambda m: m[2].upper(), op)} {v['count']}"
@@ -175,7 +181,7 @@ def table() -> str:
         lines.append(
             f"| {r['config']} | `{r['topology']}` {slices} | {mesh} | {r['per_device_batch']} | "
             f"{'yes' if r['remat'] else 'no'}, {r['grad_accum_steps']} | {peak} | "
-            f"{'yes' if r['fits'] else '**no**'} | {step} | {mfu} | "
+            f"{'yes' if r['fits'] else '**no**'} | {step} | {mfu} | {per_image} | "
             f"{'-' if not flops else f'{flops / 1e12:.0f}'} | {coll_text or '-'} | "
             f"{_scan(r)} | {_mb(mem.get('generated_code'))} | {r.get('compile_seconds', 0):.0f} |"
         )

@@ -4,8 +4,9 @@
 contraction over two axes (B and N) and, on XLA CPU, copies a transposed activation or output
 gradient ([C, B·N], tens of MB per layer) and runs the GEMM on Eigen instead of the faster
 library path (profile in BENCHMARKS.md). Flattening to [B·N, C] first and writing both gradients as
-single-axis contractions removes the copies. Same parameters, same math; XLA on TPU and GPU sees
-the same dots it would otherwise.
+single-axis contractions removes the copies. Same parameters, same math. Programs compiled for
+a TPU do not take that path: there the flattening reshapes are relayouts that cost HBM traffic,
+so they get the plain dot and autodiff's gradients (`dense_dot_general`).
 """
 
 from __future__ import annotations
@@ -74,11 +75,28 @@ def dense_dot_general(
             preferred_element_type=preferred_element_type,
             **kwargs,
         )
+    # On TPU the flattening reshapes to [B·N, C] and back are relayouts of the tiled
+    # activations: a Hiera block's forward + backward moves 12% more HBM bytes with them
+    # (BENCHMARKS.md, "Where the bytes go"), so a TPU program gets autodiff's dots. GPUs keep
+    # the flattened path their BENCHMARKS figures were measured with. The platform is the one
+    # the program is compiled for (a TPU compile from a CPU host takes the TPU branch): the
+    # switch's index is a constant there and XLA drops the other branch.
+    return lax.platform_dependent(lhs, rhs, tpu=_plain_matmul, default=_flat_matmul)
+
+
+def _flat_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray) -> jnp.ndarray:
+    """[..., K] x [K, N] as one [M, K] x [K, N] GEMM with the custom VJP (CPU, GPU)."""
     lead = lhs.shape[:-1]
     # Named, so that remat policies keep it as they keep dots (`dots_saveable` does not see
     # through the custom VJP): see `SAVE_MATMULS`.
     out = checkpoint_name(_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs), MATMUL_NAME)
     return out.reshape(*lead, rhs.shape[1])
+
+
+def _plain_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray) -> jnp.ndarray:
+    """[..., K] x [K, N] as `nn.Dense` contracts it (TPU), named as the other path's output is."""
+    out = lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())))
+    return checkpoint_name(out, MATMUL_NAME)
 
 
 # What a loop body's backward keeps when it is not fully rematerialised: every matmul output
