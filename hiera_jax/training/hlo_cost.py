@@ -4,7 +4,8 @@ XLA's `cost_analysis()["bytes accessed"]` counts a while loop's body once, so a 
 blocks (or accumulated microbatches) looks lighter than the program that runs. This module reads
 `compiled.as_text()` instead: every top-level instruction (a fusion, a copy, a dot, a collective)
 reads its operands from HBM and writes its result there, so its traffic is the bytes of those
-buffers; a while loop's body counts `known_trip_count` times. What is inside a fusion stays on
+buffers; a while loop's body counts as often as the loop runs (`known_trip_count`, or the
+bound of its `i < N` condition where the backend gives none, as libtpu does). What is inside a fusion stays on
 chip and is not counted; a fusion operand that the fusion only slices counts the slice, and an
 in-place dynamic-update-slice counts the update (how scanned layers read and write their
 stacked weights and activations).
@@ -67,6 +68,7 @@ class Instruction:
     args: str = ""  # the text inside the parentheses (a parameter's index, a constant)
     attrs: str = ""  # the text after them
     fusion_kind: str = ""  # kLoop, kOutput, kInput, kCustom
+    is_root: bool = False
 
 
 @dataclasses.dataclass
@@ -123,6 +125,7 @@ def _parse_instruction(line: str) -> Instruction | None:
         args=args,
         attrs=attrs,
         fusion_kind=kind.group(1) if kind else "",
+        is_root=bool(m.group(1)),
     )
 
 
@@ -171,8 +174,6 @@ def array_bytes(shape: str, logical: bool = False) -> float:
                         j = len(physical) - 1 - k
                         physical[j] = -(-physical[j] // t) * t
                 dims = physical
-            elif tile and not dims:
-                dims = []
         total += DTYPE_BYTES[dtype] * math.prod(dims)
     return total
 
@@ -210,7 +211,7 @@ class _Counter:
                 users.setdefault(op, []).append(i)
         operand_bytes = [self.size(op) for op in instr.operands]
         result_bytes = self.size(instr.name)
-        root = body[-1] if body else None
+        root = next((i for i in body if i.is_root), body[-1] if body else None)
         roots = (
             [self.by_name[o] for o in root.operands if o in self.by_name]
             if root is not None and root.opcode == "tuple"
@@ -237,9 +238,10 @@ class _Counter:
 
     def trip_count(self, loop: Instruction, caller: str) -> int:
         """A while loop's trip count where the backend config does not give it: the condition
-        `counter < N` (a scan's), with the counter's start read from the loop's initial tuple."""
+        `counter < N` (a scan's), with the counter's start read from the loop's initial tuple
+        where it is a constant there (0 otherwise, as scans start)."""
         condition = self.module.computations.get(loop.calls.get("condition", ""), [])
-        root = condition[-1] if condition else None
+        root = next((i for i in condition if i.is_root), condition[-1] if condition else None)
         if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
             raise ValueError(f"cannot tell how often {loop.name} runs (no known_trip_count)")
         local = {i.name: i for i in condition}
