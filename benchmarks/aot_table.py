@@ -199,14 +199,15 @@ def _kept_rows(old_block: str, new_table: str) -> list[str]:
     measured = {_row_key(line) for line in new_table.splitlines()[2:]}
     kept = []
     for line in old_block.splitlines():
-        cells = line.strip().strip("|").split("|")
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
         header = line.startswith("| recipe") or line.startswith("| ---")
-        if not line.startswith("| ") or header or len(cells) != 14:
-            continue  # the header, the separator, or a row measured with loops counted
-        if _row_key(line) in measured:
+        if not line.startswith("| ") or header or _row_key(line) in measured:
             continue
-        cells[8] = f"{cells[8].strip()} (old)" if cells[8].strip() != "-" else "-"
-        kept.append("| " + " | ".join(c.strip() for c in cells[:9] + ["-"] + cells[9:]) + " |")
+        if len(cells) == 15 and cells[8].endswith("(old)"):
+            kept.append(line)  # kept and marked by an earlier write
+        elif len(cells) == 14:  # the table before it had the HBM column
+            cells[8] = f"{cells[8]} (old)" if cells[8] != "-" else "-"
+            kept.append("| " + " | ".join(cells[:9] + ["-"] + cells[9:]) + " |")
     return kept
 
 
