@@ -139,6 +139,7 @@ def measure(recipe: str, per_device: int, topology: str, effort: float) -> dict:
         "recipe": recipe,
         "topology": topology,
         "per_device_batch": per_device,
+        "remat": report["remat"],
         "effort": effort,
         "seconds": time.time() - t0,
         "xla_bytes_per_device": fl["xla_bytes_accessed_per_device"],
@@ -170,7 +171,8 @@ def table(results: list[dict]) -> str:
         xla = r["xla_bytes_per_device"]
         mfu = r["mfu_ceiling"]
         lines += [
-            f"**{r['recipe']}**, {per} per device on {r['topology']} (effort {r['effort']:g}): "
+            f"**{r['recipe']}**, {per} per device on {r['topology']}"
+            f"{', remat (as the recipe)' if r.get('remat') else ''} (effort {r['effort']:g}): "
             f"XLA counts **{xla / per / 1e9:.3g} GB per image** ({xla / 1e9:.3g} GB per device "
             f"per step), these parts {total / per / 1e9:.3g}; "
             f"{r['model_flops_per_example'] / 1e9:.3g} GFLOP per image; MFU ceiling "
