@@ -76,8 +76,8 @@ def dense_dot_general(
             **kwargs,
         )
     # On TPU the flattening reshapes to [B·N, C] and back are relayouts of the tiled
-    # activations: a Hiera block's forward + backward moves 12% more HBM bytes with them
-    # (BENCHMARKS.md, "Where the bytes go"), so a TPU program gets autodiff's dots. GPUs keep
+    # activations: a base finetune step moves 11% more HBM bytes with them (BENCHMARKS.md,
+    # "Where the bytes go"), so a TPU program gets autodiff's dots. GPUs keep
     # the flattened path their BENCHMARKS figures were measured with. The platform is the one
     # the program is compiled for (a TPU compile from a CPU host takes the TPU branch): the
     # switch's index is a constant there and XLA drops the other branch.
