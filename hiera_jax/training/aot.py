@@ -40,8 +40,6 @@ TOPOLOGY_RE = re.compile(r"^(?P<kind>[a-z0-9]+):\d+x\d+(x\d+)?$")
 # The schedule's length only changes constants in the step, not its memory or FLOPs.
 NOMINAL_STEPS_PER_EPOCH = 1000
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
 EFFORT_HELP = (
     "XLA's exec_time_optimization_effort in [-1, 1]: -1 (default here) compiles a Hiera base MAE "
     "step about 13x faster than 0 (the compiler's default, what a real run uses) and moves the "
@@ -130,7 +128,7 @@ def _hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             arrays = arrays[-1:]
         for dtype, dims in arrays:
             size = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-            nbytes[m["op"]] += DTYPE_BYTES.get(dtype, 4) * size
+            nbytes[m["op"]] += hlo_cost.DTYPE_BYTES.get(dtype, 4) * size
     return {op: {"count": counts[op], "bytes": float(nbytes[op])} for op in sorted(counts)}
 
 
