@@ -338,8 +338,9 @@ def looped_bytes(hlo_text: str, xla_bytes: float) -> float:
     (so a program without loops keeps XLA's figure exactly, and the estimate's own bias, a few
     percent against XLA on unscanned steps, cancels out of the ratio).
     """
-    once = hlo_cost.bytes_accessed(hlo_text, loops=False)
-    full = hlo_cost.bytes_accessed(hlo_text)
+    module = hlo_cost.parse(hlo_text)  # tens of MB of text for a large step: parsed once
+    once = hlo_cost.bytes_accessed(module, loops=False)
+    full = hlo_cost.bytes_accessed(module)
     return xla_bytes * full / once if once > 0 else xla_bytes
 
 

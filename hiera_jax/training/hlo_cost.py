@@ -321,13 +321,13 @@ def _slice_users(name: str, users: dict[str, list[Instruction]]) -> list[str] | 
     return found or None
 
 
-def accesses(hlo_text: str, logical: bool = False, loops: bool = True) -> list[Access]:
+def accesses(hlo: str | Module, logical: bool = False, loops: bool = True) -> list[Access]:
     """Every top-level instruction's traffic, loop bodies with their trip counts (`loops`) or
-    once (as XLA's cost analysis counts them)."""
-    module = parse(hlo_text)
+    once (as XLA's cost analysis counts them). `hlo` is the HLO text or its `parse`."""
+    module = parse(hlo) if isinstance(hlo, str) else hlo
     return list(_Counter(module, logical, loops).walk(module.entry, 1))
 
 
-def bytes_accessed(hlo_text: str, logical: bool = False, loops: bool = True) -> float:
+def bytes_accessed(hlo: str | Module, logical: bool = False, loops: bool = True) -> float:
     """The program's HBM traffic, every loop body counted as often as it runs (`loops`)."""
-    return sum(a.bytes * a.times for a in accesses(hlo_text, logical, loops))
+    return sum(a.bytes * a.times for a in accesses(hlo, logical, loops))
