@@ -1,4 +1,4 @@
-"""HBM bytes of one attention layer in three formulations, compiled alone for one TPU v5e chip.
+"""HBM bytes of one attention layer in five formulations, compiled alone for one TPU v5e chip.
 
 A probe for issue 18: which layout of mask-unit attention moves fewest bytes. Each formulation
 computes the same function (qkv projection, softmax attention per window, output projection)
@@ -11,6 +11,10 @@ repository's HLO estimate (`hiera_jax/training/hlo_cost.py`).
 - `einsum_layout`: qkv and output projections as einsums straight into and out of the
   `[B, w, h, n, d]` layout.
 - `dot_product_attention`: `jax.nn.dot_product_attention` (its XLA path) on `[B·w, n, h, d]`.
+- `window_kernel`: `current`'s layout around the Pallas window kernel
+  (`hiera_jax.models.attention.window_attention`).
+- `token_kernel`: the Pallas kernel straight from the projection's `[B, N, 3·C]`, as the model
+  runs on TPU (`hiera_jax.models.attention.attention`).
 
     python benchmarks/attention_layouts.py                  # the four Hiera-B stages
     python benchmarks/attention_layouts.py --stage 16 64 49 96 1   # batch, n, windows, dim, heads
@@ -30,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
+from hiera_jax.models import attention  # noqa: E402
 from hiera_jax.training import aot, hlo_cost  # noqa: E402
 
 # Hiera-B at 224, batch 16: (batch, tokens per window, windows, width, heads) of a block in
@@ -68,10 +73,21 @@ def formulations(B: int, n: int, w: int, C: int, H: int) -> dict:
         o = o.reshape(B, w, n, C).transpose(0, 2, 1, 3).reshape(B, n * w, C)
         return o @ Wp + bp
 
+    def window_kernel(x, W, b, Wp, bp):
+        qkv = (x @ W + b).reshape(B, n, w, 3, H, d)
+        q, k, v = qkv.transpose(3, 0, 2, 4, 1, 5)
+        o = attention.window_attention(q, k, v, d**-0.5)
+        return o.transpose(0, 3, 1, 2, 4).reshape(B, n * w, C) @ Wp + bp
+
+    def token_kernel(x, W, b, Wp, bp):
+        return attention.attention(x @ W + b, H, w, d**-0.5) @ Wp + bp
+
     return {
         "current": current,
         "einsum_layout": einsum_layout,
         "dot_product_attention": dot_product_attention,
+        "window_kernel": window_kernel,
+        "token_kernel": token_kernel,
     }
 
 
@@ -93,7 +109,8 @@ def measure(stage: tuple[int, ...], device) -> list[dict]:
             ),
         }
         for what, fn in programs.items():
-            compiled = fn.lower(args).compile({"exec_time_optimization_effort": -1.0})
+            with attention.compiling_for(device.device_kind):
+                compiled = fn.lower(args).compile({"exec_time_optimization_effort": -1.0})
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             rows.append(

@@ -220,5 +220,7 @@ def test_states_with_remat_and_video():
     ]
     assert out.attentions[0].shape == (1, 1, 8, 64, 64)
     plain = model.apply({"params": params}, x, return_intermediates=True)
+    # Two programs: with attentions XLA's path keeps the probabilities; without, the path that
+    # can take the attention kernel (hiera_jax.models.attention), which XLA fuses differently.
     for fmap, state in zip(plain.feature_maps, out.reshaped_hidden_states[1:]):
-        np.testing.assert_allclose(fmap, state, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(fmap, state, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,7 @@ def test_aot_fit_check_reports_a_step_that_fits(tmp_path, slices):
     report = json.load(open(tmp_path / name))
     assert os.listdir(tmp_path) == [name]  # nothing else: no checkpoints, no metrics, no model
     assert report["fits"] is True
-    assert report["scan_blocks"] is False  # as forced; unset, a TPU target scans (test_scan)
+    assert report["scan_blocks"] is False  # as forced
     assert report["devices"] == 4 * slices and report["device_kind"] == "TPU v5 lite"
     assert report["mesh"] == {"data": 4 * slices, "fsdp": 1}
     assert report["per_device_batch"] == 256 // (4 * slices)
@@ -140,16 +140,15 @@ def test_flop_count_on_tpu_devices():
 
 
 @pytest.mark.parametrize("remat", [False, True])
-def test_aot_scans_the_blocks_unless_told_not_to(remat):
-    """A TPU target scans when `scan_blocks` is unset (None), whatever this host's backend is,
-    and the report says which program was compiled. XLA counts the scanned body once, so the
-    roofline's compute comes from the same step unscanned, with remat's recompute, and its HBM
-    traffic counts the loop body as often as it runs."""
+def test_aot_scanned_blocks_count_every_loop_trip(remat):
+    """Blocks scanned on request (a TPU unrolls them unless told, `auto_scan`); the report says
+    which program was compiled. XLA counts the scanned body once, so the roofline's compute
+    comes from the same step unscanned, with remat's recompute, and its HBM traffic counts the
+    loop body as often as it runs."""
     config = th.make_config("mae", {"batch_size": 64, "model.remat": remat})
-    assert config.model.get("scan_blocks") is None
+    config.model.scan_blocks = True
     report = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")
     assert report["fits"] is True and report["scan_blocks"] is True
-    assert config.model.get("scan_blocks") is None  # the caller's config is left as it was
     fl, roof = report["flops"], report["roofline"]
     ratio = fl["executed_per_step"] / fl["model_per_step"]
     if remat:  # the blocks' forward runs again in the backward
@@ -166,8 +165,11 @@ def test_aot_scans_the_blocks_unless_told_not_to(remat):
     if remat:
         # With remat the scanned and unscanned steps run the same computation (nothing saved
         # in either), so the unscanned program's own XLA count is the reference: within 10%.
-        config.model.scan_blocks = False
-        plain = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")["flops"]
+        # Unset, `scan_blocks` is what a TPU picks whatever this host's backend: unrolled.
+        config.model.scan_blocks = None
+        unrolled = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")
+        assert unrolled["scan_blocks"] is False and config.model.get("scan_blocks") is None
+        plain = unrolled["flops"]
         reference = plain["xla_bytes_accessed_per_device"]
         assert plain["bytes_accessed_per_device"] == reference  # no loop: XLA's figure
         assert abs(fl["bytes_accessed_per_device"] / reference - 1) < 0.1, (fl, reference)

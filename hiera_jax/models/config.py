@@ -151,6 +151,10 @@ class HieraConfig:
     # Each run of identical blocks as one lax.scan (compiled once). None = on, except when
     # tracing for a GPU, where the unrolled blocks ran 25% faster (BENCHMARKS.md).
     scan_blocks: bool | None = None
+    # Softmax attention: "auto" = a Pallas kernel on TPU (no [n_q, n_k] block reaches HBM; windows
+    # too large for VMEM excepted), XLA elsewhere; "xla" never; "pallas" everywhere
+    # (interpreted off TPU). hiera_jax.models.attention.
+    attention_kernel: str = "auto"
 
     def __init__(self, **kwargs: Any) -> None:
         values = _canonical_kwargs(kwargs)
@@ -221,6 +225,10 @@ class HieraConfig:
             )
         if self.block_rule not in BLOCK_RULES:
             raise ValueError(f"block_rule must be one of {BLOCK_RULES}, got {self.block_rule!r}")
+        if self.attention_kernel not in ("auto", "xla", "pallas"):
+            raise ValueError(
+                f"attention_kernel must be 'auto', 'xla' or 'pallas', got {self.attention_kernel!r}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.layer_norm_eps > 0:
@@ -729,6 +737,8 @@ _HF_FIELDS = frozenset(
         "output_attentions", "return_dict",
     }
 )  # fmt: skip
+# Fields that change how a model computes, never its parameters.
+EXECUTION_FIELDS = ("dtype", "remat", "scan_blocks", "attention_kernel")
 _EXTRA_FIELDS = tuple(name for name in _FIELDS if name not in _HF_FIELDS)
 
 

@@ -247,6 +247,7 @@ class HieraEncoder(nn.Module):
                 norm_eps=cfg.layer_norm_eps,
                 init_std=cfg.initializer_range,
                 norm_scale_init=cfg.layer_norm_init,
+                attention_kernel=cfg.attention_kernel,
                 name=f"blocks_{i}",
             )
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hiera_jax.models.activations import ACTIVATIONS
+from hiera_jax.models.attention import attention
 from hiera_jax.models.matmul import Dense
 
 LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
@@ -159,6 +160,7 @@ class MaskUnitAttention(nn.Module):
     weight_init: str = ""
     proj_rescale: float = 1.0  # timm fix_init factor for `proj` (weight_init="jax")
     init_std: float = INIT_STD
+    attention_kernel: str = "auto"  # hiera_jax.models.attention: the Pallas kernel on TPU
 
     @nn.compact
     def __call__(
@@ -166,7 +168,7 @@ class MaskUnitAttention(nn.Module):
     ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
         """[B, N, C] -> [B, N / q_stride, dim_out]; with `return_attention`, also the softmax
         probabilities [B, heads, windows, n_q, n_k] (the Hugging Face `attentions` layout)."""
-        batch, num_tokens, _ = x.shape
+        num_tokens = x.shape[1]
         head_dim = self.dim_out // self.heads
         num_windows = (
             num_tokens // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
@@ -177,29 +179,25 @@ class MaskUnitAttention(nn.Module):
             name="qkv",
             **dense_inits(self.mae_init, self.weight_init, std=self.init_std),
         )(x)
-        # [B, n, windows, 3, heads, d]: the window index is the fast axis of the sequence.
-        # One transpose to [3, B, windows, heads, n, d] puts every batch axis in front, so both
-        # attention matmuls (and their gradients) are plain batched GEMMs on XLA CPU.
-        qkv = qkv.reshape(batch, -1, num_windows, 3, self.heads, head_dim)
-        q, k, v = qkv.transpose(3, 0, 2, 4, 1, 5)  # each [B, w, h, n, d]
-        if self.q_stride > 1:
-            # Max over the leading q_stride chunk of each window's tokens.
-            q = q.reshape(batch, num_windows, self.heads, self.q_stride, -1, head_dim).max(axis=3)
-        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k).astype(jnp.float32)
-        # Softmax with the normalisation after the second matmul: one pass fewer over [q, k].
-        probs = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-        denom = probs.sum(axis=-1, keepdims=True)  # [B, w, h, q, 1]
-        out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs.astype(v.dtype), v)
-        out = out / denom.astype(out.dtype)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, self.dim_out)  # [B, n_q, w, h, d]
+        # hiera_jax.models.attention: straight from the projection's [B, N, 3·C] layout on TPU,
+        # through [3, B, windows, heads, n, d] (plain batched GEMMs) on XLA CPU.
+        out = attention(
+            qkv,
+            self.heads,
+            num_windows,
+            head_dim**-0.5,
+            q_stride=self.q_stride,
+            kernel=self.attention_kernel,
+            return_probs=return_attention,
+        )
+        if return_attention:
+            out, probs = out
         proj_init = dense_inits(
             self.mae_init, self.weight_init, rescale=self.proj_rescale, std=self.init_std
         )
         out = Dense(self.dim_out, dtype=self.dtype, name="proj", **proj_init)(out)
         if return_attention:
-            # [B, w, h, q, k] -> [B, h, w, q, k]; only built on request (same graph otherwise).
-            return out, (probs / denom).transpose(0, 2, 1, 3, 4)
+            return out, probs.transpose(0, 2, 1, 3, 4)  # [B, w, h, q, k] -> [B, h, w, q, k]
         return out
 
 
@@ -314,6 +312,7 @@ class HieraBlock(nn.Module):
     norm_eps: float = LAYER_NORM_EPS
     init_std: float = INIT_STD  # initializer_range
     norm_scale_init: float = 1.0  # layer_norm_init
+    attention_kernel: str = "auto"  # HieraConfig.attention_kernel
 
     @nn.compact
     def __call__(
@@ -363,6 +362,7 @@ class HieraBlock(nn.Module):
             weight_init=self.weight_init,
             proj_rescale=self.init_rescale,
             init_std=self.init_std,
+            attention_kernel=self.attention_kernel,
             name="attn",
         )
         attn_probs = None

@@ -188,6 +188,7 @@ class HieraForPreTraining(HieraEncoder):
             norm_eps=cfg.layer_norm_eps,
             init_std=cfg.initializer_range,
             norm_scale_init=cfg.layer_norm_init,
+            attention_kernel=cfg.attention_kernel,
         )
         names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_depth)]
         if use_scan(cfg) and not self.is_initializing() and len(names) >= 2:

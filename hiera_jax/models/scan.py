@@ -35,12 +35,20 @@ from hiera_jax.models.matmul import SAVE_MATMULS
 
 def use_scan(config) -> bool:
     """Whether `config` (a HieraConfig) runs its runs of blocks as scans: `scan_blocks`, or when
-    it is None (the default), on unless JAX's default backend is a GPU. On CPU the scan made
-    steps faster; on TPU it cuts compile time and code; on one H200 the unrolled base steps were
-    25% faster (BENCHMARKS.md)."""
+    it is None (the default), by JAX's default backend (`auto_scan`)."""
     if config.scan_blocks is not None:
         return bool(config.scan_blocks)
-    return jax.default_backend() != "gpu"
+    return auto_scan(jax.default_backend())
+
+
+def auto_scan(platform: str) -> bool:
+    """`scan_blocks=None` on `platform`: on for the CPU only (its steps ran faster scanned).
+    On one H200 the unrolled base steps were 25% faster. On TPU the scanned steps moved far
+    more HBM bytes at a higher peak (v5e, 16 per chip: in1k finetune base 1.13 against 0.67
+    GB per image, finetune large with remat 5.65 against 2.22, MAE base at 64 per chip 0.72
+    against 0.47; BENCHMARKS.md, "Where the bytes go"): the scan buys compile time and code
+    size only, so `scan_blocks=True` asks for it."""
+    return platform not in ("gpu", "tpu")
 
 
 def run_blocks(

@@ -31,7 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from hiera_jax.models.scan import use_scan
+from hiera_jax.models import attention
+from hiera_jax.models.scan import auto_scan, use_scan
 from hiera_jax.training import chips, hlo_cost, sharding
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training.setup import build_setup, unsharded
@@ -198,9 +199,9 @@ def fit_check(
     chip = chips.chip_for(kind)
     mesh = sharding.create_mesh(config.mesh_shape, devices)
     if config.model.get("scan_blocks") is None:
-        # Automatic means on for a TPU, whatever backend this host traces with.
+        # Automatic means what a TPU picks, whatever backend this host traces with.
         config = config.copy_and_resolve_references()
-        config.model.scan_blocks = True
+        config.model.scan_blocks = auto_scan("tpu")
     setup = build_setup(config, mesh, NOMINAL_STEPS_PER_EPOCH * int(config.batch_size))
     mcfg = setup.mcfg
     per_device_batch = config.batch_size // mesh.size
@@ -234,7 +235,8 @@ def fit_check(
     }
     options = None if effort is None else {"exec_time_optimization_effort": float(effort)}
     t0 = time.time()
-    with jax.set_mesh(mesh):
+    # The attention kernels size their VMEM to the chip compiled for (hiera_jax.models.attention).
+    with jax.set_mesh(mesh), attention.compiling_for(kind):
         lowered = setup.jit_train_step().lower(*train_args)
         try:
             compiled = lowered.compile(options)

@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = frozenset(
         "dtype",
         "remat",
         "scan_blocks",
+        "attention_kernel",
         "drop_path_rate",
         "head_dropout",
         "mask_ratio",

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.config import EXECUTION_FIELDS, HieraConfig
 from hiera_jax.weights import torch_pickle
 
 # A directory's weights, in the order they are looked for (see hiera_jax.weights.directory).
@@ -103,7 +103,7 @@ def config_differences(found: HieraConfig, expected: HieraConfig) -> list[str]:
         if key not in skip and key != "hiera_jax" and ours.get(key) != theirs[key]
     ]
     for key, value in theirs["hiera_jax"].items():
-        if key not in ("dtype", "remat", "scan_blocks") and ours["hiera_jax"].get(key) != value:
+        if key not in EXECUTION_FIELDS and ours["hiera_jax"].get(key) != value:
             wrong.append(f"{key}: checkpoint {ours['hiera_jax'].get(key)} vs model {value}")
     if found.num_classes != expected.num_classes:
         wrong.append(f"num_labels: checkpoint {found.num_classes} vs model {expected.num_classes}")

@@ -1,0 +1,522 @@
+"""Softmax attention within windows: q [B, w, h, n_q, d], k, v [B, w, h, n_k, d] -> [B, w, h, n_q, d].
+
+XLA's path (`xla_attention`) writes the f32 logits and probabilities of every window to HBM, and
+autodiff reads them back: on a TPU, where a minor dimension is padded to 128 lanes, that was most
+of a Hiera step's memory traffic (BENCHMARKS.md, "Where the bytes go"). A Hiera window is small
+(at most 784 keys in the image models at 224), so one window's whole [n_q, n_k] block fits in a
+TPU core's VMEM: `pallas_attention` computes the softmax there, with no online softmax, and its
+backward recomputes it from q, k and v, so nothing of size [n_q, n_k] ever reaches HBM and no
+logits, statistics or output are saved for the backward. Windows too large for VMEM (video
+models' global stages, large inputs) take XLA's path.
+
+`window_attention(kernel="auto")` picks the kernel for programs compiled for a TPU (by
+`lax.platform_dependent`, so an AOT compile from a CPU host gets it too) and XLA's path on CPU
+and GPU, where the float32 parity tests run. `kernel="pallas"` forces the kernel everywhere
+(interpreted off TPU: slow, for tests), `"xla"` never uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+KERNELS = ("auto", "xla", "pallas")
+# Bytes of f32 [n_q, n_k] blocks one grid step may hold: the backward keeps three per window
+# (probabilities, their gradient, and a temporary) beside q, k, v and their gradients. v5e's
+# default scoped VMEM limit is 16 MiB.
+VMEM_BLOCK_BUDGET = 6 * 2**20
+MAX_WINDOWS_PER_STEP = 8  # windows per grid step: amortises the step overhead, unrolled in code
+
+
+def xla_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, return_probs: bool = False
+) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+    """Softmax attention as plain XLA ops, the official model's arithmetic: q scaled in its
+    dtype, f32 logits, the normalisation after the second matmul (one pass fewer over [q, k]).
+    `return_probs` also returns the probabilities [B, w, h, n_q, n_k] (same graph otherwise)."""
+    q = q * jnp.asarray(scale, q.dtype)
+    logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k).astype(jnp.float32)
+    probs = jnp.exp(logits - lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    denom = probs.sum(axis=-1, keepdims=True)  # [B, w, h, q, 1]
+    out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs.astype(v.dtype), v)
+    out = out / denom.astype(out.dtype)
+    return (out, probs / denom) if return_probs else out
+
+
+def kernel_fits(n_q: int, n_k: int) -> bool:
+    """Whether one window's softmax (three f32 [n_q, n_k] blocks) fits the kernel's budget."""
+    return 3 * 4 * n_q * n_k <= VMEM_BLOCK_BUDGET
+
+
+def window_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, kernel: str = "auto"
+) -> jnp.ndarray:
+    """softmax(q kᵀ · scale) v per window and head; `kernel` as the module docstring says."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention_kernel must be one of {KERNELS}, got {kernel!r}")
+    if q.ndim != 5 or k.shape != v.shape or q.shape[:3] + q.shape[4:] != k.shape[:3] + k.shape[4:]:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} are not [B, w, h, n, d] windows")
+    if kernel == "xla" or not kernel_fits(q.shape[3], k.shape[3]):
+        return xla_attention(q, k, v, scale)
+    compiled = functools.partial(_sharded_pallas, scale=scale, interpret=False)
+    if kernel == "pallas":
+        other = functools.partial(_sharded_pallas, scale=scale, interpret=True)
+    else:
+        other = functools.partial(xla_attention, scale=scale)
+    return lax.platform_dependent(q, k, v, tpu=compiled, default=other)
+
+
+def _sharded_pallas(q, k, v, *, scale: float, interpret: bool) -> jnp.ndarray:
+    """The kernel on each device's share of the batch: XLA cannot partition a custom call, so
+    under a mesh it runs inside `shard_map` with the batch split over every axis (the layout of
+    `hiera_jax.training.sharding`); a batch the mesh does not divide runs unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    run = functools.partial(pallas_attention, scale=scale, interpret=interpret)
+    if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
+        return run(q, k, v)
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    # check_vma off: pallas_call declares its outputs without a varying-axes type.
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    return sharded(q, k, v)
+
+
+def pallas_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, interpret: bool = False
+) -> jnp.ndarray:
+    """The Pallas TPU kernel on [B, w, h, n, d] windows (`interpret`: run it on any backend)."""
+    shape = q.shape
+    flat = [a.reshape(-1, *a.shape[3:]) for a in (q, k, v)]  # [B·w·h, n, d]: a free reshape
+    return _attention(*flat, scale, interpret).reshape(shape)
+
+
+def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple) -> jnp.ndarray:
+    """2-D dot with f32 accumulation (float32 inputs at full precision)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(
+        a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def _probabilities(q: jnp.ndarray, k: jnp.ndarray, scale: float):
+    """Unnormalised exp(s - max s) of one window, and its row sums: [n_q, n_k], [n_q, 1]."""
+    s = _dot(q, k, ((1,), (1,))) * scale
+    p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+    return p, p.sum(axis=-1, keepdims=True)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, scale: float, windows: int) -> None:
+    for i in range(windows):
+        v = v_ref[i]
+        p, total = _probabilities(q_ref[i], k_ref[i], scale)
+        o_ref[i] = (_dot(p.astype(v.dtype), v, ((1,), (0,))) / total).astype(o_ref.dtype)
+
+
+def _backward_kernel(
+    q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, scale: float, windows: int
+) -> None:
+    for i in range(windows):
+        q, k, v, do = q_ref[i], k_ref[i], v_ref[i], do_ref[i]
+        p, total = _probabilities(q, k, scale)
+        p = p / total
+        dp = _dot(do, v, ((1,), (1,)))  # [n_q, n_k]
+        # Softmax's backward; Σ_k p·dp equals rowsum(do · o), so the output need not be saved.
+        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+        dv_ref[i] = _dot(p.astype(do.dtype), do, ((0,), (0,))).astype(dv_ref.dtype)  # pᵀ do
+        dq_ref[i] = (_dot(ds.astype(k.dtype), k, ((1,), (0,))) * scale).astype(dq_ref.dtype)
+        dk_ref[i] = (_dot(ds.astype(q.dtype), q, ((0,), (0,))) * scale).astype(dk_ref.dtype)
+
+
+def _windows_per_step(count: int, n_q: int, n_k: int) -> int:
+    """The largest divisor of `count` up to MAX_WINDOWS_PER_STEP whose blocks fit the budget."""
+    g = max(1, min(count, MAX_WINDOWS_PER_STEP, VMEM_BLOCK_BUDGET // (3 * 4 * n_q * n_k)))
+    while count % g:
+        g -= 1
+    return g
+
+
+def _call(kernel, inputs, outputs, flops: int, interpret: bool):
+    """`kernel` over blocks of whole windows: [G, n, d] arrays, G split across the grid."""
+    count, n_q, n_k = inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1]
+    g = _windows_per_step(count, n_q, n_k)
+
+    def spec(a):
+        return pl.BlockSpec((g, *a.shape[1:]), lambda i: (i, 0, 0))
+
+    nbytes = sum(a.size * a.dtype.itemsize for a in (*inputs, *outputs))
+    return pl.pallas_call(
+        functools.partial(kernel, windows=g),
+        grid=(count // g,),
+        in_specs=[spec(a) for a in inputs],
+        out_specs=[spec(a) for a in outputs],
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in outputs],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        # What the kernel really does, so XLA's cost analysis of the program still sees it.
+        cost_estimate=pl.CostEstimate(
+            flops=flops, transcendentals=count * n_q * n_k, bytes_accessed=nbytes
+        ),
+        interpret=interpret,  # the plain interpreter: no callbacks, so it works under remat
+    )(*inputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, scale: float, interpret: bool):
+    flops = 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]  # q kᵀ and p v
+    kernel = functools.partial(_forward_kernel, scale=scale)
+    return _call(kernel, (q, k, v), (q,), flops, interpret)[0]
+
+
+def _attention_fwd(q, k, v, scale, interpret):
+    return _attention(q, k, v, scale, interpret), (q, k, v)
+
+
+def _attention_bwd(scale, interpret, residuals, do):
+    q, k, v = residuals
+    flops = 10 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]  # q kᵀ again + four matmuls
+    kernel = functools.partial(_backward_kernel, scale=scale)
+    return tuple(_call(kernel, (q, k, v, do.astype(q.dtype)), (q, k, v), flops, interpret))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# Attention straight from the qkv projection's layout.
+#
+# The window kernel above still needs q, k and v as [B·w·h, n, d]: XLA's transposes from the
+# projection's [B, N, 3·C] (and back to [B, N, C]) are relayouts of tiled arrays that moved more
+# bytes than the kernel itself. `attention` reads the projection's output as it is: a grid step
+# holds one image's [N, 3·C] tokens, a head is a column range, a window every w-th row (the
+# window index is the fast axis of an unrolled sequence), and the output and its gradient are
+# written in the same layouts. Mosaic loads strided rows only from 32-bit arrays 128 lanes wide,
+# so with windows each head's columns are first copied into their own f32 [N, 128] slot in VMEM
+# (VMEM traffic, not HBM).
+
+# VMEM per TensorCore by device kind (Pallas' own table); a program traced without a TPU in
+# sight and without `compiling_for` assumes the smallest (v4: 16 MiB).
+_CHIPS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+    "TPU7x": "7x",
+}
+_SMALLEST_VMEM = 16 * 2**20
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def compiling_for(device_kind: str):
+    """Trace for a TPU of `device_kind` (an ahead-of-time compile from another host): the
+    kernels size themselves to its VMEM. It acts on tracing, so wrap the first `lower` of a
+    jitted function: jit reuses a cached trace whatever the target."""
+    _TARGET.append(device_kind)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def vmem_capacity() -> int:
+    """VMEM bytes per TensorCore of the TPU being traced for."""
+    if _TARGET:
+        kind = _TARGET[-1]
+    elif jax.default_backend() == "tpu":
+        kind = jax.devices()[0].device_kind
+    else:
+        return _SMALLEST_VMEM
+    version = _CHIPS.get(kind)
+    if version is None:
+        return _SMALLEST_VMEM
+    info = pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(version), 1)
+    return int(info.vmem_capacity_bytes)
+
+
+def _vmem_limit() -> int:
+    """The scoped VMEM a token kernel asks for: 3/4 of the core's, the rest left to XLA."""
+    return vmem_capacity() * 3 // 4
+
+
+def attention(
+    qkv: jnp.ndarray,
+    heads: int,
+    windows: int,
+    scale: float,
+    q_stride: int = 1,
+    kernel: str = "auto",
+    return_probs: bool = False,
+) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+    """Mask-unit attention from the qkv projection: qkv [B, N, 3·C] ([3, heads, d] channels;
+    token i·windows + w is window w's i-th) -> [B, N / q_stride, C] in the same token order.
+
+    `q_stride` > 1 max-pools each window's queries over its leading q_stride chunks.
+    `return_probs` also returns the probabilities [B, w, h, n_q, n_k] (XLA's path).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"attention_kernel must be one of {KERNELS}, got {kernel!r}")
+    batch, tokens, channels = qkv.shape
+    if channels % (3 * heads) or tokens % (windows * q_stride):
+        raise ValueError(
+            f"qkv {qkv.shape} does not split into 3 x {heads} heads x {windows} windows "
+            f"(q_stride {q_stride})"
+        )
+    options = dict(heads=heads, windows=windows, scale=scale, q_stride=q_stride)
+    if return_probs or kernel == "xla" or not _token_kernel_fits(qkv, **options):
+        return transposed_attention(qkv, **options, kernel=kernel, return_probs=return_probs)
+    compiled = functools.partial(_sharded_tokens, **options)
+    if kernel == "pallas":
+        other = functools.partial(compiled, interpret=True)
+    else:
+        other = functools.partial(transposed_attention, **options, kernel="xla")
+    return lax.platform_dependent(
+        qkv, tpu=functools.partial(compiled, interpret=False), default=other
+    )
+
+
+def transposed_attention(
+    qkv: jnp.ndarray,
+    heads: int,
+    windows: int,
+    scale: float,
+    q_stride: int = 1,
+    kernel: str = "auto",
+    return_probs: bool = False,
+):
+    """`attention` through [B, w, h, n, d] arrays: one transpose to [3, B, w, h, n, d] (every
+    batch axis in front, so both attention matmuls and their gradients are plain batched GEMMs
+    on XLA CPU), `window_attention` (or `xla_attention` with the probabilities), and back."""
+    batch, tokens, channels = qkv.shape
+    d = channels // (3 * heads)
+    qkv = qkv.reshape(batch, -1, windows, 3, heads, d)
+    q, k, v = qkv.transpose(3, 0, 2, 4, 1, 5)  # each [B, w, h, n, d]
+    if q_stride > 1:  # max over the leading q_stride chunk of each window's tokens
+        q = q.reshape(batch, windows, heads, q_stride, -1, d).max(axis=3)
+    if return_probs:
+        out, probs = xla_attention(q, k, v, scale, return_probs=True)
+    else:
+        out = window_attention(q, k, v, scale, kernel)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, channels // 3)  # [B, n_q, w, h, d]
+    return (out, probs) if return_probs else out
+
+
+def _lanes(width: int) -> int:
+    return -(-width // 128) * 128
+
+
+def _token_kernel_fits(qkv: jnp.ndarray, heads: int, windows: int, scale: float, q_stride: int):
+    """Whether the backward's VMEM (double-buffered blocks, f32 head slots, the [n_q, n_k]
+    temporaries) fits in 4/5 of the kernel's VMEM limit; slots need d <= 128."""
+    del scale
+    tokens, channels = qkv.shape[1:]
+    d, n_k = channels // (3 * heads), tokens // windows
+    n_q = n_k // q_stride
+    item = jnp.dtype(qkv.dtype).itemsize
+    pooled = tokens // q_stride
+    blocks = 2 * (2 * tokens * _lanes(channels) + pooled * _lanes(channels // 3)) * item
+    slotted = windows > 1 or q_stride > 1
+    slots = heads * (6 * tokens + pooled) * 128 * 4 if slotted else 0
+    temporaries = 6 * _lanes(n_k) * max(n_q, 8) * 4
+    fits = blocks + slots + temporaries <= 0.8 * _vmem_limit()
+    return fits and kernel_fits(n_q, n_k) and (d <= 128 or not slotted)
+
+
+def _sharded_tokens(qkv, *, heads, windows, scale, q_stride, interpret: bool) -> jnp.ndarray:
+    """The token kernel on each device's share of the batch (see `_sharded_pallas`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    run = functools.partial(
+        _token_attention,
+        heads=heads,
+        windows=windows,
+        scale=scale,
+        q_stride=q_stride,
+        interpret=interpret,
+    )
+    if mesh.empty or mesh.size == 1 or qkv.shape[0] % mesh.size:
+        return run(qkv)
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    return jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(qkv)
+
+
+class _Heads:
+    """One image's heads as the kernels read and write them: the block's own column ranges
+    (plain global attention), or f32 [N, 128] VMEM slots, one per head part (strided or
+    unaligned row loads need them)."""
+
+    def __init__(self, block, slots, d: int, windows: int):
+        self.block, self.slots, self.d, self.windows = block, slots, d, windows
+
+    def fill(self) -> None:
+        for i in range(self.slots.shape[0] if self.slots is not None else 0):
+            cols = self.block[0, :, pl.ds(i * self.d, self.d)]
+            self.slots[i, :, pl.ds(0, self.d)] = cols.astype(jnp.float32)
+
+    def _rows(self, window, count: int, first: int):
+        """`count` rows of `window` from its `first`-th token: every `windows`-th row."""
+        if self.windows == 1:
+            return pl.ds(first, count)
+        return pl.ds(first * self.windows + window, count, stride=self.windows)
+
+    def read(self, i: int, window, count: int, dtype, first: int = 0) -> jnp.ndarray:
+        """Head part `i` (q, k, v of head h: h, heads + h, 2·heads + h) of `window`: [count, d]."""
+        if self.slots is None:
+            return self.block[0, pl.ds(first, count), pl.ds(i * self.d, self.d)].astype(dtype)
+        rows = self.slots.at[i][self._rows(window, count, first), :]
+        return rows[:, : self.d].astype(dtype)
+
+    def write(self, i: int, window, value: jnp.ndarray, first: int = 0) -> None:
+        count = value.shape[0]
+        if self.slots is None:
+            cols = pl.ds(i * self.d, self.d)
+            self.block[0, pl.ds(first, count), cols] = value.astype(self.block.dtype)
+            return
+        if self.d < 128:  # a strided store writes whole 128-lane rows
+            value = jnp.concatenate([value, jnp.zeros((count, 128 - self.d), value.dtype)], 1)
+        self.slots.at[i][self._rows(window, count, first), :] = value
+
+    def flush(self) -> None:
+        for i in range(self.slots.shape[0] if self.slots is not None else 0):
+            cols = self.slots[i, :, pl.ds(0, self.d)]
+            self.block[0, :, pl.ds(i * self.d, self.d)] = cols.astype(self.block.dtype)
+
+
+def _over_windows(windows: int, body) -> None:
+    if windows == 1:
+        body(0)
+    else:
+        lax.fori_loop(0, windows, lambda w, c: (body(w), c)[1], 0)
+
+
+def _pooled_queries(qkv_in: _Heads, h: int, window, n_q: int, q_stride: int, dtype):
+    """Head h's queries of `window`, max-pooled over its q_stride leading chunks, and the
+    chunks themselves (the max's backward needs them)."""
+    chunks = [qkv_in.read(h, window, n_q, dtype, first=c * n_q) for c in range(q_stride)]
+    q = chunks[0]
+    for chunk in chunks[1:]:
+        q = jnp.maximum(q, chunk)
+    return q, chunks
+
+
+def _token_forward_kernel(qkv_ref, o_ref, *slots, heads, windows, q_stride, n_k, d, scale):
+    dtype, n_q = qkv_ref.dtype, n_k // q_stride
+    qkv_in = _Heads(qkv_ref, slots[0] if slots else None, d, windows)
+    out = _Heads(o_ref, slots[1] if slots else None, d, windows)
+    qkv_in.fill()
+
+    def body(window):
+        for h in range(heads):
+            q, _ = _pooled_queries(qkv_in, h, window, n_q, q_stride, dtype)
+            k, v = (qkv_in.read(i * heads + h, window, n_k, dtype) for i in (1, 2))
+            p, total = _probabilities(q, k, scale)
+            out.write(h, window, _dot(p.astype(dtype), v, ((1,), (0,))) / total)
+
+    _over_windows(windows, body)
+    out.flush()
+
+
+def _token_backward_kernel(
+    qkv_ref, do_ref, dqkv_ref, *slots, heads, windows, q_stride, n_k, d, scale
+):
+    dtype, n_q = qkv_ref.dtype, n_k // q_stride
+    qkv_in, do_in, dqkv = (
+        _Heads(ref, slots[i] if slots else None, d, windows)
+        for i, ref in enumerate((qkv_ref, do_ref, dqkv_ref))
+    )
+    qkv_in.fill()
+    do_in.fill()
+
+    def body(window):
+        for h in range(heads):
+            q, chunks = _pooled_queries(qkv_in, h, window, n_q, q_stride, dtype)
+            k, v = (qkv_in.read(i * heads + h, window, n_k, dtype) for i in (1, 2))
+            do = do_in.read(h, window, n_q, dtype)
+            p, total = _probabilities(q, k, scale)
+            p = p / total
+            dp = _dot(do, v, ((1,), (1,)))
+            # Softmax's backward; Σ_k p·dp equals rowsum(do · o): the output need not be saved.
+            ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+            dq = _dot(ds.astype(dtype), k, ((1,), (0,))) * scale
+            if q_stride == 1:
+                dqkv.write(h, window, dq)
+            else:  # the max's gradient, split evenly between tied chunks (as jax's max does)
+                hits = [(chunk == q).astype(jnp.float32) for chunk in chunks]
+                share = dq / sum(hits)
+                for c, hit in enumerate(hits):
+                    dqkv.write(h, window, share * hit, first=c * n_q)
+            dqkv.write(heads + h, window, _dot(ds.astype(dtype), q, ((0,), (0,))) * scale)
+            dqkv.write(2 * heads + h, window, _dot(p.astype(dtype), do, ((0,), (0,))))  # pᵀ do
+
+    _over_windows(windows, body)
+    dqkv.flush()
+
+
+def _token_call(kernel, inputs, out_shapes, heads: int, slotted: bool, flops: int, interpret):
+    """`kernel` with one image per grid step (and f32 head slots in VMEM when `slotted`)."""
+    batch = inputs[0].shape[0]
+    d = inputs[0].shape[2] // (3 * heads)
+
+    def spec(shape):
+        return pl.BlockSpec((1, *shape[1:]), lambda b: (b, 0, 0))
+
+    arrays = (*inputs, *out_shapes)
+    slots = [pltpu.VMEM((a.shape[2] // d, a.shape[1], 128), jnp.float32) for a in arrays]
+    nbytes = sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch,),
+        in_specs=[spec(a.shape) for a in inputs],
+        out_specs=[spec(a.shape) for a in out_shapes],
+        out_shape=list(out_shapes),
+        scratch_shapes=slots if slotted else [],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",), vmem_limit_bytes=_vmem_limit()
+        ),
+        # What the kernel does, so that XLA's cost analysis of the program still sees it.
+        cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
+        interpret=interpret,
+    )(*inputs)
+
+
+def _token_options(qkv, heads, windows, q_stride, scale):
+    batch, tokens, channels = qkv.shape
+    n_k = tokens // windows
+    kernel_args = dict(
+        heads=heads,
+        windows=windows,
+        q_stride=q_stride,
+        n_k=n_k,
+        d=channels // (3 * heads),
+        scale=scale,
+    )
+    out = jax.ShapeDtypeStruct((batch, tokens // q_stride, channels // 3), qkv.dtype)
+    matmul = 2 * out.size * n_k  # one [n_q, n_k, d] matmul over every window and head
+    return kernel_args, out, matmul, windows > 1 or q_stride > 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _token_attention(qkv, heads: int, windows: int, scale: float, q_stride: int, interpret):
+    kernel_args, out, matmul, slotted = _token_options(qkv, heads, windows, q_stride, scale)
+    kernel = functools.partial(_token_forward_kernel, **kernel_args)
+    return _token_call(kernel, (qkv,), (out,), heads, slotted, 2 * matmul, interpret)[0]
+
+
+def _token_attention_fwd(qkv, heads, windows, scale, q_stride, interpret):
+    return _token_attention(qkv, heads, windows, scale, q_stride, interpret), qkv
+
+
+def _token_attention_bwd(heads, windows, scale, q_stride, interpret, qkv, do):
+    kernel_args, _, matmul, slotted = _token_options(qkv, heads, windows, q_stride, scale)
+    kernel = functools.partial(_token_backward_kernel, **kernel_args)
+    dqkv = jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)
+    args = (qkv, do.astype(qkv.dtype))
+    # q kᵀ again and four matmuls.
+    return (_token_call(kernel, args, (dqkv,), heads, slotted, 5 * matmul, interpret)[0],)
+
+
+_token_attention.defvjp(_token_attention_fwd, _token_attention_bwd)
