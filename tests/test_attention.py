@@ -17,7 +17,7 @@ from reference import rel_err
 
 import hiera_jax
 from hiera_jax.models import attention
-from hiera_jax.training import aot, hlo_cost
+from hiera_jax.training import aot, flops, hlo_cost
 
 # [B, w, h, n_q, d] and n_k of Hiera's attention kinds: a stage-1 mask unit, a pooled-query
 # transition (n_q = n_k / 4), a global stage with several heads, an odd window.
@@ -273,3 +273,23 @@ def test_the_kernel_runs_per_device_under_a_mesh(entry):
     call = next(line for line in hlo.splitlines() if "tpu_custom_call" in line)
     assert per_device in call.split("custom-call(")[0]
     assert "all-gather" not in hlo
+
+
+def test_jaxpr_flop_count_sees_model_flops_through_the_platform_switch():
+    """The backend-free FLOP count (a GPU's fallback) reads the kernels' cost estimates and, of
+    a platform switch's branches, the least: the kernel's backward recomputes q kᵀ."""
+    qkv = jax.ShapeDtypeStruct((2, 4 * 64, 3 * 96), jnp.float32)
+
+    def step(kernel):
+        def grad(x):
+            return jax.grad(
+                lambda x: (attention.attention(x, 2, 4, 0.1, kernel=kernel) ** 2).sum()
+            )(x)
+
+        return grad
+
+    assert flops.jaxpr_flops(step("auto"), qkv) == flops.jaxpr_flops(step("xla"), qkv)
+    # Alone, the kernel's estimate: 2 matmuls forward, 5 backward, per window and head.
+    n, d, heads, windows = 64, 48, 2, 4
+    matmul = 2 * 2 * windows * heads * n * n * d
+    assert flops.jaxpr_flops(step("pallas"), qkv) == 7 * matmul
