@@ -1,18 +1,22 @@
-"""Softmax attention within windows: q [B, w, h, n_q, d], k, v [B, w, h, n_k, d] -> [B, w, h, n_q, d].
+"""Softmax attention within windows, as Hiera's MaskUnitAttention computes it.
 
 XLA's path (`xla_attention`) writes the f32 logits and probabilities of every window to HBM, and
-autodiff reads them back: on a TPU, where a minor dimension is padded to 128 lanes, that was most
-of a Hiera step's memory traffic (BENCHMARKS.md, "Where the bytes go"). A Hiera window is small
-(at most 784 keys in the image models at 224), so one window's whole [n_q, n_k] block fits in a
-TPU core's VMEM: `pallas_attention` computes the softmax there, with no online softmax, and its
-backward recomputes it from q, k and v, so nothing of size [n_q, n_k] ever reaches HBM and no
-logits, statistics or output are saved for the backward. Windows too large for VMEM (video
-models' global stages, large inputs) take XLA's path.
+autodiff reads them back; on a TPU, where a minor dimension is padded to 128 lanes, that and the
+qkv projection's relayouts into [3, B, windows, heads, n, d] were most of a Hiera step's memory
+traffic (BENCHMARKS.md, "Where the bytes go"). A Hiera window is small (at most 784 keys in the
+image models at 224), so one window's whole [n_q, n_k] block fits in a TPU core's VMEM. Two
+Pallas kernels compute the softmax there, with no online softmax, and their backward recomputes
+it from q, k and v, so nothing of size [n_q, n_k] reaches HBM and no logits, statistics or
+output are saved:
+- `attention` (the model's entry): straight from the projection's [B, N, 3·C] output, query
+  pooling included, to [B, N / q_stride, C], with no relayout (the token kernel, below);
+- `window_attention`: on [B, w, h, n, d] arrays, where the token kernel's image does not fit.
+Windows too large for VMEM (video models' global stages, large inputs) take XLA's path.
 
-`window_attention(kernel="auto")` picks the kernel for programs compiled for a TPU (by
-`lax.platform_dependent`, so an AOT compile from a CPU host gets it too) and XLA's path on CPU
-and GPU, where the float32 parity tests run. `kernel="pallas"` forces the kernel everywhere
-(interpreted off TPU: slow, for tests), `"xla"` never uses it.
+`kernel="auto"` picks the kernels for programs compiled for a TPU (`lax.platform_dependent`, so
+an AOT compile from a CPU host gets them too) and XLA's path on CPU and GPU, where the float32
+parity tests run. `kernel="pallas"` forces them everywhere (interpreted off TPU: slow, for
+tests), `"xla"` never uses them.
 """
 
 from __future__ import annotations
@@ -73,17 +77,21 @@ def window_attention(
 
 
 def _sharded_pallas(q, k, v, *, scale: float, interpret: bool) -> jnp.ndarray:
-    """The kernel on each device's share of the batch: XLA cannot partition a custom call, so
-    under a mesh it runs inside `shard_map` with the batch split over every axis (the layout of
-    `hiera_jax.training.sharding`); a batch the mesh does not divide runs unsplit."""
-    mesh = jax.sharding.get_abstract_mesh()
     run = functools.partial(pallas_attention, scale=scale, interpret=interpret)
-    if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
-        return run(q, k, v)
+    return _per_device(run, q, k, v)
+
+
+def _per_device(run, *arrays: jnp.ndarray) -> jnp.ndarray:
+    """`run(*arrays)` on each device's share of the batch: XLA cannot partition a custom call,
+    so under a mesh a kernel runs inside `shard_map` with the batch split over every axis (the
+    layout of `hiera_jax.training.sharding`); a batch the mesh does not divide runs unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or arrays[0].shape[0] % mesh.size:
+        return run(*arrays)
     spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
     # check_vma off: pallas_call declares its outputs without a varying-axes type.
-    sharded = jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
-    return sharded(q, k, v)
+    specs = (spec,) * len(arrays)
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*arrays)
 
 
 def pallas_attention(
@@ -328,8 +336,6 @@ def _token_kernel_fits(qkv: jnp.ndarray, heads: int, windows: int, scale: float,
 
 
 def _sharded_tokens(qkv, *, heads, windows, scale, q_stride, interpret: bool) -> jnp.ndarray:
-    """The token kernel on each device's share of the batch (see `_sharded_pallas`)."""
-    mesh = jax.sharding.get_abstract_mesh()
     run = functools.partial(
         _token_attention,
         heads=heads,
@@ -338,10 +344,7 @@ def _sharded_tokens(qkv, *, heads, windows, scale, q_stride, interpret: bool) ->
         q_stride=q_stride,
         interpret=interpret,
     )
-    if mesh.empty or mesh.size == 1 or qkv.shape[0] % mesh.size:
-        return run(qkv)
-    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    return jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(qkv)
+    return _per_device(run, qkv)
 
 
 class _Heads:
