@@ -194,8 +194,9 @@ def _row_key(line: str) -> tuple[str, ...]:
 
 
 def _kept_rows(old_block: str, new_table: str) -> list[str]:
-    """Rows of the table in BENCHMARKS.md that this run did not measure again, marked: their
-    roofline is from XLA's loop-once count (no HBM per image column, ceilings overstated)."""
+    """Rows of the table in BENCHMARKS.md that this run did not measure again, marked "(old)":
+    they show the program of their day (before the attention kernels and the TPU's unrolled
+    default; the oldest, with no HBM column, count a loop body's bytes once)."""
     measured = {_row_key(line) for line in new_table.splitlines()[2:]}
     kept = []
     for line in old_block.splitlines():
@@ -205,6 +206,9 @@ def _kept_rows(old_block: str, new_table: str) -> list[str]:
             continue
         if len(cells) == 15 and cells[8].endswith("(old)"):
             kept.append(line)  # kept and marked by an earlier write
+        elif len(cells) == 15:
+            cells[8] = f"{cells[8]} (old)" if cells[8] != "-" else "-"
+            kept.append("| " + " | ".join(cells) + " |")
         elif len(cells) == 14:  # the table before it had the HBM column
             cells[8] = f"{cells[8]} (old)" if cells[8] != "-" else "-"
             kept.append("| " + " | ".join(cells[:9] + ["-"] + cells[9:]) + " |")
@@ -217,9 +221,10 @@ def write(effort) -> None:
     old_block = text.split(BEGIN, 1)[1].split(END, 1)[0] if BEGIN in text else ""
     kept = _kept_rows(old_block, new_table)
     note = (
-        f"\n\nRows marked (old) were not measured again since the fit check counts every loop "
-        f"trip's bytes: their step bound and MFU ceiling come from XLA's loop-once count and "
-        f"overstate the ceiling ({len(kept)} rows)."
+        f"\n\nRows marked (old) were not measured again after the step's program last changed "
+        f"(the attention kernels and the TPU's unrolled default, 2026-12-02): they show the "
+        f"program of their day (blocks scanned, no kernels), which moved more bytes, so their "
+        f"MFU ceilings read low and most of their peaks high ({len(kept)} rows)."
         if kept
         else ""
     )
