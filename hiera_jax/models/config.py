@@ -148,8 +148,8 @@ class HieraConfig:
     # Execution switches: they change speed and memory, never the parameters.
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     remat: bool = False  # rematerialise each block in the backward pass
-    # Each run of identical blocks as one lax.scan (compiled once). None = on, except when
-    # tracing for a GPU, where the unrolled blocks ran 25% faster (BENCHMARKS.md).
+    # Each run of identical blocks as one lax.scan (compiled once). None = on when tracing for a
+    # CPU only: unrolled, GPU steps ran faster and TPU steps move fewer bytes (scan.auto_scan).
     scan_blocks: bool | None = None
     # Softmax attention: "auto" = a Pallas kernel on TPU (no [n_q, n_k] block reaches HBM; windows
     # too large for VMEM excepted), XLA elsewhere; "xla" never; "pallas" everywhere
