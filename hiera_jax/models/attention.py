@@ -118,26 +118,37 @@ def _probabilities(q: jnp.ndarray, k: jnp.ndarray, scale: float):
     return p, p.sum(axis=-1, keepdims=True)
 
 
+def _one_window(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """softmax(q kᵀ · scale) v of one window and head, f32: [n_q, d]."""
+    p, total = _probabilities(q, k, scale)
+    return _dot(p.astype(v.dtype), v, ((1,), (0,))) / total
+
+
+def _one_window_grads(q, k, v, do, scale: float):
+    """(dq, dk, dv) of `_one_window`, f32, from q, k, v and the output's gradient alone."""
+    p, total = _probabilities(q, k, scale)
+    p = p / total
+    dp = _dot(do, v, ((1,), (1,)))  # [n_q, n_k]
+    # Softmax's backward; Σ_k p·dp equals rowsum(do · o), so the output need not be saved.
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+    dq = _dot(ds.astype(k.dtype), k, ((1,), (0,))) * scale
+    dk = _dot(ds.astype(q.dtype), q, ((0,), (0,))) * scale
+    dv = _dot(p.astype(do.dtype), do, ((0,), (0,)))  # pᵀ do
+    return dq, dk, dv
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, scale: float, windows: int) -> None:
     for i in range(windows):
-        v = v_ref[i]
-        p, total = _probabilities(q_ref[i], k_ref[i], scale)
-        o_ref[i] = (_dot(p.astype(v.dtype), v, ((1,), (0,))) / total).astype(o_ref.dtype)
+        o_ref[i] = _one_window(q_ref[i], k_ref[i], v_ref[i], scale).astype(o_ref.dtype)
 
 
 def _backward_kernel(
     q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, scale: float, windows: int
 ) -> None:
     for i in range(windows):
-        q, k, v, do = q_ref[i], k_ref[i], v_ref[i], do_ref[i]
-        p, total = _probabilities(q, k, scale)
-        p = p / total
-        dp = _dot(do, v, ((1,), (1,)))  # [n_q, n_k]
-        # Softmax's backward; Σ_k p·dp equals rowsum(do · o), so the output need not be saved.
-        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-        dv_ref[i] = _dot(p.astype(do.dtype), do, ((0,), (0,))).astype(dv_ref.dtype)  # pᵀ do
-        dq_ref[i] = (_dot(ds.astype(k.dtype), k, ((1,), (0,))) * scale).astype(dq_ref.dtype)
-        dk_ref[i] = (_dot(ds.astype(q.dtype), q, ((0,), (0,))) * scale).astype(dk_ref.dtype)
+        grads = _one_window_grads(q_ref[i], k_ref[i], v_ref[i], do_ref[i], scale)
+        for ref, grad in zip((dq_ref, dk_ref, dv_ref), grads):
+            ref[i] = grad.astype(ref.dtype)
 
 
 def _windows_per_step(count: int, n_q: int, n_k: int) -> int:
@@ -416,8 +427,7 @@ def _token_forward_kernel(qkv_ref, o_ref, *slots, heads, windows, q_stride, n_k,
         for h in range(heads):
             q, _ = _pooled_queries(qkv_in, h, window, n_q, q_stride, dtype)
             k, v = (qkv_in.read(i * heads + h, window, n_k, dtype) for i in (1, 2))
-            p, total = _probabilities(q, k, scale)
-            out.write(h, window, _dot(p.astype(dtype), v, ((1,), (0,))) / total)
+            out.write(h, window, _one_window(q, k, v, scale))
 
     _over_windows(windows, body)
     out.flush()
@@ -439,12 +449,7 @@ def _token_backward_kernel(
             q, chunks = _pooled_queries(qkv_in, h, window, n_q, q_stride, dtype)
             k, v = (qkv_in.read(i * heads + h, window, n_k, dtype) for i in (1, 2))
             do = do_in.read(h, window, n_q, dtype)
-            p, total = _probabilities(q, k, scale)
-            p = p / total
-            dp = _dot(do, v, ((1,), (1,)))
-            # Softmax's backward; Σ_k p·dp equals rowsum(do · o): the output need not be saved.
-            ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-            dq = _dot(ds.astype(dtype), k, ((1,), (0,))) * scale
+            dq, dk, dv = _one_window_grads(q, k, v, do, scale)
             if q_stride == 1:
                 dqkv.write(h, window, dq)
             else:  # the max's gradient, split evenly between tied chunks (as jax's max does)
@@ -452,8 +457,8 @@ def _token_backward_kernel(
                 share = dq / sum(hits)
                 for c, hit in enumerate(hits):
                     dqkv.write(h, window, share * hit, first=c * n_q)
-            dqkv.write(heads + h, window, _dot(ds.astype(dtype), q, ((0,), (0,))) * scale)
-            dqkv.write(2 * heads + h, window, _dot(p.astype(dtype), do, ((0,), (0,))))  # pᵀ do
+            dqkv.write(heads + h, window, dk)
+            dqkv.write(2 * heads + h, window, dv)
 
     _over_windows(windows, body)
     dqkv.flush()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hiera_jax.models.activations import ACTIVATIONS
+from hiera_jax.models.attention import KERNELS as ATTENTION_KERNELS
 
 Shape = tuple[int, ...]
 
@@ -225,9 +226,9 @@ class HieraConfig:
             )
         if self.block_rule not in BLOCK_RULES:
             raise ValueError(f"block_rule must be one of {BLOCK_RULES}, got {self.block_rule!r}")
-        if self.attention_kernel not in ("auto", "xla", "pallas"):
+        if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(
-                f"attention_kernel must be 'auto', 'xla' or 'pallas', got {self.attention_kernel!r}"
+                f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}"
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
