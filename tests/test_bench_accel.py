@@ -3,26 +3,14 @@
 import gzip
 import json
 import os
-import subprocess
 import sys
 
 import train_helpers as th
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    """A benchmark script as a user runs it (one CPU device), which must succeed."""
-    env = {**os.environ}
-    env.pop("XLA_FLAGS", None)
-    run = subprocess.run(
-        [sys.executable, *args], cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def test_bench_accel_smoke(tmp_path):
     out = tmp_path / "rows.json"
-    run = run_script("benchmarks/bench_accel.py", "--smoke", "--json", str(out))
+    run = th.run_benchmark("benchmarks/bench_accel.py", "--smoke", "--json", str(out))
     rows = json.load(open(out))["rows"]
     assert [r["case"] for r in rows] == ["inference", "finetune step", "MAE step"]
     for row in rows:
@@ -81,7 +69,7 @@ def test_profile_accel_sums_device_kernels_per_step_by_kind(tmp_path):
 
 def test_profile_accel_smoke():
     """The profiler script runs end to end on the CPU (whose trace has no device kernels)."""
-    run = run_script("benchmarks/profile_accel.py", "--smoke", "--scan", "on", "--steps", "1")
+    run = th.run_benchmark("benchmarks/profile_accel.py", "--smoke", "--scan", "on", "--steps", "1")
     report = json.loads(run.stdout[run.stdout.index("{") :])
     assert report["model"] == "hiera_tiny_224" and report["scan"] == "on"
     assert report["step_ms"] > 0 and report["kernel_ms"] == 0  # no accelerator here

@@ -4,7 +4,6 @@ on the CPU in its --smoke mode, so it is ready when a GPU is lent."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -25,17 +24,6 @@ MEASURED = {  # (case, implementation, mode) the smoke run times: eager only, no
 }
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    """The script as a user runs it (one CPU device: no XLA_FLAGS), which must succeed."""
-    env = {**os.environ}
-    env.pop("XLA_FLAGS", None)
-    run = subprocess.run(
-        [sys.executable, *args], cwd=th.REPO, capture_output=True, text=True, env=env, timeout=400
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def _digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -47,7 +35,9 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_vs_torch") / "rows.json"
     benchmarks_md = os.path.join(th.REPO, "BENCHMARKS.md")
     before = _digest(benchmarks_md)
-    run = run_script("benchmarks/bench_gpu_vs_torch.py", "--smoke", "--json", str(out))
+    run = th.run_benchmark(
+        "benchmarks/bench_gpu_vs_torch.py", "--smoke", "--json", str(out), timeout=400
+    )
     assert _digest(benchmarks_md) == before
     return json.load(open(out))["rows"], run.stdout
 

@@ -69,3 +69,18 @@ def cli_flags(values: dict) -> list[str]:
             value = "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
         out.append(f"--config.{key}={value}")
     return out
+
+
+def run_benchmark(*args: str, timeout: int = 600):
+    """A benchmarks/ script as a user runs it (one CPU device: no XLA_FLAGS), which must
+    succeed: its CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ}
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
