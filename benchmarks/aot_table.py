@@ -195,8 +195,8 @@ def _row_key(line: str) -> tuple[str, ...]:
 
 def _kept_rows(old_block: str, new_table: str) -> list[str]:
     """Rows of the table in BENCHMARKS.md that this run did not measure again, marked "(old)":
-    they show the program of their day (before the attention kernels and the TPU's unrolled
-    default; the oldest, with no HBM column, count a loop body's bytes once)."""
+    they show the program of their day (before the MLP kernel, or the attention kernels and
+    the TPU's unrolled default; the oldest, with no HBM column, count a loop body's bytes once)."""
     measured = {_row_key(line) for line in new_table.splitlines()[2:]}
     kept = []
     for line in old_block.splitlines():
@@ -222,9 +222,9 @@ def write(effort) -> None:
     kept = _kept_rows(old_block, new_table)
     note = (
         f"\n\nRows marked (old) were not measured again after the step's program last changed "
-        f"(the attention kernels and the TPU's unrolled default, 2026-12-02): they show the "
-        f"program of their day (blocks scanned, no kernels), which moved more bytes, so their "
-        f"MFU ceilings read low and most of their peaks high ({len(kept)} rows)."
+        f"(the MLP kernel, 2026-12-02): they show the program of their day (blocks scanned and "
+        f"no kernels, or the attention kernels without the MLP's), which moved more bytes, so "
+        f"their MFU ceilings read low and most of their peaks high ({len(kept)} rows)."
         if kept
         else ""
     )

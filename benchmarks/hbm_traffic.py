@@ -63,7 +63,14 @@ PARTS = [
     "optimizer update",
     "RNG and bookkeeping",
 ]
-BLOCK_PART = {"attn": "attention", "mlp": "MLP", "norm1": "norms", "norm2": "norms"}
+# "mlp_half": the TPU kernel of norm2, the MLP and its residual (hiera_jax.models.fused_mlp).
+BLOCK_PART = {
+    "attn": "attention",
+    "mlp": "MLP",
+    "mlp_half": "MLP",
+    "norm1": "norms",
+    "norm2": "norms",
+}
 BLOCK_PART.update({"DropPath_0": "drop path", "proj": "stage-change proj + pool"})
 
 

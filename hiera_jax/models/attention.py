@@ -21,7 +21,6 @@ tests), `"xla"` never uses them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -30,7 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-KERNELS = ("auto", "xla", "pallas")
+from hiera_jax.models import tpu
+from hiera_jax.models.tpu import KERNELS, compiling_for, vmem_capacity  # noqa: F401 (re-exported)
+
 # Bytes of f32 [n_q, n_k] blocks one grid step may hold: the backward keeps three per window
 # (probabilities, their gradient, and a temporary) beside q, k, v and their gradients. v5e's
 # default scoped VMEM limit is 16 MiB.
@@ -62,8 +63,7 @@ def window_attention(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, kernel: str = "auto"
 ) -> jnp.ndarray:
     """softmax(q kᵀ · scale) v per window and head; `kernel` as the module docstring says."""
-    if kernel not in KERNELS:
-        raise ValueError(f"attention_kernel must be one of {KERNELS}, got {kernel!r}")
+    tpu.check_kernel(kernel, "attention_kernel")
     if q.ndim != 5 or k.shape != v.shape or q.shape[:3] + q.shape[4:] != k.shape[:3] + k.shape[4:]:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} are not [B, w, h, n, d] windows")
     if kernel == "xla" or not kernel_fits(q.shape[3], k.shape[3]):
@@ -82,16 +82,9 @@ def _sharded_pallas(q, k, v, *, scale: float, interpret: bool) -> jnp.ndarray:
 
 
 def _per_device(run, *arrays: jnp.ndarray) -> jnp.ndarray:
-    """`run(*arrays)` on each device's share of the batch: XLA cannot partition a custom call,
-    so under a mesh a kernel runs inside `shard_map` with the batch split over every axis (the
-    layout of `hiera_jax.training.sharding`); a batch the mesh does not divide runs unsplit."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or arrays[0].shape[0] % mesh.size:
-        return run(*arrays)
-    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    # check_vma off: pallas_call declares its outputs without a varying-axes type.
-    specs = (spec,) * len(arrays)
-    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*arrays)
+    """`run(*arrays)` on each device's share of the batch (`tpu.per_device`)."""
+    split, _ = tpu.per_device(lambda *a: ((run(*a),), ()), arrays)
+    return split[0]
 
 
 def pallas_attention(
@@ -215,53 +208,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # so with windows each head's columns are first copied into their own f32 [N, 128] slot in VMEM
 # (VMEM traffic, not HBM).
 
-# VMEM per TensorCore by device kind (Pallas' own table); a program traced without a TPU in
-# sight and without `compiling_for` assumes the smallest (v4: 16 MiB).
-_CHIPS = {
-    "TPU v4": "v4",
-    "TPU v5 lite": "v5e",
-    "TPU v5e": "v5e",
-    "TPU v5": "v5p",
-    "TPU v5p": "v5p",
-    "TPU v6 lite": "v6e",
-    "TPU v6e": "v6e",
-    "TPU7x": "7x",
-}
-_SMALLEST_VMEM = 16 * 2**20
-_TARGET: list[str] = []
-
-
-@contextlib.contextmanager
-def compiling_for(device_kind: str):
-    """Trace for a TPU of `device_kind` (an ahead-of-time compile from another host): the
-    kernels size themselves to its VMEM. It acts on tracing, so wrap the first `lower` of a
-    jitted function: jit reuses a cached trace whatever the target."""
-    _TARGET.append(device_kind)
-    try:
-        yield
-    finally:
-        _TARGET.pop()
-
-
-def vmem_capacity() -> int:
-    """VMEM bytes per TensorCore of the TPU being traced for."""
-    if _TARGET:
-        kind = _TARGET[-1]
-    elif jax.default_backend() == "tpu":
-        kind = jax.devices()[0].device_kind
-    else:
-        return _SMALLEST_VMEM
-    version = _CHIPS.get(kind)
-    if version is None:
-        return _SMALLEST_VMEM
-    info = pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(version), 1)
-    return int(info.vmem_capacity_bytes)
-
-
-def _vmem_limit() -> int:
-    """The scoped VMEM a token kernel asks for: 3/4 of the core's, the rest left to XLA."""
-    return vmem_capacity() * 3 // 4
-
 
 def attention(
     qkv: jnp.ndarray,
@@ -278,8 +224,7 @@ def attention(
     `q_stride` > 1 max-pools each window's queries over its leading q_stride chunks.
     `return_probs` also returns the probabilities [B, w, h, n_q, n_k] (XLA's path).
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"attention_kernel must be one of {KERNELS}, got {kernel!r}")
+    tpu.check_kernel(kernel, "attention_kernel")
     batch, tokens, channels = qkv.shape
     if channels % (3 * heads) or tokens % (windows * q_stride):
         raise ValueError(
@@ -325,10 +270,6 @@ def transposed_attention(
     return (out, probs) if return_probs else out
 
 
-def _lanes(width: int) -> int:
-    return -(-width // 128) * 128
-
-
 def _token_kernel_fits(qkv: jnp.ndarray, heads: int, windows: int, scale: float, q_stride: int):
     """Whether the backward's VMEM (double-buffered blocks, f32 head slots, the [n_q, n_k]
     temporaries) fits in 4/5 of the kernel's VMEM limit; slots need d <= 128."""
@@ -338,11 +279,11 @@ def _token_kernel_fits(qkv: jnp.ndarray, heads: int, windows: int, scale: float,
     n_q = n_k // q_stride
     item = jnp.dtype(qkv.dtype).itemsize
     pooled = tokens // q_stride
-    blocks = 2 * (2 * tokens * _lanes(channels) + pooled * _lanes(channels // 3)) * item
+    blocks = 2 * (2 * tokens * tpu.lanes(channels) + pooled * tpu.lanes(channels // 3)) * item
     slotted = windows > 1 or q_stride > 1
     slots = heads * (6 * tokens + pooled) * 128 * 4 if slotted else 0
-    temporaries = 6 * _lanes(n_k) * max(n_q, 8) * 4
-    fits = blocks + slots + temporaries <= 0.8 * _vmem_limit()
+    temporaries = 6 * tpu.lanes(n_k) * max(n_q, 8) * 4
+    fits = blocks + slots + temporaries <= 0.8 * tpu.vmem_limit()
     return fits and kernel_fits(n_q, n_k) and (d <= 128 or not slotted)
 
 
@@ -483,7 +424,7 @@ def _token_call(kernel, inputs, out_shapes, heads: int, slotted: bool, flops: in
         out_shape=list(out_shapes),
         scratch_shapes=slots if slotted else [],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel",), vmem_limit_bytes=_vmem_limit()
+            dimension_semantics=("parallel",), vmem_limit_bytes=tpu.vmem_limit()
         ),
         # What the kernel does, so that XLA's cost analysis of the program still sees it.
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hiera_jax.models.activations import ACTIVATIONS
-from hiera_jax.models.attention import KERNELS as ATTENTION_KERNELS
+from hiera_jax.models.tpu import check_kernel
 
 Shape = tuple[int, ...]
 
@@ -156,6 +156,10 @@ class HieraConfig:
     # too large for VMEM excepted), XLA elsewhere; "xla" never; "pallas" everywhere
     # (interpreted off TPU). hiera_jax.models.attention.
     attention_kernel: str = "auto"
+    # The MLP: "auto" = one Pallas kernel on TPU (the [N, 4·C] hidden activation stays in VMEM;
+    # MLPs too wide for VMEM or too few tokens excepted), XLA elsewhere; "xla"; "pallas" as above.
+    # hiera_jax.models.fused_mlp.
+    mlp_kernel: str = "auto"
 
     def __init__(self, **kwargs: Any) -> None:
         values = _canonical_kwargs(kwargs)
@@ -226,10 +230,8 @@ class HieraConfig:
             )
         if self.block_rule not in BLOCK_RULES:
             raise ValueError(f"block_rule must be one of {BLOCK_RULES}, got {self.block_rule!r}")
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(
-                f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}"
-            )
+        for name in ("attention_kernel", "mlp_kernel"):
+            check_kernel(getattr(self, name), name)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.layer_norm_eps > 0:
@@ -739,7 +741,7 @@ _HF_FIELDS = frozenset(
     }
 )  # fmt: skip
 # Fields that change how a model computes, never its parameters.
-EXECUTION_FIELDS = ("dtype", "remat", "scan_blocks", "attention_kernel")
+EXECUTION_FIELDS = ("dtype", "remat", "scan_blocks", "attention_kernel", "mlp_kernel")
 _EXTRA_FIELDS = tuple(name for name in _FIELDS if name not in _HF_FIELDS)
 
 

@@ -248,6 +248,7 @@ class HieraEncoder(nn.Module):
                 init_std=cfg.initializer_range,
                 norm_scale_init=cfg.layer_norm_init,
                 attention_kernel=cfg.attention_kernel,
+                mlp_kernel=cfg.mlp_kernel,
                 name=f"blocks_{i}",
             )
 

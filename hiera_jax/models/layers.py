@@ -13,8 +13,9 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
-from hiera_jax.models.activations import ACTIVATIONS
+from hiera_jax.models import fused_mlp
 from hiera_jax.models.attention import attention
 from hiera_jax.models.matmul import Dense
 
@@ -75,12 +76,7 @@ class LayerNorm(nn.Module):
         channels = x.shape[-1]
         scale = self.param("scale", self.scale_init, (channels,))
         bias = self.param("bias", self.bias_init, (channels,))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(axis=-1, keepdims=True)
-        centred = x32 - mean
-        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale + bias).astype(self.dtype)
+        return fused_mlp.normalize(x, scale, bias, self.epsilon, self.dtype)
 
 
 def layer_norm(
@@ -201,8 +197,23 @@ class MaskUnitAttention(nn.Module):
         return out
 
 
+class DenseParams(nn.Module):
+    """`nn.Dense`'s parameters alone (same names, shapes, initialisers and init order, so the
+    same values), for layers whose matmul happens elsewhere (the fused MLP kernel)."""
+
+    features: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+        return kernel, self.param("bias", self.bias_init, (self.features,))
+
+
 class Mlp(nn.Module):
-    """fc1 -> activation (exact GELU in every official model) -> fc2 (timm `Mlp`, no dropout)."""
+    """fc1 -> activation (exact GELU in every official model) -> fc2 (timm `Mlp`, no dropout),
+    with `nn.Dense`'s parameters and arithmetic (`HieraBlock` may run it in a TPU kernel)."""
 
     hidden_dim: int
     mae_init: bool = False
@@ -220,8 +231,11 @@ class Mlp(nn.Module):
         fc2 = dense_inits(
             self.mae_init, self.weight_init, mlp=True, rescale=self.fc2_rescale, std=std
         )
-        x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **fc1)(x)
-        return Dense(dim, dtype=self.dtype, name="fc2", **fc2)(ACTIVATIONS[self.act](x))
+        w1, b1 = DenseParams(self.hidden_dim, name="fc1", **fc1)(dim)
+        w2, b2 = DenseParams(dim, name="fc2", **fc2)(self.hidden_dim)
+        # Promoted as nn.Dense promotes its input, kernel and bias.
+        x, w1, b1, w2, b2 = promote_dtype(x, w1, b1, w2, b2, dtype=self.dtype)
+        return fused_mlp.xla_mlp(x, w1, b1, w2, b2, self.act)
 
 
 class LayerScale(nn.Module):
@@ -258,18 +272,23 @@ class DropPath(nn.Module):
         self, x: jnp.ndarray, *, train: bool, scanned: tuple[jax.Array, ...] | None = None
     ) -> jnp.ndarray:
         """`scanned` = (key, keep_prob, keep_scale) replaces the rng and `rate` (scanned blocks)."""
+        keep, keep_scale = self.draw(x.shape, train=train, scanned=scanned)
+        return fused_mlp.drop_path(x, keep, keep_scale)
+
+    def draw(
+        self, shape: tuple[int, ...], *, train: bool, scanned: tuple[jax.Array, ...] | None = None
+    ) -> tuple[jax.Array | None, float | jax.Array]:
+        """(keep [B, 1, ...] bool or None = keep all, keep_scale) for a branch of `shape`."""
         if not train:
-            return x
+            return None, 1.0
         if scanned is None:
             if self.rate == 0.0:
-                return x
+                return None, 1.0
             key, keep_prob, keep_scale = self.make_rng("dropout"), 1.0 - self.rate, 1.0 - self.rate
         else:
             key, keep_prob, keep_scale = scanned
-            keep_scale = keep_scale.astype(x.dtype)
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep = jax.random.bernoulli(key, keep_prob, shape)
-        return jnp.where(keep, x / keep_scale, jnp.zeros_like(x))
+        keep = jax.random.bernoulli(key, keep_prob, (shape[0],) + (1,) * (len(shape) - 1))
+        return keep, keep_scale
 
     def draw_keys(self, count: int = 2) -> jax.Array:
         """[count] keys, the ones `count` calls in training would draw (see `DropPathKeys`)."""
@@ -313,6 +332,7 @@ class HieraBlock(nn.Module):
     init_std: float = INIT_STD  # initializer_range
     norm_scale_init: float = 1.0  # layer_norm_init
     attention_kernel: str = "auto"  # HieraConfig.attention_kernel
+    mlp_kernel: str = "auto"  # HieraConfig.mlp_kernel
 
     @nn.compact
     def __call__(
@@ -371,6 +391,8 @@ class HieraBlock(nn.Module):
         else:
             attn_out = attn(x_norm)
         x = x + drop_path_module(ls1(attn_out), train=train, scanned=drop_attn)
+        norm2 = layer_norm("norm2", zero_bias_norms, self.dtype, **norm_args)
+        keep, keep_scale = drop_path_module.draw(x.shape, train=train, scanned=drop_mlp)
         mlp = Mlp(
             int(self.dim_out * self.mlp_ratio),
             mae_init=self.mae_init,
@@ -381,11 +403,33 @@ class HieraBlock(nn.Module):
             init_std=self.init_std,
             name="mlp",
         )
-        y = mlp(layer_norm("norm2", zero_bias_norms, self.dtype, **norm_args)(x))
-        x = x + drop_path_module(ls2(y), train=train, scanned=drop_mlp)
+        if self.init_values is None and x.ndim == 3 and not self.is_initializing():
+            # norm2, the MLP and the residual in one (TPU) kernel: hiera_jax.models.fused_mlp.
+            with jax.named_scope("mlp_half"):  # op_name for profiles (benchmarks/hbm_traffic.py)
+                x = fused_mlp.mlp_half(
+                    x,
+                    self._mlp_half_params(),
+                    self.norm_eps,
+                    keep,
+                    keep_scale,
+                    act=self.hidden_act,
+                    kernel=self.mlp_kernel,
+                )
+        else:
+            x = x + fused_mlp.drop_path(ls2(mlp(norm2(x))), keep, keep_scale)
         if return_attention:
             return x, attn_probs
         return x
+
+    def _mlp_half_params(self) -> fused_mlp.MlpHalf:
+        """norm2's and the MLP's parameters, as `norm2` and `mlp` would use them (init creates
+        them through those modules)."""
+        params = self.variables["params"]
+        norm, fc1, fc2 = params["norm2"], params["mlp"]["fc1"], params["mlp"]["fc2"]
+        dense = promote_dtype(
+            fc1["kernel"], fc1["bias"], fc2["kernel"], fc2["bias"], dtype=self.dtype
+        )
+        return fused_mlp.MlpHalf(norm["scale"], norm["bias"], *dense)
 
 
 def _identity(x: jnp.ndarray) -> jnp.ndarray:

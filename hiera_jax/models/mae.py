@@ -189,6 +189,7 @@ class HieraForPreTraining(HieraEncoder):
             init_std=cfg.initializer_range,
             norm_scale_init=cfg.layer_norm_init,
             attention_kernel=cfg.attention_kernel,
+            mlp_kernel=cfg.mlp_kernel,
         )
         names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_depth)]
         if use_scan(cfg) and not self.is_initializing() and len(names) >= 2:

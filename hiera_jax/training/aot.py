@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hiera_jax.models import attention
+from hiera_jax.models import tpu
 from hiera_jax.models.scan import auto_scan, use_scan
 from hiera_jax.training import chips, hlo_cost, sharding
 from hiera_jax.training import flops as flops_lib
@@ -235,8 +235,8 @@ def fit_check(
     }
     options = None if effort is None else {"exec_time_optimization_effort": float(effort)}
     t0 = time.time()
-    # The attention kernels size their VMEM to the chip compiled for (hiera_jax.models.attention).
-    with jax.set_mesh(mesh), attention.compiling_for(kind):
+    # The Pallas kernels size their VMEM to the chip compiled for (hiera_jax.models.tpu).
+    with jax.set_mesh(mesh), tpu.compiling_for(kind):
         lowered = setup.jit_train_step().lower(*train_args)
         try:
             compiled = lowered.compile(options)

@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = frozenset(
         "remat",
         "scan_blocks",
         "attention_kernel",
+        "mlp_kernel",
         "drop_path_rate",
         "head_dropout",
         "mask_ratio",
