@@ -195,7 +195,7 @@ def test_megacore_chips_keep_one_partial_sum_per_core():
     hlo = {}
     for topology in ("v5e:2x2", "v4:2x2x1"):
         device = aot.topology_devices(topology)[0]
-        shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), args)
+        shardings = jax.tree.map(lambda _, device=device: SingleDeviceSharding(device), args)
         hlo[topology] = _tpu_compile(_step(), args, shardings, device.device_kind)
     # The backward's dw1 partial sums: [cores, C, H] in f32.
     assert "f32[1,96,384]" in hlo["v5e:2x2"] and "f32[2,96,384]" not in hlo["v5e:2x2"]
