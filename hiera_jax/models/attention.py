@@ -96,17 +96,9 @@ def pallas_attention(
     return _attention(*flat, scale, interpret).reshape(shape)
 
 
-def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple) -> jnp.ndarray:
-    """2-D dot with f32 accumulation (float32 inputs at full precision)."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(
-        a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
-
-
 def _probabilities(q: jnp.ndarray, k: jnp.ndarray, scale: float):
     """Unnormalised exp(s - max s) of one window, and its row sums: [n_q, n_k], [n_q, 1]."""
-    s = _dot(q, k, ((1,), (1,))) * scale
+    s = tpu.dot(q, k, ((1,), (1,))) * scale
     p = jnp.exp(s - s.max(axis=-1, keepdims=True))
     return p, p.sum(axis=-1, keepdims=True)
 
@@ -114,19 +106,19 @@ def _probabilities(q: jnp.ndarray, k: jnp.ndarray, scale: float):
 def _one_window(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
     """softmax(q kᵀ · scale) v of one window and head, f32: [n_q, d]."""
     p, total = _probabilities(q, k, scale)
-    return _dot(p.astype(v.dtype), v, ((1,), (0,))) / total
+    return tpu.dot(p.astype(v.dtype), v, ((1,), (0,))) / total
 
 
 def _one_window_grads(q, k, v, do, scale: float):
     """(dq, dk, dv) of `_one_window`, f32, from q, k, v and the output's gradient alone."""
     p, total = _probabilities(q, k, scale)
     p = p / total
-    dp = _dot(do, v, ((1,), (1,)))  # [n_q, n_k]
+    dp = tpu.dot(do, v, ((1,), (1,)))  # [n_q, n_k]
     # Softmax's backward; Σ_k p·dp equals rowsum(do · o), so the output need not be saved.
     ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-    dq = _dot(ds.astype(k.dtype), k, ((1,), (0,))) * scale
-    dk = _dot(ds.astype(q.dtype), q, ((0,), (0,))) * scale
-    dv = _dot(p.astype(do.dtype), do, ((0,), (0,)))  # pᵀ do
+    dq = tpu.dot(ds.astype(k.dtype), k, ((1,), (0,))) * scale
+    dk = tpu.dot(ds.astype(q.dtype), q, ((0,), (0,))) * scale
+    dv = tpu.dot(p.astype(do.dtype), do, ((0,), (0,)))  # pᵀ do
     return dq, dk, dv
 
 

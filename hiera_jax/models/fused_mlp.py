@@ -49,12 +49,19 @@ class MlpHalf(NamedTuple):
     b2: jnp.ndarray
 
 
-def normalize(x, scale, bias, eps: float, dtype) -> jnp.ndarray:
-    """LayerNorm over the last axis, statistics and affine in f32 (two-pass variance)."""
+def _layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis in f32 (two-pass variance): (normalised, x̂, 1/σ); the
+    kernels keep x̂ and 1/σ for the backward."""
     x32 = x.astype(jnp.float32)
     centred = x32 - x32.mean(axis=-1, keepdims=True)
-    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return (centred * lax.rsqrt(var + eps) * scale + bias).astype(dtype)
+    rstd = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    return xhat * scale + bias, xhat, rstd
+
+
+def normalize(x, scale, bias, eps: float, dtype) -> jnp.ndarray:
+    """LayerNorm over the last axis, statistics and affine in f32, the result in `dtype`."""
+    return _layer_norm(x, scale, bias, eps)[0].astype(dtype)
 
 
 def xla_mlp(x, w1, b1, w2, b2, act: str = "gelu") -> jnp.ndarray:
@@ -154,34 +161,17 @@ def kernel_fits(x, w1) -> bool:
     return batch * x.shape[1] >= x.shape[2] and vmem <= 0.8 * tpu.vmem_limit()
 
 
-def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple) -> jnp.ndarray:
-    """2-D dot with f32 accumulation (float32 inputs at full precision)."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(
-        a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
-
-
 def _gelu(x: jnp.ndarray) -> jnp.ndarray:
     return ACTIVATIONS["gelu"](x)
-
-
-def _norm(x, scale_ref, bias_ref, eps: float):
-    """One image tile's LayerNorm in f32: (normalised, x̂, 1/σ)."""
-    x32 = x.astype(jnp.float32)
-    centred = x32 - x32.mean(axis=-1, keepdims=True)
-    rstd = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    xhat = centred * rstd
-    return xhat * scale_ref[...] + bias_ref[...], xhat, rstd
 
 
 def _forward_kernel(x_ref, f_ref, g_ref, be_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *, eps):
     w1, w2 = w1_ref[...], w2_ref[...]
     for i in range(x_ref.shape[0]):  # the step's images
         x = x_ref[i]
-        xn = _norm(x, g_ref, be_ref, eps)[0].astype(w1.dtype)
-        h = _gelu(_dot(xn, w1, ((1,), (0,))) + b1_ref[...].astype(jnp.float32))
-        y = _dot(h.astype(w2.dtype), w2, ((1,), (0,))) + b2_ref[...].astype(jnp.float32)
+        xn = normalize(x, g_ref[...], be_ref[...], eps, w1.dtype)
+        h = _gelu(tpu.dot(xn, w1, ((1,), (0,))) + b1_ref[...].astype(jnp.float32))
+        y = tpu.dot(h.astype(w2.dtype), w2, ((1,), (0,))) + b2_ref[...].astype(jnp.float32)
         o_ref[i] = (x.astype(jnp.float32) + f_ref[i] * y).astype(o_ref.dtype)
 
 
@@ -202,14 +192,16 @@ def _backward_kernel(
     dtype = w1.dtype
     for i in range(x_ref.shape[0]):
         x, dout = x_ref[i], do_ref[i].astype(jnp.float32)
-        xn32, xhat, rstd = _norm(x, g_ref, be_ref, eps)  # the forward again, to fc1
+        xn32, xhat, rstd = _layer_norm(x, g_ref[...], be_ref[...], eps)  # the forward, again
         xn = xn32.astype(dtype)
-        h, gelu_vjp = jax.vjp(_gelu, _dot(xn, w1, ((1,), (0,))) + b1_ref[...].astype(jnp.float32))
+        h, gelu_vjp = jax.vjp(
+            _gelu, tpu.dot(xn, w1, ((1,), (0,))) + b1_ref[...].astype(jnp.float32)
+        )
         dy32 = dout * f_ref[i]  # through the drop path
         dy = dy32.astype(dtype)
-        (dpre32,) = gelu_vjp(_dot(dy, w2, ((1,), (1,))))  # dy w2ᵀ through the activation
+        (dpre32,) = gelu_vjp(tpu.dot(dy, w2, ((1,), (1,))))  # dy w2ᵀ through the activation
         dpre = dpre32.astype(dtype)
-        dxn = _dot(dpre, w1, ((1,), (1,)))  # dpre w1ᵀ: [rows, C]
+        dxn = tpu.dot(dpre, w1, ((1,), (1,)))  # dpre w1ᵀ: [rows, C]
         # LayerNorm's backward: d x̂ = dxn·γ, dx = (d x̂ - mean(d x̂) - x̂·mean(d x̂·x̂)) / σ.
         dxhat = dxn * g_ref[...]
         mean_d = dxhat.mean(axis=-1, keepdims=True)
@@ -218,9 +210,9 @@ def _backward_kernel(
         dx_ref[i] = dx.astype(dx_ref.dtype)
         dg_ref[0] += (dxn * xhat).sum(axis=0, keepdims=True)
         dbe_ref[0] += dxn.sum(axis=0, keepdims=True)
-        dw1_ref[0] += _dot(xn, dpre, ((0,), (0,)))  # xnᵀ dpre
+        dw1_ref[0] += tpu.dot(xn, dpre, ((0,), (0,)))  # xnᵀ dpre
         db1_ref[0] += dpre32.sum(axis=0, keepdims=True)
-        dw2_ref[0] += _dot(h.astype(dtype), dy, ((0,), (0,)))  # hᵀ dy
+        dw2_ref[0] += tpu.dot(h.astype(dtype), dy, ((0,), (0,)))  # hᵀ dy
         db2_ref[0] += dy32.sum(axis=0, keepdims=True)
 
 

@@ -86,6 +86,14 @@ def lanes(width: int) -> int:
     return -(-width // 128) * 128
 
 
+def dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple) -> jnp.ndarray:
+    """A kernel's 2-D dot with f32 accumulation (float32 inputs at full precision)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(
+        a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
 def batch_spec() -> jax.sharding.PartitionSpec | None:
     """The batch split over every mesh axis (`hiera_jax.training.sharding`), or None without
     a mesh of several devices."""
