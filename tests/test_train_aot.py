@@ -17,6 +17,7 @@ th.force_cpu_devices()
 
 import jax  # noqa: E402
 
+from hiera_jax.models import tpu  # noqa: E402
 from hiera_jax.models.config import HieraConfig  # noqa: E402
 from hiera_jax.training import aot, flops, sharding  # noqa: E402
 from hiera_jax.training.setup import build_setup, model_flops_per_step  # noqa: E402
@@ -54,6 +55,20 @@ def cpu_flops(values: dict) -> float:
         return model_flops_per_step(setup, setup.abstract_train_args())
 
 
+def mlp_recompute_flops(batch: int) -> float:
+    """fc1's FLOPs in every block of the digits MAE, worked out from its architecture: the MLP
+    kernel's backward on a TPU computes fc1 again, a CPU lowering never does. 32x32 pixels in
+    4x4 patches are 8x8 tokens in 16 mask units of 2x2, of which int(16 x 0.4) = 6 are seen:
+    stage 1 has 24 tokens of width 64, stage 2 6 of width 128 (its first block's MLP is at the
+    new width), the decoder 16 (4x4 final tokens) of width 64; fc1 is [C, 4C], 2·N·C·4C each."""
+
+    def fc1(tokens, width):
+        return 2 * tokens * width * 4 * width
+
+    per_image = 2 * fc1(24, 64) + 2 * fc1(6, 128) + 2 * fc1(16, 64)
+    return float(batch * per_image)
+
+
 @pytest.mark.parametrize("slices", [1, 2])
 def test_aot_fit_check_reports_a_step_that_fits(tmp_path, slices):
     run = cli(tmp_path, "--aot", "v5e:2x2", f"--aot_slices={slices}", batch_size=256)
@@ -76,10 +91,13 @@ def test_aot_fit_check_reports_a_step_that_fits(tmp_path, slices):
     # The gradients are summed over the data axis: at least one all-reduce, of real bytes.
     assert report["collectives"]["all-reduce"]["count"] >= 1
     assert report["collectives"]["all-reduce"]["bytes"] > 0
-    # FLOPs: the TPU program's count (per device x devices) within 2% of the CPU count.
+    # FLOPs: the TPU program's count (per device x devices) within 2% of the CPU count plus
+    # what the Pallas kernels' backwards recompute (the CPU program has no kernels).
     reference = cpu_flops({"batch_size": 256})
+    recompute = report["flops"]["kernel_recompute_per_step"]
+    assert recompute > mlp_recompute_flops(256)  # fc1, and some attention logits
     compiled = report["flops"]["compiled_per_step"]
-    assert abs(compiled - reference) / reference < 0.02, (compiled, reference)
+    assert abs(compiled - reference - recompute) / reference < 0.02, (compiled, reference)
     assert abs(report["flops"]["model_per_step"] - reference) / reference < 1e-6
     assert report["flops"]["model_per_example"] == pytest.approx(reference / 256)
     roof = report["roofline"]
@@ -120,7 +138,8 @@ def test_aot_bad_topology_is_one_line(tmp_path, topology, message):
 
 def test_flop_count_on_tpu_devices():
     """`Lowered.cost_analysis` is None on TPU; the MFU count comes from the same step lowered for
-    the CPU, and the compiled TPU program's own count (the last fallback) agrees within 2%."""
+    the CPU, and the compiled TPU program's own count (the last fallback) agrees within 2% once
+    the kernels' recompute is added."""
     devices = aot.topology_devices("v5e:2x2")
     config = th.make_config("mae", {**SCAN_OFF, "batch_size": 256})
     mesh = sharding.create_mesh((-1, 1), devices)
@@ -136,7 +155,34 @@ def test_flop_count_on_tpu_devices():
         )
     reference = cpu_flops({"batch_size": 256})
     assert count is not None and abs(count - reference) / reference < 0.02, (count, reference)
-    assert compiled is not None and abs(compiled - reference) / reference < 0.02
+    with jax.set_mesh(mesh):
+        recompute = flops.kernel_recompute_flops(setup.unlooped_step_fn(), *train_args)
+    assert compiled is not None and abs(compiled - reference - recompute) / reference < 0.02
+
+
+@pytest.mark.parametrize("mlp_kernel, attention_kernel", [("auto", "xla"), ("xla", "xla")])
+def test_kernel_recompute_count_is_what_the_kernels_compute_again(mlp_kernel, attention_kernel):
+    """Read off the step's jaxpr with a TPU's branches (no compile): with the MLP kernel alone,
+    exactly one fc1 per block, worked out from the architecture; with no kernel, nothing."""
+    devices = aot.topology_devices("v5e:2x2")
+    config = th.make_config(
+        "mae",
+        {
+            **SCAN_OFF,
+            "batch_size": 256,
+            "model.mlp_kernel": mlp_kernel,
+            "model.attention_kernel": attention_kernel,
+        },
+    )
+    mesh = sharding.create_mesh((-1, 1), devices)
+    setup = build_setup(config, mesh, 1000)
+    with jax.set_mesh(mesh), tpu.compiling_for("TPU v5 lite"):
+        step, args = setup.unlooped_step_fn(), setup.abstract_train_args()
+        recompute = flops.kernel_recompute_flops(step, *args)
+        model = flops.jaxpr_flops(step, *args)
+        on_tpu = flops.jaxpr_flops(step, *args, platform="tpu")
+    expected = mlp_recompute_flops(256) if mlp_kernel == "auto" else 0.0
+    assert recompute == expected and on_tpu == model + expected
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -150,10 +196,14 @@ def test_aot_scanned_blocks_count_every_loop_trip(remat):
     report = aot.fit_check(config, "v5e:2x2", config_name="digits_mae")
     assert report["fits"] is True and report["scan_blocks"] is True
     fl, roof = report["flops"], report["roofline"]
-    ratio = fl["executed_per_step"] / fl["model_per_step"]
+    # The Pallas kernels' backwards (at 16 images per device, stage 2's MLP takes XLA: 96 rows
+    # for width 128, `fused_mlp.kernel_fits`).
+    recompute = fl["kernel_recompute_per_step"]
+    assert 0 < recompute < mlp_recompute_flops(64)
+    ratio = (fl["executed_per_step"] - recompute) / fl["model_per_step"]
     if remat:  # the blocks' forward runs again in the backward
         assert 1.1 < ratio < 1.5, ratio
-    else:  # nothing is recomputed: the same program as the model count's
+    else:  # nothing else is recomputed: the same program as the model count's
         assert abs(ratio - 1) < 1e-6, ratio
     assert fl["compiled_per_step"] < fl["executed_per_step"]  # the body counted once
     floor = fl["executed_per_step"] / report["devices"] / roof["peak_bf16_flops_per_device"]
@@ -173,7 +223,11 @@ def test_aot_scanned_blocks_count_every_loop_trip(remat):
         reference = plain["xla_bytes_accessed_per_device"]
         assert plain["bytes_accessed_per_device"] == reference  # no loop: XLA's figure
         assert abs(fl["bytes_accessed_per_device"] / reference - 1) < 0.1, (fl, reference)
-        assert fl["xla_bytes_accessed_per_device"] < 0.85 * reference
+        # XLA's own figure for the scanned program is further off, and short (13% below on
+        # v5e with the kernels: each loop body moves less, so less is missed).
+        xla = fl["xla_bytes_accessed_per_device"]
+        ours = fl["bytes_accessed_per_device"]
+        assert xla < 0.9 * reference and abs(xla / reference - 1) > abs(ours / reference - 1)
 
 
 def test_hbm_traffic_benchmark_attributes_the_bytes(tmp_path):

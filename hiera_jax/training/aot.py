@@ -287,6 +287,11 @@ def fit_check(
     looped = use_scan(mcfg) or setup.accum_steps > 1
     device_bytes = looped_bytes(hlo_text, xla_bytes) if looped else xla_bytes
     report["flops"]["compiled_per_step"] = device_flops * mesh.size  # with remat recompute
+    # The Pallas kernels' backwards recompute (fc1, attention logits): the compiled count has
+    # it, the CPU counts below do not (the CPU takes XLA's branch of their platform switch).
+    with jax.set_mesh(mesh), tpu.compiling_for(kind):
+        recompute = flops_lib.kernel_recompute_flops(setup.unlooped_step_fn(), *train_args)
+    report["flops"]["kernel_recompute_per_step"] = recompute
     report["flops"]["bytes_accessed_per_device"] = device_bytes
     report["flops"]["xla_bytes_accessed_per_device"] = xla_bytes  # loop bodies counted once
     if chip:
@@ -304,10 +309,12 @@ def fit_check(
                 if mcfg.remat
                 else model_flops
             )
+            executed = executed + recompute if executed else executed
             report["flops"]["executed_per_step"] = executed
             report["roofline_note"] = (
                 "loops (scanned blocks or grad_accum_steps) are counted once by XLA: compute "
-                "uses the FLOPs of the same step unlooped (remat recompute included) where "
+                "uses the FLOPs of the same step unlooped (remat's and the TPU kernels' "
+                "recompute included) where "
                 "they exceed the compiled count; HBM traffic is XLA's count with each loop "
                 "body scaled by its trip count, read from the optimized HLO"
             )
@@ -382,13 +389,15 @@ def format_report(r: dict[str, Any]) -> str:
         if fl.get("executed_per_step"):
             lines.append(
                 model + f"executed {fl['executed_per_step'] / 1e12:.3g} TFLOP/step (the step "
-                "with its loops opened, remat recompute included); the compiled program counts "
+                "with its loops opened, remat's and the kernels' recompute included); the "
+                "compiled program counts "
                 f"{fl['compiled_per_step'] / 1e12:.3g} (each loop body once)"
             )
         else:
             lines.append(
-                model + f"as compiled {fl['compiled_per_step'] / 1e12:.3g} TFLOP/step (with remat "
-                "recompute and the work every device repeats)"
+                model
+                + f"as compiled {fl['compiled_per_step'] / 1e12:.3g} TFLOP/step (with remat's "
+                "and the kernels' recompute and the work every device repeats)"
             )
     roof = r.get("roofline")
     if roof:

@@ -97,30 +97,52 @@ def model_flops(fn, *args, here: bool = True) -> float | None:
     return count
 
 
-def jaxpr_flops(fn, *args, **kwargs) -> float:
+def jaxpr_flops(fn, *args, platform: str | None = None, **kwargs) -> float:
     """Matmul and convolution FLOPs of `fn(*args)` read off its jaxpr: no backend involved.
 
     The fallback where no XLA count of the same program exists (jax 0.11.2 on a GPU gave none for
     a lowered program, and a compiled count that left out the cuBLAS GEMMs). Counts 2·M·N·K per
     `dot_general` and per convolution output (padding taps too), loop bodies times their trip
-    count (`scan`), the largest branch of a `cond` (the least of a platform switch's), a Pallas
-    kernel's cost estimate (else its body times its grid); elementwise work is left out, so it reads a
-    few percent below XLA's count of the same step (tested on CPU; the base finetune step at
+    count (`scan`), a `shard_map` body times its devices, the largest branch of a `cond` (of a
+    platform switch's, the least, or with `platform` the one that platform runs: a TPU kernel's
+    recompute included), a Pallas kernel's cost estimate (else its body times its grid);
+    elementwise work is left out, so it reads a few percent below XLA's count of the same step (tested on CPU; the base finetune step at
     batch 256: 14.38 TFLOP here, 14.48 by XLA).
     """
     closed = jax.make_jaxpr(fn)(*args, **kwargs)
-    return float(_jaxpr_flops(closed.jaxpr))
+    return float(_jaxpr_flops(closed.jaxpr, platform))
 
 
-def _jaxpr_flops(jaxpr) -> float:
+def kernel_recompute_flops(fn, *args, platform: str = "tpu", **kwargs) -> float:
+    """What `platform`'s branches of `fn`'s platform switches compute beyond the least branch:
+    the Pallas kernels' backward recompute (fc1, attention logits), which a count lowered for
+    the CPU does not see. Trace under `tpu.compiling_for` to choose the kernels that chip gets."""
+    jaxpr = jax.make_jaxpr(fn)(*args, **kwargs).jaxpr
+    return float(_jaxpr_flops(jaxpr, platform) - _jaxpr_flops(jaxpr, None))
+
+
+def _platform_branch(eqn, platform: str) -> int:
+    """The branch of `platform_index`'s switch that a lowering for `platform` takes: its
+    `platforms` name each branch's platforms, None for the default."""
+    platforms = eqn.params["platforms"]
+    for i, names in enumerate(platforms):
+        if names is not None and platform in names:
+            return i
+    if None not in platforms:
+        raise ValueError(f"the platform switch has no branch for {platform!r}: {platforms}")
+    return platforms.index(None)
+
+
+def _jaxpr_flops(jaxpr, platform: str | None = None) -> float:
     import math
 
     total = 0.0
-    platform_indices = set()  # outputs of lax.platform_dependent's platform_index
+    platform_indices = {}  # outputs of lax.platform_dependent's platform_index: their branch
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "platform_index":
-            platform_indices.update(id(v) for v in eqn.outvars)
+            branch = _platform_branch(eqn, platform) if platform else None
+            platform_indices.update((id(v), branch) for v in eqn.outvars)
         elif name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
@@ -133,13 +155,24 @@ def _jaxpr_flops(jaxpr) -> float:
             out_features = rhs[dn.rhs_spec[0]]
             total += 2.0 * math.prod(out) * math.prod(rhs) / out_features
         elif name == "scan":
-            total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr, platform)
         elif name == "cond":
-            branches = [_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]]
+            branches = [_jaxpr_flops(b.jaxpr, platform) for b in eqn.params["branches"]]
             # A platform switch computes one function per platform; a branch above the least
-            # recomputes (hiera_jax.models.attention's kernels): model FLOPs are the least.
-            pick = min if id(eqn.invars[0]) in platform_indices else max
-            total += pick(branches)
+            # recomputes (the attention and MLP kernels): model FLOPs are the least.
+            switch = id(eqn.invars[0])
+            if switch not in platform_indices:
+                total += max(branches)
+            elif platform_indices[switch] is None:
+                total += min(branches)
+            else:
+                total += branches[platform_indices[switch]]
+        elif name == "shard_map":
+            # Its body is one device's share: the count is global, so every device's share.
+            shape = dict(eqn.params["mesh"].shape)
+            manual = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", shape))
+            devices = math.prod(shape[a] for a in manual)
+            total += devices * _jaxpr_flops(eqn.params["jaxpr"], platform)
         elif name == "pallas_call":
             # A kernel's body runs once per grid step; its cost estimate says what it does.
             estimate = eqn.params.get("cost_estimate")
@@ -147,11 +180,11 @@ def _jaxpr_flops(jaxpr) -> float:
                 total += float(estimate.flops)
             else:
                 grid = eqn.params["grid_mapping"].grid
-                total += math.prod(grid) * _jaxpr_flops(eqn.params["jaxpr"])
+                total += math.prod(grid) * _jaxpr_flops(eqn.params["jaxpr"], platform)
         else:
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
                     inner = getattr(sub, "jaxpr", sub)
                     if hasattr(inner, "eqns"):
-                        total += _jaxpr_flops(inner)
+                        total += _jaxpr_flops(inner, platform)
     return total
