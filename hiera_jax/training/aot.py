@@ -286,7 +286,8 @@ def fit_check(
     hlo_text = compiled.as_text() or ""
     looped = use_scan(mcfg) or setup.accum_steps > 1
     device_bytes = looped_bytes(hlo_text, xla_bytes) if looped else xla_bytes
-    report["flops"]["compiled_per_step"] = device_flops * mesh.size  # with remat recompute
+    # With remat's recompute and the kernels'.
+    report["flops"]["compiled_per_step"] = device_flops * mesh.size
     # The Pallas kernels' backwards recompute (fc1, attention logits): the compiled count has
     # it, the CPU counts below do not (the CPU takes XLA's branch of their platform switch).
     with jax.set_mesh(mesh), tpu.compiling_for(kind):
@@ -309,7 +310,8 @@ def fit_check(
                 if mcfg.remat
                 else model_flops
             )
-            executed = executed + recompute if executed else executed
+            if executed:
+                executed += recompute
             report["flops"]["executed_per_step"] = executed
             report["roofline_note"] = (
                 "loops (scanned blocks or grad_accum_steps) are counted once by XLA: compute "
