@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_helpers as th
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from reference import rel_err
@@ -138,7 +139,7 @@ def test_kernels_size_themselves_to_the_chip_compiled_for():
             capacity = attention.vmem_capacity()
         assert capacity == {"v5e:2x2": 128, "v4:2x2x1": 16}[topology] * 2**20
         sharding = (SingleDeviceSharding(device),) * 2
-        programs[topology] = _tpu_compile(step, [x, weight], sharding, device.device_kind)
+        programs[topology] = th.tpu_compile(step, [x, weight], sharding, device.device_kind)
     for topology, hlo in programs.items():
         assert hlo.count("tpu_custom_call") == 2, topology
     # The token kernel takes the projection's [B, N, 3·C]; the window kernel [B·w·h, n, d].
@@ -187,18 +188,6 @@ def test_bad_kernel_names_and_shapes_raise():
         hiera_jax.HieraConfig(attention_kernel="cudnn")
 
 
-def _tpu_compile(fn, args, shardings, device_kind="TPU v5 lite"):
-    """`fn` traced and compiled for a TPU of `device_kind` (the kernels size themselves to
-    its VMEM: `compiling_for`). A new jit each call: jit's trace cache ignores the target."""
-    with attention.compiling_for(device_kind):
-        return (
-            jax.jit(lambda *a: fn(*a), in_shardings=shardings, out_shardings=shardings[0])
-            .lower(*args)
-            .compile({"exec_time_optimization_effort": -1.0})
-            .as_text()
-        )
-
-
 def _grads(fn):
     def step(*args):
         def loss(*a):
@@ -217,7 +206,7 @@ def test_tpu_programs_take_the_kernel_and_cpu_programs_do_not(windows):
     weight = jax.ShapeDtypeStruct((96, 3 * 96), jnp.bfloat16)
     step = _grads(lambda x, w: attention.attention(x @ w, 1, windows, 0.1))
     device = SingleDeviceSharding(aot.topology_devices("v5e:2x2")[0])
-    tpu = _tpu_compile(step, [x, weight], (device,) * 2)
+    tpu = th.tpu_compile(step, [x, weight], (device,) * 2)
     assert tpu.count('custom_call_target="tpu_custom_call"') == 2  # forward and backward
     # Straight from the projection's layout: no relayout of qkv or of the output around it.
     assert [a.opcode for a in hlo_cost.accesses(tpu) if a.opcode in ("copy", "transpose")] == []
@@ -230,7 +219,7 @@ def test_windows_too_large_for_vmem_take_xla_on_tpu_too():
     big = [jax.ShapeDtypeStruct((1, 1, 1, 1024, 64), jnp.bfloat16)] * 3
     device = SingleDeviceSharding(aot.topology_devices("v5e:2x2")[0])
     step = _grads(lambda q, k, v: attention.window_attention(q, k, v, 0.1))
-    assert "tpu_custom_call" not in _tpu_compile(step, big, (device,) * 3)
+    assert "tpu_custom_call" not in th.tpu_compile(step, big, (device,) * 3)
 
 
 def test_kernel_moves_fewer_bytes_than_xla_on_tpu():
@@ -244,7 +233,7 @@ def test_kernel_moves_fewer_bytes_than_xla_on_tpu():
         step = _grads(
             lambda x, w, kernel=kernel: attention.attention(x @ w, 4, 1, 0.1, kernel=kernel)
         )
-        bytes_of[kernel] = hlo_cost.bytes_accessed(_tpu_compile(step, [x, weight], (device,) * 2))
+        bytes_of[kernel] = hlo_cost.bytes_accessed(th.tpu_compile(step, [x, weight], (device,) * 2))
     assert bytes_of["auto"] < 0.4 * bytes_of["xla"], bytes_of
 
 
@@ -269,7 +258,7 @@ def test_the_kernel_runs_per_device_under_a_mesh(entry):
             return attention.attention(qkv, 4, 1, 0.1)
 
     with jax.set_mesh(mesh):
-        hlo = _tpu_compile(forward, args, (batch,) * len(args))
+        hlo = th.tpu_compile(forward, args, (batch,) * len(args), out_shardings=batch)
     call = next(line for line in hlo.splitlines() if "tpu_custom_call" in line)
     assert per_device in call.split("custom-call(")[0]
     assert "all-gather" not in hlo

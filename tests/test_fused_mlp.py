@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import train_helpers as th
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from reference import rel_err
 
 import hiera_jax
-from hiera_jax.models import fused_mlp, tpu
+from hiera_jax.models import fused_mlp
 from hiera_jax.training import aot, flops, hlo_cost
 
 EPS = 1e-6
@@ -134,18 +135,6 @@ def test_bad_kernel_names_and_shapes_raise():
         hiera_jax.HieraConfig(mlp_kernel="cudnn")
 
 
-def _tpu_compile(fn, args, shardings, device_kind="TPU v5 lite"):
-    """`fn` compiled for a TPU of `device_kind`; a new jit each call (jit's trace cache
-    ignores the target)."""
-    with tpu.compiling_for(device_kind):
-        return (
-            jax.jit(lambda *a: fn(*a), in_shardings=shardings)
-            .lower(*args)
-            .compile({"exec_time_optimization_effort": -1.0})
-            .as_text()
-        )
-
-
 def _step(kernel="auto"):
     """Gradients of a loss over one MLP half, as a train step takes them."""
 
@@ -169,7 +158,7 @@ def test_tpu_programs_take_the_kernel_and_move_fewer_bytes_cpu_programs_do_not()
     args = _abstract((16, 196, 384), 1536)
     device = SingleDeviceSharding(aot.topology_devices("v5e:2x2")[0])
     shardings = jax.tree.map(lambda _: device, args)
-    programs = {k: _tpu_compile(_step(k), args, shardings) for k in ("auto", "xla")}
+    programs = {k: th.tpu_compile(_step(k), args, shardings) for k in ("auto", "xla")}
     assert programs["auto"].count('custom_call_target="tpu_custom_call"') == 2
     assert "tpu_custom_call" not in programs["xla"]
     nbytes = {k: hlo_cost.bytes_accessed(hlo) for k, hlo in programs.items()}
@@ -187,7 +176,7 @@ def test_mlps_that_do_not_pay_or_fit_take_xla_on_tpu_too(shape, hidden, topology
     args = _abstract(shape, hidden)
     device = aot.topology_devices(topology)[0]
     shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), args)
-    assert "tpu_custom_call" not in _tpu_compile(_step(), args, shardings, device.device_kind)
+    assert "tpu_custom_call" not in th.tpu_compile(_step(), args, shardings, device.device_kind)
 
 
 def test_megacore_chips_keep_one_partial_sum_per_core():
@@ -196,7 +185,7 @@ def test_megacore_chips_keep_one_partial_sum_per_core():
     for topology in ("v5e:2x2", "v4:2x2x1"):
         device = aot.topology_devices(topology)[0]
         shardings = jax.tree.map(lambda _, device=device: SingleDeviceSharding(device), args)
-        hlo[topology] = _tpu_compile(_step(), args, shardings, device.device_kind)
+        hlo[topology] = th.tpu_compile(_step(), args, shardings, device.device_kind)
     # The backward's dw1 partial sums: [cores, C, H] in f32.
     assert "f32[1,96,384]" in hlo["v5e:2x2"] and "f32[2,96,384]" not in hlo["v5e:2x2"]
     assert "f32[2,96,384]" in hlo["v4:2x2x1"]
@@ -211,7 +200,7 @@ def test_the_kernel_runs_per_device_under_a_mesh_and_sums_weight_gradients():
         jax.tree.map(lambda _: NamedSharding(mesh, P()), p),
     )
     with jax.set_mesh(mesh):
-        hlo = _tpu_compile(_step(), (x, p), shardings)
+        hlo = th.tpu_compile(_step(), (x, p), shardings)
     calls = [line for line in hlo.splitlines() if "tpu_custom_call" in line]
     assert len(calls) == 2 and all("bf16[8,196,384]" in c.split("custom-call(")[0] for c in calls)
     assert "all-reduce" in hlo  # the per-device weight gradients, summed

@@ -84,3 +84,20 @@ def run_benchmark(*args: str, timeout: int = 600):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+def tpu_compile(fn, args, shardings, device_kind="TPU v5 lite", out_shardings=None) -> str:
+    """`fn` traced and compiled for a TPU of `device_kind` (libtpu on this CPU), as optimized HLO
+    text. The Pallas kernels size themselves to that chip's VMEM (`tpu.compiling_for`), and a new
+    jit is made each call because jit's trace cache ignores the target."""
+    import jax
+
+    from hiera_jax.models import tpu
+
+    with tpu.compiling_for(device_kind):
+        return (
+            jax.jit(lambda *a: fn(*a), in_shardings=shardings, out_shardings=out_shardings)
+            .lower(*args)
+            .compile({"exec_time_optimization_effort": -1.0})
+            .as_text()
+        )
