@@ -4,6 +4,7 @@ Eight simulated CPU devices, so sharding tests see a small "pod"; this must happ
 imported anywhere, which is why it lives here.
 """
 
+import glob
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -29,13 +30,27 @@ def record_parity():
 
 
 def pytest_sessionfinish(session):
+    """Write the parity table. Under pytest-xdist each worker writes its rows to `path.<worker>`
+    and the controller, which finishes last, merges them into `path`."""
     path = os.environ.get("HIERA_PARITY_REPORT")
-    if not path or not _PARITY:
+    if not path:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        with open(f"{path}.{worker}", "w") as f:
+            f.writelines("\t".join(map(str, row)) + "\n" for row in _PARITY)
+        return
+    rows = list(_PARITY)
+    for part in sorted(glob.glob(glob.escape(path) + ".gw*")):
+        with open(part) as f:
+            rows += [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
+        os.remove(part)
+    if not rows:
         return
     lines = [
         "| model | weights from | output | relative error |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {m} | {s} | {q} | {e:.1e} |" for m, s, q, e in _PARITY]
+    lines += [f"| {m} | {s} | {q} | {float(e):.1e} |" for m, s, q, e in rows]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
