@@ -6,12 +6,20 @@ imported anywhere, which is why it lives here.
 
 import glob
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The dev extra installs libtpu (for the ahead-of-time TPU compiles); without this JAX would try
 # to start a TPU runtime in every process and log libtpu's warnings. Compile-only TPU devices
 # (`jax.experimental.topologies`) still work.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One JAX compilation cache for every train.py the tests start (train.py's
+# --config.compilation_cache_dir): runs of the same tiny program compile it once per session,
+# not once per run. Made here, before pytest-xdist starts its workers, so they share it too.
+_OWN_CACHE = "HIERA_TEST_COMPILATION_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["HIERA_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="hiera_jax_test_jit_")
 
 import pytest  # noqa: E402
 
@@ -30,8 +38,11 @@ def record_parity():
 
 
 def pytest_sessionfinish(session):
-    """Write the parity table. Under pytest-xdist each worker writes its rows to `path.<worker>`
-    and the controller, which finishes last, merges them into `path`."""
+    """Drop the session's compilation cache and write the parity table. Under pytest-xdist each
+    worker writes its rows to `path.<worker>` and the controller, which finishes last, merges
+    them into `path`."""
+    if _OWN_CACHE:  # the controller's, or a worker's that was started without it
+        shutil.rmtree(os.environ["HIERA_TEST_COMPILATION_CACHE"], ignore_errors=True)
     path = os.environ.get("HIERA_PARITY_REPORT")
     if not path:
         return

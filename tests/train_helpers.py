@@ -39,6 +39,8 @@ TINY = {
     "num_vis": 0,
     "data.workers": 1,
     "init_from": "",
+    # conftest's session-wide cache ("" outside pytest: the run's workdir, as train.py does)
+    "compilation_cache_dir": os.environ.get("HIERA_TEST_COMPILATION_CACHE", ""),
 }
 
 
