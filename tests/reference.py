@@ -55,6 +55,28 @@ def randomise_norms(model):
     return model
 
 
+def randomise_hieradet(model, seed: int = 0):
+    """Random weights for a SAM 2 trunk (timm, sam2 or transformers) and its neck, sized so every
+    part counts: qkv logits of std ~2 (peaked attention), visible position tables, LayerScale
+    near 0.5, neck convs at 0.05, random LayerNorm affine; in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith("attn.qkv.weight"):
+                param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
+            elif key.endswith(("pos_embed", "pos_embed_window")):
+                param.normal_(0.0, 0.2)
+            elif key.endswith(".gamma"):
+                param.normal_(0.5, 0.2)
+            elif key.startswith("neck."):
+                param.normal_(0.0, 0.05)
+            else:
+                param.normal_(0.0, 0.02)
+    return randomise_norms(model).eval()
+
+
 def to_torch(x: np.ndarray):
     """Channels-last NumPy input -> channels-first torch tensor."""
     import torch

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from reference import random_input, rel_err, to_torch
+from reference import random_input, randomise_hieradet, rel_err, to_torch
 
 from hiera_jax.models import hieradet
 from hiera_jax.weights import hieradet_convert as convert
@@ -32,29 +32,9 @@ CASES = [
 ]
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights in every parameter, sized so that every part of the model counts."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("attn.qkv.weight"):  # logits of std ~2: peaked attention
-                param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
-            elif name in ("pos_embed", "pos_embed_window"):
-                param.normal_(0.0, 0.2)
-            elif name.endswith(".gamma"):
-                param.normal_(0.5, 0.2)
-            else:
-                param.normal_(0.0, 0.02)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.1)
-                module.bias.normal_(0.0, 0.1)
-    return model.eval()
-
-
 def _timm(name: str, seed: int = 0) -> torch.nn.Module:
-    """A timm model with `_randomise`d weights (built on meta: no init to pay for)."""
-    return _randomise(_timm_on_meta(name).to_empty(device="cpu"), seed)
+    """A timm model with random weights (built on meta: no init to pay for)."""
+    return randomise_hieradet(_timm_on_meta(name).to_empty(device="cpu"), seed)
 
 
 def _timm_on_meta(name: str) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from reference import random_input, rel_err, to_torch
+from reference import random_input, randomise_hieradet, rel_err, to_torch
 
 from hiera_jax.models import hieradet, hieradet_neck
 from hiera_jax.weights import hieradet_convert as convert
@@ -57,22 +57,7 @@ def _hf_model(config, seed: int = 0, device: str = "cpu") -> transformers.Sam2Vi
         return model
     assert not list(model.buffers())  # every tensor is a parameter, so all are filled below
     model = model.to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if key.endswith("attn.qkv.weight"):  # logits of std ~2: peaked attention
-                param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
-            elif key.endswith(("pos_embed", "pos_embed_window")):
-                param.normal_(0.0, 0.2)
-            elif key.startswith("neck."):
-                param.normal_(0.0, 0.05)
-            else:
-                param.normal_(0.0, 0.02)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.1)
-                module.bias.normal_(0.0, 0.1)
-    return model.eval()
+    return randomise_hieradet(model, seed)
 
 
 def _hf_run(model, x: np.ndarray) -> tuple:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from reference import random_input, rel_err, to_torch
+from reference import random_input, randomise_hieradet, rel_err, to_torch
 
 from hiera_jax.models import hieradet, hieradet_neck
 from hiera_jax.weights import hieradet_convert as convert
@@ -55,22 +55,7 @@ def _sam2_encoder(name: str, device: str = "cpu", seed: int = 0) -> torch.nn.Mod
     if device == "meta":
         return model
     model = model.to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if key.endswith("attn.qkv.weight"):  # peaked attention (see test_hieradet)
-                param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
-            elif key.endswith(("pos_embed", "pos_embed_window")):
-                param.normal_(0.0, 0.2)
-            elif key.startswith("neck."):
-                param.normal_(0.0, 0.05)
-            else:
-                param.normal_(0.0, 0.02)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.1)
-                module.bias.normal_(0.0, 0.1)
-    return model.eval()
+    return randomise_hieradet(model, seed)
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
