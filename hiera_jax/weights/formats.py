@@ -90,6 +90,25 @@ def model_type_of_keys(keys) -> str:
     return "backbone"
 
 
+HIERADET_LOADER = "hiera_jax.weights.hieradet_loading.load_hieradet"
+_HIERA_PATCH_KEYS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
+
+
+def is_hieradet_keys(keys) -> bool:
+    """Whether the key names are SAM 2's Hiera (HieraDet) in any layout: timm's `sam2_hiera_*`,
+    a SAM 2 checkpoint, transformers' Sam2 models. Only HieraDet has a tiled window position
+    table (`pos_embed_window`)."""
+    return any(k == "pos_embed_window" or k.endswith(".pos_embed_window") for k in keys)
+
+
+def is_hiera_keys(keys) -> bool:
+    """Whether the key names are a Hiera (not HieraDet) model's, in any of its layouts."""
+    keys = list(keys)
+    return not is_hieradet_keys(keys) and any(
+        k.removeprefix("hiera.") in _HIERA_PATCH_KEYS for k in keys
+    )
+
+
 def config_differences(found: HieraConfig, expected: HieraConfig) -> list[str]:
     """`key: checkpoint X vs model Y` for every architecture field (transformers' names) where a
     checkpoint's config and the one asked for differ."""

@@ -331,8 +331,17 @@ def _resolve_hf(
     )
 
 
-def _hf_snapshot(repo_id: str, revision: str | None, token: Any) -> str:
-    """The snapshot folder holding the repo's config and weights (downloaded if allowed)."""
+def _hf_snapshot(
+    repo_id: str,
+    revision: str | None,
+    token: Any,
+    weight_groups: tuple[tuple[str, ...], ...] = ((*WEIGHT_FILES[:2],), (WEIGHT_FILES[2],)),
+) -> str:
+    """The snapshot folder holding the repo's config and weights (downloaded if allowed).
+
+    The repo's `*.json` files come with the first group of weight files the repo has (the
+    groups are tried in order; `hiera_jax.weights.hieradet_loading` passes SAM 2's).
+    """
     try:
         import huggingface_hub
         from huggingface_hub import errors as hf_errors
@@ -347,13 +356,17 @@ def _hf_snapshot(repo_id: str, revision: str | None, token: Any) -> str:
         local_files_only=is_offline(),
     )
     try:
+        first, *others = weight_groups
         folder = huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=["*.json", *WEIGHT_FILES[:2]], **kwargs
+            repo_id, allow_patterns=["*.json", *first], **kwargs
         )
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES[:2]):
+        for group in others:
+            if any(os.path.isfile(os.path.join(folder, f)) for f in first):
+                break
             folder = huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=[WEIGHT_FILES[2]], **kwargs
+                repo_id, allow_patterns=list(group), **kwargs
             )
+            first = group
     except hf_errors.RepositoryNotFoundError as err:
         raise PretrainedNotFoundError(
             f"Hugging Face repo {repo_id} not found (or private or gated: pass token=...): "
@@ -638,6 +651,11 @@ def infer_variant(
     say so.
     """
     state_dict = convert_lib.unwrap_state_dict(state_dict)
+    if formats.is_hieradet_keys(state_dict):
+        raise ValueError(
+            "the checkpoint is SAM 2's Hiera (HieraDet: it has a pos_embed_window table), not "
+            f"Hiera: load it with {formats.HIERADET_LOADER}"
+        )
     patch = head = None
     blocks: set[int] = set()
     hf_layers: dict[int, set[int]] = {}
