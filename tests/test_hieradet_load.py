@@ -98,14 +98,14 @@ def _nhwc(t):
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def _check_encoder(module, params, expected_fpn, expected_pos, label, record_parity):
+def _check_encoder(module, params, expected_fpn, expected_pos, label, source, record_parity):
     """Our ImageEncoder's backbone_fpn / vision_pos_enc / vision_features against torch's."""
     out = jax.jit(module.apply)({"params": params}, X)
     assert len(out["backbone_fpn"]) == len(expected_fpn) == 3
     worst = max(rel_err(a, _nhwc(b)) for a, b in zip(out["backbone_fpn"], expected_fpn))
-    assert record_parity(label, "loaded", "backbone_fpn", worst) < TOL
+    assert record_parity(label, source, "backbone_fpn", worst) < TOL
     err = rel_err(out["vision_features"], _nhwc(expected_fpn[-1]))
-    assert record_parity(label, "loaded", "vision_features", err) < TOL
+    assert record_parity(label, source, "vision_features", err) < TOL
     worst = max(rel_err(a, _nhwc(b)) for a, b in zip(out["vision_pos_enc"], expected_pos))
     assert worst < 1e-6
 
@@ -159,10 +159,9 @@ def test_transformers_repo_loads_the_image_encoder(files, home, record_parity):
     assert_same_params(params, expected)
     with torch.no_grad():
         ref = model.vision_encoder(to_torch(X))
+    fpn, pos = ref.fpn_hidden_states, ref.fpn_position_encoding
     label = f"sam2_hiera_tiny @{SIZE}"
-    _check_encoder(
-        module, params, ref.fpn_hidden_states, ref.fpn_position_encoding, label, record_parity
-    )
+    _check_encoder(module, params, fpn, pos, label, "transformers hub repo", record_parity)
 
     # The trunk alone, and the local directory, give the same tensors.
     trunk_module, trunk_params = load_hieradet(HF_REPO, encoder=False, input_size=SIZE)
@@ -202,8 +201,9 @@ def test_sam2_checkpoint_in_a_repo_without_transformers_files(home, tmp_path, re
     assert_same_params(params, expected)
     with torch.no_grad():
         ref = model(to_torch(X))
-    label = f"sam2_hiera_tiny @{SIZE} (SAM 2 .pt)"
-    _check_encoder(module, params, ref["backbone_fpn"], ref["vision_pos_enc"], label, record_parity)
+    fpn, pos = ref["backbone_fpn"], ref["vision_pos_enc"]
+    label = f"sam2_hiera_tiny @{SIZE}"
+    _check_encoder(module, params, fpn, pos, label, "sam2 .pt in a hub repo", record_parity)
     _, again = load_hieradet(str(folder / "sam2_hiera_tiny.pt"), input_size=SIZE)
     assert_same_params(again, expected)
     # hiera_jax.load_pretrained points at this loader instead of failing on the key names.
