@@ -6,6 +6,8 @@ builds these models for any `img_size` that is a multiple of 32 (it has no dynam
 resizing the global position table at every forward, and so do we from `input_size`.
 """
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -210,3 +212,43 @@ def test_initialisation_follows_timm():
         hiera_jax.create_model("hiera_tiny_224", input_size=(64, 64)), jax.random.key(0)
     )
     assert "ls1" not in official["blocks_0"] and official["norm"]["bias"][0] == np.float32(0.02)
+
+
+def test_abswin_mae_matches_the_official_mae_with_timms_abswin_embedding(record_parity):
+    """MAE with SAM 2's position embedding (`configs/*_mae_abswin.py`): loss, predictions and
+    labels against the official `MaskedAutoencoderHiera` whose position table is replaced by
+    timm's `Hiera._pos_embed` (global table resized to the grid + tiled window table) on the same
+    two tables. timm's Hiera has no decoder and the official one no abs-win embedding: together
+    they are the reference."""
+    import hiera as official_hiera
+    from reference import official_model
+    from timm.models.hiera import Hiera as TimmHiera
+
+    size, name = (128, 128), "mae_hiera_tiny_224"
+    reference = official_model(name, input_size=size)
+    torch.manual_seed(7)
+    dim = reference.patch_embed.proj.out_channels
+    del reference.pos_embed  # the learned 32x32 table, replaced by the two abs-win tables
+    reference.pos_embed = torch.nn.Parameter(torch.randn(1, dim, 7, 7) * 0.5)
+    reference.pos_embed_win = torch.nn.Parameter(torch.randn(1, dim, 8, 8) * 0.5)
+    tokens = torch.zeros(1, math.prod(reference.tokens_spatial_shape), dim)
+    reference.get_pos_embed = lambda: TimmHiera._pos_embed(reference, tokens)
+    assert isinstance(reference, official_hiera.MaskedAutoencoderHiera)
+
+    cfg = hiera_jax.get_config(
+        name, input_size=size, abs_win_pos_embed=True, global_pos_size=(7, 7), mask_ratio=0.6
+    )
+    params = hiera_jax.convert_state_dict(reference.state_dict(), cfg, model_type="pretraining")
+    assert params["pos_embed"].shape == (1, 7, 7, dim)  # NCHW tables -> NHWC
+    x = random_input((2, *size, 3), seed=8)
+    torch.manual_seed(9)
+    mask = reference.get_random_mask(to_torch(x), mask_ratio=0.6)
+    with torch.no_grad():
+        loss, pred, label, used = reference(to_torch(x), mask=mask)
+    model = hiera_jax.HieraForPreTraining(cfg)
+    our_loss, our_pred, our_label, our_mask = _apply(model, params, x, mask=mask.numpy())
+    np.testing.assert_array_equal(np.asarray(our_mask), used.numpy())
+    tag = f"{name} abs-win @{size}"
+    assert record_parity(tag, "official + timm", "label", rel_err(our_label, label.numpy())) < TOL
+    assert record_parity(tag, "official + timm", "pred", rel_err(our_pred, pred.numpy())) < TOL
+    assert record_parity(tag, "official + timm", "loss", rel_err(our_loss, loss.numpy())) < TOL

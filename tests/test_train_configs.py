@@ -21,6 +21,7 @@ CONFIGS = sorted(glob.glob(os.path.join(th.REPO, "configs", "*.py")))
 SIZES = {
     "in1k_mae": ["tiny", "huge"],
     "in1k_finetune": ["tiny", "huge"],
+    "in1k_mae_abswin": ["tiny", "large"],
     "k400_mae": ["base", "huge"],
     "k400_finetune": ["base", "huge"],
 }

@@ -3,6 +3,7 @@ optimizer and input pieces the recipes rely on."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import train_helpers as th
@@ -115,6 +116,75 @@ def test_init_from_rejects_a_mismatched_encoder(tmp_path, mae_run):
     with pytest.raises(FileNotFoundError, match="model directory"):
         values = th.overrides(total_steps=1, init_from=str(tmp_path / "nothing"))
         _train("classification", values, tmp_path / "ft2")
+
+
+def test_abswin_mae_then_hieradet_finetune(tmp_path):
+    """SAM 2's path: MAE of the abs-win Hiera (configs/digits_mae_abswin.py), then SAM 2's
+    HieraDet (configs/digits_hieradet_finetune.py) started from its encoder; the exported
+    classifier is timm's directory, and timm's `hieradet_sam2` gives its logits."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from reference import rel_err
+
+    from hiera_jax.weights.hieradet_loading import load_hieradet
+
+    mae_dir = tmp_path / "mae_abswin"
+    values = th.overrides(total_steps=3, eval_every=0, export_model=True)
+    mae = _train(th.config_file("digits_mae_abswin", {**values, "mesh_shape": (1, 2)}), {}, mae_dir)
+    assert mae["step"] == 3 and np.isfinite(mae["eval"]["loss"])
+    _, mae_params = load_pretrained(mae["model_dir"])
+    assert mae_params["pos_embed"].shape == (1, 4, 4, 16)  # the abs-win tables, trained
+    assert mae_params["pos_embed_win"].shape == (1, 2, 2, 16)
+
+    # HieraDet of the same width; step 1 runs at lr 0, so its trunk is the MAE encoder exactly.
+    trunk = {"model.embed_dim": 16, "model.num_heads": 1}
+    values = {
+        **{k: v for k, v in th.TINY.items() if not k.startswith("model.")},
+        **trunk,
+        "total_steps": 1,
+        "warmup_steps": 2,
+        "init_from": str(mae_dir),
+        "export_model": True,
+        "eval_every": 0,
+        "mesh_shape": (1, 2),
+    }
+    config = th.config_file("digits_hieradet_finetune", values)
+    first = _train(config, {}, tmp_path / "hieradet", return_params=True)
+    params = flax.traverse_util.flatten_dict(first["params"], sep="/")
+    source = flax.traverse_util.flatten_dict(mae_params, sep="/")
+    renamed = {"pos_embed_window": "pos_embed_win"}
+    trunk_keys = [k for k in params if not k.startswith("head/")]
+    assert len(trunk_keys) == len(
+        [k for k in source if k.startswith(("patch_embed", "pos_embed", "blocks_"))]
+    )
+    for name in trunk_keys:
+        expected = np.asarray(source[renamed.get(name, name)])
+        np.testing.assert_array_equal(params[name], expected, err_msg=name)
+    assert set(first["eval"]) == {"loss", "top1", "top5"}
+
+    # workdir/model: timm's keys and config.json; timm builds it and gives our logits.
+    model, loaded = load_hieradet(first["model_dir"], classifier=True)
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, first["params"]))
+    meta = json.load(open(os.path.join(first["model_dir"], "config.json")))
+    reference = timm.create_model(
+        meta["architecture"], num_classes=meta["num_classes"], **meta["model_args"]
+    ).eval()
+    from safetensors.torch import load_file
+
+    reference.load_state_dict(load_file(os.path.join(first["model_dir"], "model.safetensors")))
+    x = np.random.RandomState(0).randn(2, 32, 32, 1).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    ours = jax.jit(model.apply)({"params": loaded}, x)
+    assert rel_err(ours, expected) < 1e-4
+
+    # Continuing to step 3 resumes the HieraDet checkpoint; MAE is refused for HieraDet.
+    second = _train(th.apply_values(config, {"total_steps": 3}), {}, tmp_path / "hieradet")
+    assert second["resumed_from"] == 1 and second["step"] == 3
+    with pytest.raises(ValueError, match="trains as a classifier only"):
+        _train(th.apply_values(config, {"task": "mae"}), {}, tmp_path / "refused")
+    with pytest.raises(ValueError, match="not an option of SAM 2's HieraDet"):
+        _train(th.apply_values(config, {"model.mask_ratio": 0.5}), {}, tmp_path / "no")
 
 
 def test_video_mae_on_moving_digits(tmp_path):

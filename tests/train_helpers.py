@@ -54,7 +54,19 @@ def make_config(task: str = "mae", values: dict | None = None):
     from configs import digits_finetune, digits_mae
 
     config = (digits_mae if task == "mae" else digits_finetune).get_config()
-    for dotted, value in (values if values is not None else TINY).items():
+    return apply_values(config, values if values is not None else TINY)
+
+
+def config_file(name: str, values: dict):
+    """`configs/<name>.py`'s config with dotted `values` applied."""
+    import importlib
+
+    return apply_values(importlib.import_module(f"configs.{name}").get_config(), values)
+
+
+def apply_values(config, values: dict):
+    """`config` with dotted `values` (`model.embed_dim`) set in place; returns it."""
+    for dotted, value in values.items():
         node = config
         *parents, leaf = dotted.split(".")
         for name in parents:

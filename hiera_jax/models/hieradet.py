@@ -81,6 +81,10 @@ class HieraDetConfig:
     layer_norm_eps: float = 1e-6  # timm's LayerNorm and SAM 2's both use 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention_kernel: str = "auto"  # hiera_jax.models.attention: a Pallas kernel on TPU
+    remat: bool = False  # rematerialise each block in the backward pass (training memory)
+    # HieraDetForImageClassification only (timm's `ClNormMlpClassifierHead`: mean pool, norm, fc).
+    num_classes: int = 1000
+    head_init_scale: float = 0.001  # timm scales the zero-bias, trunc-normal head weights by this
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -148,6 +152,7 @@ class HieraDetConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        positive_ints("num_classes", self.num_classes)
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         if self.dtype not in DTYPES:
@@ -389,7 +394,7 @@ class MultiScaleBlock(nn.Module):
     attention_kernel: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """[B, H, W, dim] -> [B, H', W', dim_out] (H' = H // q_stride when pooling)."""
         dim = x.shape[-1]
         shortcut = x
@@ -468,6 +473,13 @@ class HieraDet(nn.Module):
     def __call__(
         self, x: jnp.ndarray, return_intermediates: bool = False, *, train: bool = False
     ) -> jnp.ndarray | tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+        x, maps = self.trunk(x, train=train)
+        if return_intermediates:
+            return x, maps
+        return x
+
+    def trunk(self, x: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+        """(last map, per-stage maps); the trunk's submodules, called from a compact method."""
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_chans:
             raise ValueError(
@@ -491,9 +503,11 @@ class HieraDet(nn.Module):
         window = self.param("pos_embed_window", table_init, (1, side, side, cfg.embed_dim))
         x = x + pos_embed(background, window, grid).astype(dtype)
 
+        # remat: the block's activations are recomputed in the backward pass (`train` static).
+        block_cls = nn.remat(MultiScaleBlock, static_argnums=(2,)) if cfg.remat else MultiScaleBlock
         maps = []
         for i, spec in enumerate(cfg.block_specs):
-            x = MultiScaleBlock(
+            x = block_cls(
                 spec.dim_out,
                 spec.heads,
                 window=spec.window,
@@ -506,9 +520,48 @@ class HieraDet(nn.Module):
                 init_rescale=1.0 / math.sqrt(2.0 * (i + 1)),
                 attention_kernel=cfg.attention_kernel,
                 name=f"blocks_{i}",
-            )(x, train=train)
+            )(x, train)
             if i in cfg.stage_ends:
                 maps.append(x)
-        if return_intermediates:
-            return x, tuple(maps)
-        return x
+        return x, tuple(maps)
+
+
+class ClassifierHead(nn.Module):
+    """timm's `ClNormMlpClassifierHead` as `hieradet_sam2` builds it: mean over the map, LayerNorm,
+    linear (`head.norm`, `head.fc`)."""
+
+    num_classes: int
+    norm_eps: float = 1e-6
+    init_scale: float = 0.001
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        pooled = LayerNorm(self.norm_eps, self.dtype, name="norm")(x.mean(axis=(1, 2)))
+        return Dense(self.num_classes, dtype=self.dtype, name="fc", **_dense_init(self.init_scale))(
+            pooled
+        )
+
+
+class HieraDetForImageClassification(HieraDet):
+    """The trunk with timm's classifier head: [B, H, W, C] images -> [B, num_classes] logits
+    (float32, no softmax), as `timm.create_model("sam2_hiera_*", num_classes=N)`. Parameters are
+    the trunk's plus `head/norm` and `head/fc`, so a SAM 2 trunk or an abs-win Hiera MAE encoder
+    starts it (`train.py`'s `init_from`)."""
+
+    @nn.compact
+    def __call__(
+        self, x: jnp.ndarray, *, train: bool = False, return_features: bool = False
+    ) -> jnp.ndarray | tuple[jnp.ndarray, dict[str, Any]]:
+        cfg = self.config
+        final, maps = self.trunk(x, train=train)
+        logits = ClassifierHead(
+            cfg.num_classes,
+            cfg.layer_norm_eps,
+            cfg.head_init_scale,
+            jnp.dtype(cfg.dtype),
+            name="head",
+        )(final).astype(jnp.float32)
+        if return_features:
+            return logits, {"feature_maps": maps}
+        return logits

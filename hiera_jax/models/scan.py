@@ -36,6 +36,8 @@ from hiera_jax.models.matmul import SAVE_MATMULS
 def use_scan(config) -> bool:
     """Whether `config` (a HieraConfig) runs its runs of blocks as scans: `scan_blocks`, or when
     it is None (the default), by JAX's default backend (`auto_scan`)."""
+    if not hasattr(config, "scan_blocks"):  # HieraDet: its blocks differ in shape, never scanned
+        return False
     if config.scan_blocks is not None:
         return bool(config.scan_blocks)
     return auto_scan(jax.default_backend())

@@ -10,16 +10,21 @@ import ml_collections
 from ml_collections import config_dict
 
 from hiera_jax.models.config import HieraConfig, get_config
+from hiera_jax.models.hieradet import VARIANTS as HIERADET_VARIANTS
+from hiera_jax.models.hieradet import HieraDetConfig
+from hiera_jax.models.hieradet import get_config as hieradet_config
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key the training loop reads, with defaults; configs override what they need."""
     c = ml_collections.ConfigDict()
-    c.task = "mae"  # "mae" (HieraForPreTraining) or "classification" (HieraForImageClassification)
+    c.task = "mae"  # "mae" (HieraForPreTraining) or "classification" (HieraForImageClassification;
+    # HieraDetForImageClassification for a sam2_hiera_* model.name)
     c.seed = 0
 
-    # Model: `name` picks a registry variant (hiera_jax.list_models()); every other key is a
-    # HieraConfig field overriding it (or, with no name, the whole config). Every field is here,
+    # Model: `name` picks a registry variant (hiera_jax.list_models(), or SAM 2's HieraDet:
+    # sam2_hiera_tiny|small|base_plus|large); every other key is a HieraConfig (HieraDetConfig)
+    # field overriding it (or, with no name, the whole HieraConfig). Every field is here,
     # unset, so any can be set from the command line (--config.model.dtype=bfloat16); configs
     # fill them with `c.model.update(...)`.
     c.model = model_fields()
@@ -117,7 +122,11 @@ def model_fields() -> ml_collections.ConfigDict:
     """`name`, every HieraConfig field and the official `head_mul` as unset, typed placeholders
     (None = not overridden)."""
     fields = {"name": config_dict.placeholder(str), "head_mul": config_dict.placeholder(float)}
-    for field in dataclasses.fields(HieraConfig):
+    hiera = {f.name for f in dataclasses.fields(HieraConfig)}
+    hieradet = [f for f in dataclasses.fields(HieraDetConfig) if f.name not in hiera]
+    for field in [*dataclasses.fields(HieraConfig), *hieradet]:  # + HieraDet's window_spec, ...
+        if field.name in fields:
+            continue
         default = field.default
         if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
@@ -132,12 +141,36 @@ def model_fields() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig:
-    """The HieraConfig a training config describes: the `name` variant, then every set field."""
+def is_hieradet(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model is SAM 2's HieraDet: `model.name` is one of its variants (sam2_hiera_*)."""
+    return config.model.get("name") in HIERADET_VARIANTS
+
+
+def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig | HieraDetConfig:
+    """The model config a training config describes: the `name` variant, then every set field.
+
+    A `sam2_hiera_*` name gives a HieraDetConfig; a field it does not have is a one-line error.
+    """
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     kwargs: dict[str, Any] = {k: v for k, v in model.items() if v is not None}
     name = kwargs.pop("name", None)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if name in HIERADET_VARIANTS:
+        known = {f.name for f in dataclasses.fields(HieraDetConfig)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"--config.model.{unknown[0]} is not an option of SAM 2's HieraDet ({name}); "
+                f"its options: {', '.join(sorted(known))}"
+            )
+        return hieradet_config(name, **kwargs)
+    known = {f.name for f in dataclasses.fields(HieraConfig)} | {"head_mul"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(
+            f"--config.model.{unknown[0]} is a HieraDet option (model.name sam2_hiera_*), not "
+            f"one of Hiera's ({name or 'HieraConfig'})"
+        )
     if name:
         return get_config(name, **kwargs)
     return HieraConfig(**kwargs)
@@ -222,9 +255,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def build_model(config: ml_collections.ConfigDict):
     from hiera_jax.models.hiera import HieraForImageClassification
+    from hiera_jax.models.hieradet import HieraDetForImageClassification
     from hiera_jax.models.mae import HieraForPreTraining
 
     mcfg = hiera_config(config)
+    if isinstance(mcfg, HieraDetConfig):
+        if config.task != "classification":
+            raise ValueError(
+                f"SAM 2's HieraDet ({config.model.name}) trains as a classifier only "
+                "(task=classification): pretrain the abs-win Hiera it starts from with MAE "
+                "(configs/in1k_mae_abswin.py, configs/digits_mae_abswin.py) and pass that run "
+                "as init_from"
+            )
+        return HieraDetForImageClassification(mcfg)
     if config.task == "mae":
         return HieraForPreTraining(mcfg)
     if config.task == "classification":

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
 from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
@@ -40,6 +41,7 @@ from hiera_jax.training.setup import (
 from hiera_jax.training.steps import eval_step, reconstruct, train_step
 from hiera_jax.weights import hub
 from hiera_jax.weights.directory import save_pretrained
+from hiera_jax.weights.hieradet_loading import save_hieradet
 from hiera_jax.weights.loading import load_pretrained
 
 __all__ = ["train_and_evaluate", "train_step", "model_flops_per_step", "load_encoder"]
@@ -70,20 +72,12 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
     text = str(path)
     if not text.startswith(("http://", "https://")):
         text = local_path(text, "init_from")  # gs:// and the like: mount it first
-    # Names and repo ids download (once), .pth files convert (once), directories stay as they are.
-    found = os.path.abspath(hub.resolve_pretrained(text))
-    candidates = [found, os.path.join(found, "model")]
-    directory = next(
-        (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
-    )
-    if directory is None:
-        raise FileNotFoundError(
-            f"init_from={found} is neither a model directory (config.json + model.safetensors, "
-            "from save_pretrained or convert/convert_pytorch.py), a finished training workdir "
-            "holding model/ (it is written when a run ends), nor a pretrained name"
-        )
-    _, source = load_pretrained(directory)
-    source = flax.traverse_util.flatten_dict(jax.device_get(source), sep="/")
+    if "pos_embed_window" in params:  # SAM 2's HieraDet
+        source, directory = _hieradet_encoder(text)
+    else:
+        directory = _model_directory(os.path.abspath(hub.resolve_pretrained(text)))
+        _, source = load_pretrained(directory)
+        source = flax.traverse_util.flatten_dict(jax.device_get(source), sep="/")
     target = flax.traverse_util.flatten_dict(params, sep="/")
     loaded, mismatched, kept = {}, [], []
     for name, leaf in target.items():
@@ -101,6 +95,50 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
             f"the encoder in {directory} does not fit this model: " + "; ".join(mismatched[:20])
         )
     return loaded, kept
+
+
+def _model_directory(found: str, required: bool = True) -> str | None:
+    """`found` or `found/model` (a finished workdir), whichever holds config.json."""
+    candidates = [found, os.path.join(found, "model")]
+    directory = next(
+        (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
+    )
+    if directory is None and required:
+        raise FileNotFoundError(
+            f"init_from={found} is neither a model directory (config.json + model.safetensors, "
+            "from save_pretrained or convert/convert_pytorch.py), a finished training workdir "
+            "holding model/ (it is written when a run ends), nor a pretrained name"
+        )
+    return directory
+
+
+def _hieradet_encoder(text: str) -> tuple[dict, str]:
+    """({flat path: array}, where) of a HieraDet trunk for `init_from`: an abs-win Hiera (an MAE
+    run of configs/*_mae_abswin.py, or any Hiera directory or name; its `pos_embed_win` is
+    HieraDet's `pos_embed_window`, every other tensor has the same path), or SAM 2's trunk
+    (`load_hieradet`: a HieraDet finetune's workdir, a SAM 2 / timm / transformers checkpoint or
+    name)."""
+    from hiera_jax.weights.directory import is_model_directory
+    from hiera_jax.weights.hieradet_loading import load_hieradet
+
+    directory = (
+        _model_directory(os.path.abspath(text), required=False) if os.path.exists(text) else None
+    )
+    if directory is not None and not is_model_directory(directory):
+        _, trunk = load_hieradet(directory, encoder=False)
+        return flax.traverse_util.flatten_dict(trunk, sep="/"), directory
+    if directory is None:
+        try:
+            _, trunk = load_hieradet(text, encoder=False)
+            return flax.traverse_util.flatten_dict(trunk, sep="/"), text
+        except ValueError as e:
+            if "is a Hiera checkpoint" not in str(e) and "not a local path nor" not in str(e):
+                raise
+        directory = _model_directory(os.path.abspath(hub.resolve_pretrained(text)))
+    _, hiera = load_pretrained(directory)
+    flat = flax.traverse_util.flatten_dict(jax.device_get(hiera), sep="/")
+    renamed = {("pos_embed_window" if k == "pos_embed_win" else k): v for k, v in flat.items()}
+    return renamed, directory
 
 
 # ============================================================================ workdir
@@ -555,7 +593,16 @@ def finish(
             final_params = multihost_utils.process_allgather(state["params"], tiled=True)
         else:
             final_params = jax.device_get(state["params"])
-    if export:
+    if export and isinstance(setup.mcfg, HieraDetConfig):  # timm's directory (load_hieradet)
+        out["model_dir"] = save_hieradet(
+            os.path.join(workdir, "model"),
+            final_params,
+            setup.mcfg,
+            architecture=config.model.name,
+            mean=tuple(config.data.mean),
+            std=tuple(config.data.std),
+        )
+    elif export:
         out["model_dir"] = save_pretrained(
             os.path.join(workdir, "model"),
             final_params,

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import init_params
+from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.scan import use_scan
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, sharding
@@ -69,8 +70,8 @@ class TrainSetup:
     """Model, optimizer, shardings and the step function of one run on one mesh."""
 
     config: ml_collections.ConfigDict
-    mcfg: HieraConfig
-    model: Any  # HieraForPreTraining or HieraForImageClassification
+    mcfg: HieraConfig | HieraDetConfig
+    model: Any  # HieraForPreTraining, HieraForImageClassification, HieraDetForImageClassification
     mesh: Mesh
     accum_steps: int
     eval_batch: int
@@ -172,7 +173,9 @@ class TrainSetup:
         return self._whole_batch_step(scan_blocks=False)
 
     def _whole_batch_step(self, **model_fields):
-        """The step on the whole batch at once, its model's config fields replaced."""
+        """The step on the whole batch at once, its model's config fields replaced (those it has:
+        HieraDet has no scan_blocks)."""
+        model_fields = {k: v for k, v in model_fields.items() if hasattr(self.mcfg, k)}
         model = self.model.clone(config=self.mcfg.replace(**model_fields))
         keywords = {**self.step_fn.keywords, "model": model, "accum_steps": 1}
         return functools.partial(self.step_fn.func, **keywords)

@@ -35,7 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hiera_jax.models.hieradet import VARIANTS, HieraDet, HieraDetConfig
+from hiera_jax.models.hieradet import (
+    VARIANTS,
+    HieraDet,
+    HieraDetConfig,
+    HieraDetForImageClassification,
+)
 from hiera_jax.models.hieradet_neck import FpnNeckConfig, ImageEncoder
 from hiera_jax.weights.convert import check_params_fit, to_numpy, unwrap_state_dict
 
@@ -82,6 +87,7 @@ _KEY = re.compile(
     r"patch_embed\.proj\.(weight|bias)|pos_embed|pos_embed_window"
     r"|blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
     r"|blocks\.(\d+)\.(ls1|ls2)\.gamma"
+    r"|head\.(norm|fc)\.(weight|bias)"  # timm's classifier head, kept only for a classifier
 )
 # Fields the tensors cannot show (heads, windows after the first, global blocks; also q_pool,
 # q_stride, head_mul, which default as in timm): taken from the registered variant whose
@@ -130,14 +136,15 @@ def _is_non_vision(key: str) -> bool:
 
 
 def _trunk_items(
-    state_dict: Mapping[str, Any],
+    state_dict: Mapping[str, Any], keep_head: bool = False
 ) -> tuple[dict[str, Any], list[str], dict[str, str]]:
-    """`timm_trunk_items` plus {timm key: source key}, for error messages."""
+    """`timm_trunk_items` plus {timm key: source key}, for error messages; `keep_head` keeps
+    timm's classifier head (`head.norm`, `head.fc`) for `HieraDetForImageClassification`."""
     state_dict = unwrap_state_dict(state_dict)
     sources, unknown = _trunk_sources(state_dict)
     items, names = {}, {}
     for key, source in sources.items():
-        if key.startswith("head."):  # timm's classifier head (norm, fc): not the trunk
+        if key.startswith("head.") and not keep_head:  # timm's classifier head: not the trunk
             continue
         renamed = key
         for timm_part, sam2_part in _TIMM_TO_SAM2:
@@ -199,25 +206,27 @@ def _format_keys(keys, limit: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------- shapes
-def abstract_params(config: HieraDetConfig) -> dict:
-    """Shapes of the Flax parameters (a tree of `jax.ShapeDtypeStruct`), allocating nothing."""
-    return _abstract_params(config)
+def abstract_params(config: HieraDetConfig, classifier: bool = False) -> dict:
+    """Shapes of the Flax parameters (a tree of `jax.ShapeDtypeStruct`), allocating nothing:
+    the trunk's, or with `classifier` those of `HieraDetForImageClassification`."""
+    return _abstract_params(config, classifier)
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract_params(config: HieraDetConfig) -> dict:
+def _abstract_params(config: HieraDetConfig, classifier: bool = False) -> dict:
     # The kernel switch changes no parameter; "xla" skips tracing the TPU kernels' branch.
-    model = HieraDet(config.replace(attention_kernel="xla"))
+    module = HieraDetForImageClassification if classifier else HieraDet
+    model = module(config.replace(attention_kernel="xla", remat=False))
     x = jax.ShapeDtypeStruct((1, *config.input_size, config.in_chans), jnp.float32)
     return jax.eval_shape(lambda key, x: model.init(key, x)["params"], jax.random.key(0), x)
 
 
 def _plan(
-    state_dict: Mapping[str, Any], config: HieraDetConfig
+    state_dict: Mapping[str, Any], config: HieraDetConfig, classifier: bool = False
 ) -> dict[tuple[str, ...], tuple[Any, tuple[int, ...]]]:
     """Flax path -> (source tensor, transpose axes), with every name and shape checked."""
-    items, unused, names = _trunk_items(state_dict)
-    target = flax.traverse_util.flatten_dict(abstract_params(config))
+    items, unused, names = _trunk_items(state_dict, keep_head=classifier)
+    target = flax.traverse_util.flatten_dict(abstract_params(config, classifier))
     plan, mismatched = {}, []
     for key, value in items.items():
         shape = tuple(np.shape(value))
@@ -265,14 +274,18 @@ def _resolve(config: HieraDetConfig | str) -> HieraDetConfig:
 
 # ---------------------------------------------------------------------- conversion
 def convert_state_dict(
-    state_dict: Mapping[str, Any], config: HieraDetConfig | str | None = None
+    state_dict: Mapping[str, Any],
+    config: HieraDetConfig | str | None = None,
+    *,
+    classifier: bool = False,
 ) -> dict:
     """Flax params (float32 NumPy) from a timm or SAM 2 state dict of torch tensors or arrays.
 
-    `config` None infers it from the tensors (`infer_config`).
+    `config` None infers it from the tensors (`infer_config`). `classifier`: the params of
+    `HieraDetForImageClassification`, from a timm classifier (its `head.norm` / `head.fc` too).
     """
     config = infer_config(state_dict) if config is None else _resolve(config)
-    plan = _plan(state_dict, config)
+    plan = _plan(state_dict, config, classifier)
     flat = {
         path: np.ascontiguousarray(to_numpy(value).astype(np.float32, copy=False).transpose(axes))
         for path, (value, axes) in plan.items()
@@ -285,8 +298,9 @@ def export_state_dict(
 ) -> dict[str, np.ndarray]:
     """A torch-layout state dict (float32 NumPy) for Flax params, checked against the model.
 
-    `format="timm"`: timm's trunk keys (load into `timm.create_model("sam2_hiera_*")` with
-    `strict=False`: its classifier head is not here). `format="sam2"`: SAM 2's keys
+    `format="timm"`: timm's keys (load a trunk into `timm.create_model("sam2_hiera_*")` with
+    `strict=False`: its classifier head is not here; `HieraDetForImageClassification` params,
+    `head` included, load with `strict=True` into one built with their `num_classes`). `format="sam2"`: SAM 2's keys
     (`image_encoder.trunk.*`, `mlp.layers.N`), one part of a SAM 2 model's state dict.
     `format="transformers"`: transformers' `Sam2HieraDetModel` keys (`patch_embed.projection`,
     `layer_norm1`, `mlp.proj_in`; no prefix), which it loads with `strict=True`; a
@@ -296,7 +310,13 @@ def export_state_dict(
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     config = _resolve(config)
     params = params.get("params", params) if isinstance(params, Mapping) else params
-    flat = check_params_fit(params, abstract_params(config), "this HieraDet config")
+    classifier = "head" in params  # HieraDetForImageClassification: timm's head.norm / head.fc
+    if classifier and format != "timm":
+        raise ValueError(
+            f"{format!r} checkpoints have no classifier head: export the trunk (the params "
+            "without 'head') or use format='timm'"
+        )
+    flat = check_params_fit(params, abstract_params(config, classifier), "this HieraDet config")
     out = {}
     for path, value in flat.items():
         array = np.asarray(jax.device_get(value), dtype=np.float32)

@@ -35,7 +35,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hiera_jax.models.hieradet import VARIANTS, HieraDet, HieraDetConfig
+from hiera_jax.models.hieradet import (
+    VARIANTS,
+    HieraDet,
+    HieraDetConfig,
+    HieraDetForImageClassification,
+)
 from hiera_jax.models.hieradet_neck import FpnNeckConfig, ImageEncoder
 from hiera_jax.weights import formats, hub
 from hiera_jax.weights import hieradet_convert as convert
@@ -88,8 +93,9 @@ def load_hieradet(
     input_size: int | tuple[int, int] | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    classifier: bool = False,
     **overrides: Any,
-) -> tuple[HieraDet | ImageEncoder, dict]:
+) -> tuple[HieraDet | ImageEncoder | HieraDetForImageClassification, dict]:
     """`(module, params)` for a HieraDet checkpoint: a name, a hub repo, a file or a directory.
 
     `encoder` None gives the whole `ImageEncoder` when the checkpoint has SAM 2's FPN neck (SAM 2
@@ -98,12 +104,24 @@ def load_hieradet(
     `input_size` (an int or (H, W)) sets the trunk config's size; `overrides` change other
     `HieraDetConfig` fields that leave the parameters as they are (`dtype`, `attention_kernel`,
     `drop_path_rate`). Params are float32 NumPy arrays, `{"trunk", "neck"}` for the encoder.
+    `classifier=True` gives `HieraDetForImageClassification` with timm's head (`head.norm`,
+    `head.fc`), from a timm classifier or a directory `save_hieradet` wrote (train.py's
+    `workdir/model` of a HieraDet finetune).
     """
     if encoder not in (None, True, False):
         raise ValueError(f"encoder must be None, True or False, got {encoder!r}")
     state_dict, hf_config, where, entry = _read(name_or_path, revision, token)
     trunk, neck = _configs(state_dict, hf_config, where, entry)
     trunk = _override(trunk, input_size, overrides)
+    if classifier:
+        if "head.fc.weight" not in state_dict:
+            raise ValueError(
+                f"{where} has no classifier head (head.fc.weight): load its trunk with "
+                "classifier=False"
+            )
+        trunk = trunk.replace(num_classes=int(state_dict["head.fc.weight"].shape[0]))
+        params = convert.convert_state_dict(state_dict, trunk, classifier=True)
+        return HieraDetForImageClassification(trunk), params
     if encoder and neck is None:
         raise ValueError(
             f"{where} holds SAM 2's trunk only (no image-encoder neck): load it with "
@@ -212,17 +230,86 @@ def _configs(
             trunk, neck = convert.configs_from_transformers(hf_config)
         return trunk, neck if has_neck else None
     trunk_sd = convert.timm_trunk_items(state_dict)[0]
+    architecture = (hf_config or {}).get("architecture")
+    model_args = (hf_config or {}).get("model_args")
+    if architecture in VARIANTS and isinstance(model_args, Mapping):  # save_hieradet's (timm's)
+        fields = {f.name for f in dataclasses.fields(HieraDetConfig)}
+        args = {**model_args, **(hf_config.get("hiera_jax_args") or {})}
+        trunk = VARIANTS[architecture].replace(**{k: v for k, v in args.items() if k in fields})
+        convert.check_state_dict(trunk_sd, trunk)  # the tensors must be this model's
+        return _with_input_size(trunk, hf_config), None
     trunk = convert.infer_config(trunk_sd)
     named = entry.model if entry else None
-    architecture = (hf_config or {}).get("architecture")
     for what, name in (("is published as", named), ("config.json names", architecture)):
         if name is not None and (name not in VARIANTS or trunk != VARIANTS[name]):
             found = next((n for n, c in VARIANTS.items() if c == trunk), "no registered variant")
             raise ValueError(f"{where} {what} {name}, but its tensors are {found}")
+    return _with_input_size(trunk, hf_config), FpnNeckConfig() if has_neck else None
+
+
+def _with_input_size(trunk: HieraDetConfig, hf_config: Mapping[str, Any] | None) -> HieraDetConfig:
+    """timm's `pretrained_cfg.input_size` (C, H, W), where config.json has it."""
     size = (hf_config or {}).get("pretrained_cfg", {}).get("input_size")
-    if isinstance(size, (list, tuple)) and len(size) == 3:  # timm's (C, H, W)
+    if isinstance(size, (list, tuple)) and len(size) == 3:
         trunk = trunk.replace(input_size=tuple(size[1:]))
-    return trunk, FpnNeckConfig() if has_neck else None  # every SAM 2 config's neck
+    return trunk
+
+
+# ---------------------------------------------------------------------- saving
+TIMM_MODEL_ARGS = (
+    "embed_dim", "num_heads", "stages", "q_pool", "q_stride", "dim_mul", "head_mul",
+    "window_spec", "global_att_blocks", "global_pos_size", "drop_path_rate", "init_values",
+    "in_chans", "patch_kernel", "patch_stride", "patch_padding", "head_init_scale",
+)  # fmt: skip
+# HieraDetConfig fields timm's HieraDet has no keyword for (it fixes them at these values).
+EXTRA_ARGS = {"mlp_ratio": 4.0, "layer_norm_eps": 1e-6}
+
+
+def save_hieradet(
+    directory: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: HieraDetConfig,
+    *,
+    architecture: str,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+) -> str:
+    """Write a HieraDet (the trunk, or a classifier: params with `head`) as timm's hub directory.
+
+    `model.safetensors` holds timm's keys; `config.json` timm's fields: `architecture` (the
+    variant it was built from), `model_args` (every timm `HieraDet` keyword, so a size that is
+    not registered comes back exact), `num_classes`, `pretrained_cfg` (input size, mean, std)
+    and `hiera_jax_args` (`mlp_ratio`, `layer_norm_eps`: timm fixes them at 4 and 1e-6). `load_hieradet(directory, classifier=...)` reads it, and timm builds it with
+    `create_model(architecture, num_classes=..., **model_args)` + `load_state_dict(strict=True)`.
+    Returns the directory.
+    """
+    import json
+
+    from safetensors.numpy import save_file
+
+    if architecture not in VARIANTS:
+        raise ValueError(f"architecture must be one of {', '.join(VARIANTS)}, got {architecture!r}")
+    state_dict = convert.export_state_dict(params, config, format="timm")
+    num_classes = config.num_classes if "head.fc.weight" in state_dict else 0
+    meta = {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "num_features": config.stage_dims[-1],
+        "model_args": json.loads(json.dumps({k: getattr(config, k) for k in TIMM_MODEL_ARGS})),
+        "hiera_jax_args": {k: getattr(config, k) for k in EXTRA_ARGS},  # timm: these defaults
+        "pretrained_cfg": {
+            "input_size": [config.in_chans, *config.input_size],
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": num_classes,
+        },
+    }
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    save_file(state_dict, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return directory
 
 
 def _override(
