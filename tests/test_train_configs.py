@@ -22,6 +22,7 @@ SIZES = {
     "in1k_mae": ["tiny", "huge"],
     "in1k_finetune": ["tiny", "huge"],
     "in1k_mae_abswin": ["tiny", "large"],
+    "in1k_hieradet_finetune": ["tiny", "large"],
     "k400_mae": ["base", "huge"],
     "k400_finetune": ["base", "huge"],
 }

@@ -4,9 +4,14 @@
     python -m hiera_jax.predict --checkpoint DIR --features feats.npz cat.jpg
     python -m hiera_jax.predict --checkpoint hiera_tiny_224 cat.jpg  # published weights, by name
     python -m hiera_jax.predict --model hiera_tiny_224 cat.jpg      # random weights: demo only
+    # SAM 2's image encoder (trunk + FPN neck) by name, its features over every local device:
+    python -m hiera_jax.predict --checkpoint facebook/sam2.1-hiera-tiny --features f.npz \
+        --input-size 1024 --shard cat.jpg
 
 `--features` writes `stage1` ... `stageN` arrays [N_inputs, (T), H, W, C] (spatial order,
-channels-last), `files` (the inputs, in order) and, for classifiers, `probs`.
+channels-last), `files` (the inputs, in order) and, for classifiers, `probs`; for SAM 2's
+image encoder also `vision_features`, `backbone_fpn0..` and `vision_pos_enc0..` (NHWC, finest
+first, as SAM 2's `ImageEncoder` returns them).
 Video models (`*_16x224`) take `.npy` [T, H, W, C] arrays, folders of frames, animated GIFs or,
 with PyAV installed, video files; a clip is 16 frames at temporal stride 4.
 
@@ -28,6 +33,7 @@ from typing import NoReturn
 import numpy as np
 
 from hiera_jax.models.config import list_models
+from hiera_jax.models.hieradet import VARIANTS as HIERADET_VARIANTS
 
 PROG = "python -m hiera_jax.predict"
 EXIT_ERROR = 2  # bad arguments, inputs or checkpoints (as argparse's usage errors)
@@ -73,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model",
         metavar="NAME",
         help="without --checkpoint: a RANDOMLY initialised variant, for a demo (e.g. "
-        f"hiera_tiny_224); one of {', '.join(list_models())}",
+        f"hiera_tiny_224); one of {', '.join(_model_names())}",
     )
     parser.add_argument(
         "--input-size",
@@ -89,6 +95,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument(
+        "--shard",
+        action="store_true",
+        help="split every batch over all local devices (a data-parallel mesh; params replicated)",
+    )
+    parser.add_argument(
         "--temporal-stride", type=_positive_int, default=4, help="video: frames between samples"
     )
     parser.add_argument("--features", metavar="OUT.npz", help="write per-stage feature maps here")
@@ -97,37 +108,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--verbose", action="store_true", help="print the traceback of an error as well"
     )
     args = parser.parse_args(argv)
-    if args.model is not None and args.model not in list_models():
-        close = difflib.get_close_matches(args.model, list_models(), n=1)
+    if args.model is not None and args.model not in _model_names():
+        close = difflib.get_close_matches(args.model, _model_names(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         parser.error(
-            f"unknown model name {args.model!r}{hint}; known models: {', '.join(list_models())}"
+            f"unknown model name {args.model!r}{hint}; known models: {', '.join(_model_names())}"
         )
     if not args.checkpoint and not args.model:
         parser.error("give --checkpoint DIR, or --model NAME for a random-weight demo")
     return args
 
 
+def _model_names() -> list[str]:
+    """--model choices: the official variants and SAM 2's image encoders."""
+    return [*list_models(), *HIERADET_VARIANTS]
+
+
 def build_predictor(args: argparse.Namespace):
     """The Predictor for `--checkpoint` (or a random `--model`); OSError / ValueError if not."""
+    import jax
+
     from hiera_jax import inference
-    from hiera_jax.weights import hub
 
     overrides = {"dtype": args.dtype}
+    if getattr(args, "shard", False):
+        overrides["devices"] = jax.local_devices()
     if args.checkpoint:
         if args.input_size:
             overrides["input_size"] = args.input_size
-        try:
-            directory = hub.resolve_pretrained(args.checkpoint)  # names, repos, URLs -> a dir
+        try:  # names, repos, URLs -> a directory (downloaded and converted once); SAM 2's too
             return inference.Predictor.from_pretrained(
-                directory, batch_size=args.batch_size, **overrides
+                args.checkpoint, batch_size=args.batch_size, **overrides
             )
         except (OSError, ValueError) as err:
             msg = str(err)
             if args.checkpoint not in msg and os.path.abspath(args.checkpoint) not in msg:
                 msg = f"{args.checkpoint}: {msg}"
             raise ValueError(f"cannot load checkpoint {args.checkpoint}: {msg}") from err
-    if args.input_size:
+    if args.input_size and args.model in HIERADET_VARIANTS:
+        overrides["input_size"] = (args.input_size, args.input_size)
+    elif args.input_size:
         dims = 3 if "16x" in args.model else 2
         overrides["input_size"] = (16,) * (dims - 2) + (args.input_size, args.input_size)
     try:

@@ -28,6 +28,7 @@ from PIL import Image
 from hiera_jax.inference.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RESIZE_RATIO,
     VIDEO_TEMPORAL_STRIDE,
     class_names,
     load_video,
@@ -36,9 +37,12 @@ from hiera_jax.inference.preprocess import (
     processor_transform,
     transform_image,
 )
+from hiera_jax.models import hieradet, hieradet_neck
 from hiera_jax.models.config import HieraConfig, get_config
 from hiera_jax.models.factory import build_model, init_params
 from hiera_jax.models.hiera import HieraEncoder, HieraForImageClassification
+from hiera_jax.models.hieradet import HieraDetConfig
+from hiera_jax.models.hieradet_neck import FpnNeckConfig
 from hiera_jax.weights import hub
 from hiera_jax.weights.loading import load_model
 
@@ -53,16 +57,58 @@ class _Features(HieraEncoder):
         return tuple(maps)
 
 
+class _HieraDetFeatures(nn.Module):
+    """SAM 2's trunk maps and `ImageEncoder`'s outputs (params `trunk`, `neck`), from one trunk
+    pass."""
+
+    trunk: HieraDetConfig
+    neck: FpnNeckConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        _, maps = hieradet.HieraDet(self.trunk, name="trunk")(x, return_intermediates=True)
+        out = {f"stage{i + 1}": m for i, m in enumerate(maps)}
+        if self.neck.scalp >= len(maps):
+            raise ValueError(f"scalp={self.neck.scalp} drops all {len(maps)} levels")
+        neck = hieradet_neck.FpnNeck(self.neck, jnp.dtype(self.trunk.dtype), name="neck")
+        fpn, pos = neck(maps)
+        if self.neck.scalp > 0:
+            fpn, pos = fpn[: -self.neck.scalp], pos[: -self.neck.scalp]
+        out["vision_features"] = fpn[-1]
+        out.update({f"backbone_fpn{i}": f for i, f in enumerate(fpn)})
+        out.update({f"vision_pos_enc{i}": e for i, e in enumerate(pos)})
+        return out
+
+
+def _trunk_params(params: Any) -> Any:
+    """A HieraDet classifier's params without its head (the trunk's tree, as HieraDet takes)."""
+    return {k: v for k, v in params.items() if k != "head"} if "head" in params else params
+
+
 @functools.cache
-def _jitted_probs(config: HieraConfig):
+def _jitted_probs(config: HieraConfig | HieraDetConfig):
     """`(params, x) -> softmax(logits)`, jitted once per config."""
-    classifier = HieraForImageClassification(config)
+    if isinstance(config, HieraDetConfig):
+        classifier = hieradet.HieraDetForImageClassification(config)
+    else:
+        classifier = HieraForImageClassification(config)
     return jax.jit(lambda p, x: jax.nn.softmax(classifier.apply({"params": p}, x), axis=-1))
 
 
 @functools.cache
-def _jitted_maps(config: HieraConfig):
-    """`(params, x) -> per-stage maps`, jitted once per config."""
+def _jitted_maps(config: HieraConfig | HieraDetConfig, neck: FpnNeckConfig | None = None):
+    """`(params, x) -> per-stage maps` (a tuple; a dict for HieraDet), jitted once per config."""
+    if isinstance(config, HieraDetConfig) and neck is not None:
+        encoder = _HieraDetFeatures(config, neck)
+        return jax.jit(lambda p, x: encoder.apply({"params": p}, x))
+    if isinstance(config, HieraDetConfig):
+        trunk = hieradet.HieraDet(config)
+
+        def stage_maps(p, x):
+            _, maps = trunk.apply({"params": _trunk_params(p)}, x, return_intermediates=True)
+            return {f"stage{i + 1}": m for i, m in enumerate(maps)}
+
+        return jax.jit(stage_maps)
     features = _Features(config)
     return jax.jit(lambda p, x: features.apply({"params": p}, x))
 
@@ -93,11 +139,19 @@ class Predictor:
     `preprocessed=True` skips the pipeline: the batch must already be the model's normalised
     float input [B, (T), H, W, C]; integer dtypes, NaN/inf, empty batches and values far outside
     what normalising [0, 1] pixels with this predictor's mean/std gives raise ValueError.
+
+    SAM 2's HieraDet (`from_pretrained` of a SAM 2 / timm / transformers name or path, or
+    `from_hieradet`): `config` is its HieraDetConfig and `neck` the FPN's where the checkpoint has
+    it; `features` then also gives SAM 2's `ImageEncoder` outputs.
+
+    `devices` (default: one device) splits every batch over these devices along a "data" mesh
+    axis, the params replicated: each chunk is padded to a multiple of their number, so
+    `batch_size` is per step, over all of them.
     """
 
     def __init__(
         self,
-        config: HieraConfig,
+        config: HieraConfig | HieraDetConfig,
         params: Any,
         *,
         model_type: str = "classification",
@@ -108,6 +162,8 @@ class Predictor:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         transform: dict[str, Any] | None = None,
+        neck: FpnNeckConfig | None = None,
+        devices: Sequence[jax.Device] | None = None,
     ):
         """`transform`: `transform_image` keywords for images (`processor_transform` of an image
         processor's settings); None = the official pipeline at the model's input size."""
@@ -125,20 +181,41 @@ class Predictor:
         self.source = source
         self.has_head = model_type == "classification"
         if names is None:
-            names = config.class_names or class_names(config.num_classes)
+            names = getattr(config, "class_names", None) or class_names(config.num_classes)
         self.names = tuple(names)
         self.transform = transform
+        self.neck = neck
+        self.is_video = bool(getattr(config, "is_video", False))
         self._probs = _jitted_probs(config)
-        self._maps = _jitted_maps(config)
+        self._maps = _jitted_maps(config, neck) if neck is not None else _jitted_maps(config)
+        self.mesh = None
+        if devices is not None and len(devices) > 1:
+            self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            self.params = jax.device_put(params, replicated)
 
     # construction --------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
         """Load a `save_pretrained` / converter / train.py directory, or any name
-        `hiera_jax.load_pretrained` takes (hub names, repo ids); overrides: `input_size`, `dtype`..."""
+        `hiera_jax.load_pretrained` takes (hub names, repo ids); overrides: `input_size`, `dtype`,
+        `devices`... SAM 2's HieraDet checkpoints go to `from_hieradet`."""
+        from hiera_jax.weights.formats import HIERADET_LOADER
+        from hiera_jax.weights.hieradet_loading import is_hieradet_source
+
+        if is_hieradet_source(directory):  # SAM 2's HieraDet: names, repos, directories
+            overrides.pop("source", None)
+            return cls.from_hieradet(directory, **overrides)
         hub_args = {k: overrides.pop(k) for k in ("source", "revision", "token") if k in overrides}
-        directory = hub.resolve_pretrained(directory, **hub_args)
+        try:
+            resolved = hub.resolve_pretrained(directory, **hub_args)
+        except ValueError as e:
+            if HIERADET_LOADER not in str(e):
+                raise
+            return cls.from_hieradet(directory, **overrides, **hub_args)  # a SAM 2 / timm file
+        directory = resolved
         batch_size = overrides.pop("batch_size", 8)
+        devices = overrides.pop("devices", None)
         config, model_type, params, checkpoint = load_model(directory, **overrides)
         # Normalise as the model was trained (its processor, or train.py's data statistics);
         # ImageNet's for converted official and timm weights.
@@ -159,33 +236,119 @@ class Predictor:
             mean=mean,
             std=std,
             transform=transform,
+            devices=devices,
+        )
+
+    @classmethod
+    def from_hieradet(
+        cls,
+        name_or_path: str,
+        *,
+        encoder: bool | None = None,
+        batch_size: int = 8,
+        input_size: int | tuple[int, int] | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        **overrides: Any,
+    ) -> Predictor:
+        """SAM 2's Hiera from any `hiera_jax.load_hieradet` source: a classifier where the
+        checkpoint has timm's head (a HieraDet finetune's `workdir/model`), else the trunk and,
+        where the checkpoint has SAM 2's neck (`encoder` None or True), the FPN. Images are
+        preprocessed as SAM 2 does (`SAM2Transforms`: resized to the square input, bilinear),
+        a classifier's as it was evaluated (short side to size / crop_pct, centre crop);
+        normalised with the checkpoint's timm `pretrained_cfg` mean/std, else ImageNet's (SAM 2's
+        own)."""
+        from hiera_jax.weights.directory import read_json
+        from hiera_jax.weights.hieradet_loading import load_hieradet
+
+        module, params = load_hieradet(
+            name_or_path,
+            encoder=encoder,
+            input_size=input_size,
+            classifier=None if encoder is None else False,
+            revision=overrides.pop("revision", None),
+            token=overrides.pop("token", None),
+            **{k: v for k, v in overrides.items() if k != "source"},
+        )
+        pretrained: dict[str, Any] = {}
+        meta_path = os.path.join(os.fspath(name_or_path), "config.json")
+        if os.path.isfile(meta_path):
+            pretrained = (read_json(meta_path) or {}).get("pretrained_cfg") or {}
+        mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
+        std = tuple(pretrained.get("std") or IMAGENET_STD)
+        if isinstance(module, hieradet_neck.ImageEncoder):
+            config, neck, model_type = module.trunk, module.neck, "encoder"
+        else:
+            config, neck = module.config, None
+            classifier = isinstance(module, hieradet.HieraDetForImageClassification)
+            model_type = "classification" if classifier else "backbone"
+        size = tuple(config.input_size)
+        if model_type == "classification":  # as it was evaluated: short side, centre crop
+            crop_pct = float(pretrained.get("crop_pct") or 1 / RESIZE_RATIO)
+            short = int(min(size) / crop_pct)
+            transform = dict(short_side=short, crop=size, mean=mean, std=std)
+        else:  # SAM2Transforms: the whole image resized to the square input, bilinear
+            transform = dict(resize_to=size, resample=Image.BILINEAR, crop=None, mean=mean, std=std)
+        return cls(
+            config,
+            params,
+            model_type=model_type,
+            batch_size=batch_size,
+            source=os.fspath(name_or_path),
+            mean=mean,
+            std=std,
+            transform=transform,
+            neck=neck,
+            devices=devices,
         )
 
     @classmethod
     def random(
         cls, name: str, *, seed: int = 0, batch_size: int = 8, **overrides: Any
     ) -> Predictor:
-        """A randomly initialised official variant: for demos and tests, predictions mean nothing."""
+        """A randomly initialised official variant: for demos and tests, predictions mean nothing.
+
+        SAM 2's names (`sam2_hiera_tiny`, ...) give its image encoder (trunk + FPN neck)."""
+        if name in hieradet.VARIANTS:
+            devices = overrides.pop("devices", None)
+            trunk = hieradet.get_config(name, **overrides)
+            encoder = hieradet_neck.ImageEncoder(trunk, FpnNeckConfig())
+            x = jnp.zeros((1, *trunk.input_size, trunk.in_chans), jnp.float32)
+            params = jax.jit(encoder.init)(jax.random.key(seed), x)["params"]
+            return cls(
+                trunk,
+                params,
+                model_type="encoder",
+                batch_size=batch_size,
+                source=f"random {name}",
+                neck=FpnNeckConfig(),
+                devices=devices,
+            )
+        devices = overrides.pop("devices", None)
         config = get_config(name, **overrides)
         model_type = "pretraining" if name.startswith("mae_") else "classification"
         params = init_params(build_model(config, model_type), jax.random.key(seed))
         return cls(
-            config, params, model_type=model_type, batch_size=batch_size, source=f"random {name}"
+            config,
+            params,
+            model_type=model_type,
+            batch_size=batch_size,
+            source=f"random {name}",
+            devices=devices,
         )
 
     # preprocessing -------------------------------------------------------------
     def _check_sequence(self, inputs: Any) -> None:
         """ValueError when `inputs` is one image (or clip) rather than a sequence of them."""
-        kind = "clip" if self.config.is_video else "image"
+        kind = "clip" if self.is_video else "image"
         if isinstance(inputs, (str, os.PathLike, Image.Image)):
             raise ValueError(
                 f"expected a sequence of inputs, got one {type(inputs).__name__}; for one {kind} "
                 f"pass [{kind}]"
             )
         if hasattr(inputs, "ndim"):  # an array: a batch along its first axis
-            one = 4 if self.config.is_video else 3  # [T, H, W, C] / [H, W, C]
+            one = 4 if self.is_video else 3  # [T, H, W, C] / [H, W, C]
             if inputs.ndim < one or (inputs.ndim == one and inputs.shape[-1] in (1, 3, 4)):
-                layout = "[B, T, H, W, C]" if self.config.is_video else "[B, H, W, C]"
+                layout = "[B, T, H, W, C]" if self.is_video else "[B, H, W, C]"
                 raise ValueError(
                     f"expected a batch {layout} or a list of {kind}s, got an array of shape "
                     f"{tuple(inputs.shape)} (one {kind}?); for one {kind} pass [{kind}]"
@@ -200,7 +363,7 @@ class Predictor:
         for index, item in enumerate(inputs):
             path = isinstance(item, (str, os.PathLike))
             name = os.fspath(item) if path else f"input {index}"
-            if cfg.is_video:
+            if self.is_video:
                 frames = load_video(item) if isinstance(item, (str, os.PathLike)) else item
                 out.append(
                     preprocess_video(
@@ -250,17 +413,25 @@ class Predictor:
         return batch
 
     def _run(self, fn, batch: np.ndarray):
-        """`fn(params, x)` over `batch` in padded chunks of at most `batch_size`."""
+        """`fn(params, x)` over `batch` in padded chunks of at most `batch_size` (rounded up to
+        a multiple of the mesh's devices, each taking an equal slice)."""
         results = []
+        shards = self.mesh.size if self.mesh is not None else 1
         for begin in range(0, len(batch), self.batch_size):
             chunk = batch[begin : begin + self.batch_size]
             n = len(chunk)
-            padded = _bucket(n, self.batch_size)
+            padded = -(-_bucket(n, self.batch_size) // shards) * shards
             if padded > n:
                 chunk = np.concatenate(
                     [chunk, np.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)]
                 )
-            out = jax.device_get(fn(self.params, jnp.asarray(chunk)))
+            if self.mesh is not None:
+                data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+                # Under the mesh, the TPU kernels (custom calls XLA cannot split) run per device.
+                with jax.set_mesh(self.mesh):
+                    out = jax.device_get(fn(self.params, jax.device_put(chunk, data)))
+            else:
+                out = jax.device_get(fn(self.params, jnp.asarray(chunk)))
             results.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))
         return jax.tree.map(lambda *parts: np.concatenate(parts), *results)
 
@@ -291,9 +462,14 @@ class Predictor:
     def features(
         self, inputs: Iterable[Any] | np.ndarray, *, preprocessed: bool = False
     ) -> dict[str, np.ndarray]:
-        """Per-stage maps `stage{i}`: [B, (T), H, W, C] in spatial order, channels-last."""
+        """Per-stage maps `stage{i}`: [B, (T), H, W, C] in spatial order, channels-last.
+
+        With SAM 2's neck also its `ImageEncoder` outputs, NHWC: `vision_features`,
+        `backbone_fpn{i}` and `vision_pos_enc{i}` (finest first, as SAM 2's lists)."""
         batch = self._check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
         maps = self._run(self._maps, batch)
+        if isinstance(maps, dict):
+            return maps
         return {f"stage{i + 1}": m for i, m in enumerate(maps)}
 
 

@@ -156,6 +156,11 @@ def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig | HieraDetCon
     name = kwargs.pop("name", None)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if name in HIERADET_VARIANTS:
+        if kwargs.pop("scan_blocks", False):
+            raise ValueError(
+                f"--config.model.scan_blocks=True: SAM 2's HieraDet ({name}) runs its blocks "
+                "unscanned (their windows and widths differ from block to block)"
+            )
         known = {f.name for f in dataclasses.fields(HieraDetConfig)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

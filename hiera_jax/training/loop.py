@@ -601,6 +601,7 @@ def finish(
             architecture=config.model.name,
             mean=tuple(config.data.mean),
             std=tuple(config.data.std),
+            crop_pct=float(config.data.crop_pct),
         )
     elif export:
         out["model_dir"] = save_pretrained(

@@ -93,7 +93,7 @@ def load_hieradet(
     input_size: int | tuple[int, int] | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-    classifier: bool = False,
+    classifier: bool | None = False,
     **overrides: Any,
 ) -> tuple[HieraDet | ImageEncoder | HieraDetForImageClassification, dict]:
     """`(module, params)` for a HieraDet checkpoint: a name, a hub repo, a file or a directory.
@@ -106,13 +106,18 @@ def load_hieradet(
     `drop_path_rate`). Params are float32 NumPy arrays, `{"trunk", "neck"}` for the encoder.
     `classifier=True` gives `HieraDetForImageClassification` with timm's head (`head.norm`,
     `head.fc`), from a timm classifier or a directory `save_hieradet` wrote (train.py's
-    `workdir/model` of a HieraDet finetune).
+    `workdir/model` of a HieraDet finetune); `classifier=None` gives it where the checkpoint has
+    that head, and otherwise what `classifier=False` gives.
     """
+    if classifier not in (None, True, False):
+        raise ValueError(f"classifier must be None, True or False, got {classifier!r}")
     if encoder not in (None, True, False):
         raise ValueError(f"encoder must be None, True or False, got {encoder!r}")
     state_dict, hf_config, where, entry = _read(name_or_path, revision, token)
     trunk, neck = _configs(state_dict, hf_config, where, entry)
     trunk = _override(trunk, input_size, overrides)
+    if classifier is None:
+        classifier = "head.fc.weight" in state_dict and not encoder
     if classifier:
         if "head.fc.weight" not in state_dict:
             raise ValueError(
@@ -131,6 +136,30 @@ def load_hieradet(
         return HieraDet(trunk), convert.convert_state_dict(state_dict, trunk)
     params = convert.convert_image_encoder_state_dict(state_dict, trunk, neck)
     return ImageEncoder(trunk, neck), params
+
+
+def is_hieradet_source(name_or_path: str | os.PathLike) -> bool:
+    """Whether `load_hieradet` is the loader for this name or path, as far as it tells without
+    reading tensors: a name of the table, a `facebook/sam2*` or `timm/sam2_hiera*` repo, or a
+    directory whose config.json is a transformers Sam2 or a timm HieraDet config."""
+    text = os.fspath(name_or_path)
+    if text in HIERADET_PRETRAINED:
+        return True
+    repo = None if os.path.exists(text) else _repo_id(text)
+    if repo is not None:
+        return repo.split("/")[1].lower().startswith(("sam2", "sam2_hiera"))
+    path = os.path.join(text, CONFIG_FILE)
+    if os.path.isdir(text) and os.path.isfile(path):
+        try:
+            meta = read_json(path)
+        except ValueError:
+            return False
+        if not isinstance(meta, Mapping):
+            return False
+        return meta.get("architecture") in VARIANTS or str(meta.get("model_type", "")).startswith(
+            "sam2"
+        )
+    return False
 
 
 # ---------------------------------------------------------------------- reading
@@ -273,12 +302,14 @@ def save_hieradet(
     architecture: str,
     mean: tuple[float, ...] = (0.485, 0.456, 0.406),
     std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    crop_pct: float = 0.875,
 ) -> str:
     """Write a HieraDet (the trunk, or a classifier: params with `head`) as timm's hub directory.
 
     `model.safetensors` holds timm's keys; `config.json` timm's fields: `architecture` (the
     variant it was built from), `model_args` (every timm `HieraDet` keyword, so a size that is
-    not registered comes back exact), `num_classes`, `pretrained_cfg` (input size, mean, std)
+    not registered comes back exact), `num_classes`, `pretrained_cfg` (input size, mean, std,
+    crop_pct)
     and `hiera_jax_args` (`mlp_ratio`, `layer_norm_eps`: timm fixes them at 4 and 1e-6). `load_hieradet(directory, classifier=...)` reads it, and timm builds it with
     `create_model(architecture, num_classes=..., **model_args)` + `load_state_dict(strict=True)`.
     Returns the directory.
@@ -301,6 +332,7 @@ def save_hieradet(
             "input_size": [config.in_chans, *config.input_size],
             "mean": list(mean),
             "std": list(std),
+            "crop_pct": float(crop_pct),  # eval: short side to size / crop_pct, centre crop
             "num_classes": num_classes,
         },
     }
