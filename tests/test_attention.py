@@ -214,12 +214,47 @@ def test_tpu_programs_take_the_kernel_and_cpu_programs_do_not(windows):
     assert "custom_call" not in cpu
 
 
-def test_windows_too_large_for_vmem_take_xla_on_tpu_too():
+def test_windows_too_large_for_vmem_take_the_flash_kernel_on_tpu():
+    """SAM 2's global blocks (4096 tokens at 1024) and the like: JAX's flash kernel where a tile
+    divides the lengths, so no [n_q, n_k] logits reach HBM; XLA's path where none does."""
     assert not attention.kernel_fits(1024, 1024)
-    big = [jax.ShapeDtypeStruct((1, 1, 1, 1024, 64), jnp.bfloat16)] * 3
+    assert attention.flash_block(1024, 1024) == 512 and attention.flash_block(1000, 1000) is None
     device = SingleDeviceSharding(aot.topology_devices("v5e:2x2")[0])
     step = _grads(lambda q, k, v: attention.window_attention(q, k, v, 0.1))
-    assert "tpu_custom_call" not in th.tpu_compile(step, big, (device,) * 3)
+    big = [jax.ShapeDtypeStruct((1, 1, 2, 1024, 64), jnp.bfloat16)] * 3
+    hlo = th.tpu_compile(step, big, (device,) * 3)
+    assert hlo.count('custom_call_target="tpu_custom_call"') >= 3  # forward, dq, dk/dv
+    assert "1024,1024]" not in hlo  # no logits or probabilities in HBM
+    odd = [jax.ShapeDtypeStruct((1, 1, 2, 1000, 64), jnp.bfloat16)] * 3
+    assert "tpu_custom_call" not in th.tpu_compile(step, odd, (device,) * 3)
+    cpu = jax.jit(step).lower(*big).compile().as_text()
+    assert "custom_call" not in cpu  # the CPU (and GPU) take XLA's path
+
+
+@pytest.fixture
+def tpu_interpreter():
+    """Pallas TPU kernels run in the TPU interpreter on this CPU, for the test's duration."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    pltpu.set_tpu_interpret_mode()
+    try:
+        yield
+    finally:
+        pltpu.set_tpu_interpret_mode(None)
+
+
+def test_flash_kernel_matches_xla_in_float32_values_and_gradients(tpu_interpreter):
+    """`flash_window_attention` (the TPU program's pick above) in the TPU interpreter: a pooled
+    query (n_q = n_k / 4, as HieraDet's pooling blocks) and a square global window."""
+    for shape, n_k in (((1, 2, 2, 128, 32), 512), ((2, 1, 1, 256, 96), 256)):
+        (q, k, v), dout = _inputs(shape, n_k, jnp.float32, seed=n_k)
+        flash = functools.partial(attention.flash_window_attention, scale=0.2, block=128)
+        xla = functools.partial(attention.xla_attention, scale=0.2)
+        out, pullback = jax.vjp(flash, q, k, v)
+        ref, ref_pullback = jax.vjp(xla, q, k, v)
+        assert rel_err(out, ref) < 1e-5
+        for ours, theirs in zip(pullback(dout), ref_pullback(dout), strict=True):
+            assert rel_err(ours, theirs) < 1e-5
 
 
 def test_kernel_moves_fewer_bytes_than_xla_on_tpu():

@@ -11,7 +11,9 @@ output are saved:
 - `attention` (the model's entry): straight from the projection's [B, N, 3·C] output, query
   pooling included, to [B, N / q_stride, C], with no relayout (the token kernel, below);
 - `window_attention`: on [B, w, h, n, d] arrays, where the token kernel's image does not fit.
-Windows too large for VMEM (video models' global stages, large inputs) take XLA's path.
+Windows too large for VMEM (video models' global stages, SAM 2's global blocks at 1024) take
+JAX's own Pallas flash attention (`flash_window_attention`: online softmax over 128-512-token
+tiles) where a tile divides their lengths, and XLA's path otherwise.
 
 `kernel="auto"` picks the kernels for programs compiled for a TPU (`lax.platform_dependent`, so
 an AOT compile from a CPU host gets them too) and XLA's path on CPU and GPU, where the float32
@@ -66,14 +68,63 @@ def window_attention(
     tpu.check_kernel(kernel, "attention_kernel")
     if q.ndim != 5 or k.shape != v.shape or q.shape[:3] + q.shape[4:] != k.shape[:3] + k.shape[4:]:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} are not [B, w, h, n, d] windows")
-    if kernel == "xla" or not kernel_fits(q.shape[3], k.shape[3]):
+    if kernel == "xla":
         return xla_attention(q, k, v, scale)
+    if not kernel_fits(q.shape[3], k.shape[3]):
+        block = flash_block(q.shape[3], k.shape[3])
+        if block is None:
+            return xla_attention(q, k, v, scale)
+        # Off TPU (kernel="pallas" included) XLA's path: JAX's kernel has no interpreter switch.
+        flash = functools.partial(_sharded_flash, scale=scale, block=block)
+        other = functools.partial(xla_attention, scale=scale)
+        return lax.platform_dependent(q, k, v, tpu=flash, default=other)
     compiled = functools.partial(_sharded_pallas, scale=scale, interpret=False)
     if kernel == "pallas":
         other = functools.partial(_sharded_pallas, scale=scale, interpret=True)
     else:
         other = functools.partial(xla_attention, scale=scale)
     return lax.platform_dependent(q, k, v, tpu=compiled, default=other)
+
+
+FLASH_BLOCKS = (512, 256, 128)  # tried in order: the largest that divides both lengths
+
+
+def flash_block(n_q: int, n_k: int) -> int | None:
+    """The flash kernel's tile for windows too large for VMEM (SAM 2's global blocks, video
+    models' global stages), or None when no tile divides both lengths (XLA's path then)."""
+    return next((b for b in FLASH_BLOCKS if n_q % b == 0 and n_k % b == 0), None)
+
+
+def _sharded_flash(q, k, v, *, scale: float, block: int) -> jnp.ndarray:
+    run = functools.partial(flash_window_attention, scale=scale, block=block)
+    return _per_device(run, q, k, v)
+
+
+def flash_window_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, block: int
+) -> jnp.ndarray:
+    """JAX's Pallas TPU flash attention (online softmax over `block`-token tiles, backward
+    recomputing them) on [B, w, h, n, d] windows: no [n_q, n_k] block reaches HBM, however large
+    the window. Off TPU it runs under `pltpu.set_tpu_interpret_mode()` only (the tests)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    shape = q.shape
+    b, w, h = shape[:3]
+    flat = [a.reshape(b * w, h, *a.shape[3:]) for a in (q, k, v)]  # [B·w, h, n, d]: free
+    sizes = fa.BlockSizes(
+        block_q=block,
+        block_k_major=block,
+        block_k=block,
+        block_b=1,
+        block_q_major_dkv=block,
+        block_k_major_dkv=block,
+        block_k_dkv=block,
+        block_q_dkv=block,
+        block_k_major_dq=block,
+        block_k_dq=block,
+        block_q_dq=block,
+    )
+    return fa.flash_attention(*flat, sm_scale=scale, block_sizes=sizes).reshape(shape)
 
 
 def _sharded_pallas(q, k, v, *, scale: float, interpret: bool) -> jnp.ndarray:
