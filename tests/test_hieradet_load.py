@@ -206,9 +206,15 @@ def test_sam2_checkpoint_in_a_repo_without_transformers_files(home, tmp_path, re
     _check_encoder(module, params, fpn, pos, label, "sam2 .pt in a hub repo", record_parity)
     _, again = load_hieradet(str(folder / "sam2_hiera_tiny.pt"), input_size=SIZE)
     assert_same_params(again, expected)
-    # hiera_jax.load_pretrained points at this loader instead of failing on the key names.
-    with pytest.raises(ValueError, match="SAM 2's Hiera .*load_hieradet"):
-        hiera_jax.load_pretrained(str(folder / "sam2_hiera_tiny.pt"))
+    # hiera_jax.load_pretrained hands SAM 2's checkpoints to this loader (a file, a name).
+    module, again = hiera_jax.load_pretrained(str(folder / "sam2_hiera_tiny.pt"), input_size=SIZE)
+    assert isinstance(module, hieradet_neck.ImageEncoder)
+    assert_same_params(again, expected)
+    module, again = hiera_jax.load_pretrained(SAM2_REPO, input_size=SIZE[0], encoder=False)
+    assert isinstance(module, hieradet.HieraDet)
+    assert_same_params(again, expected["trunk"])
+    with pytest.raises(ValueError, match="in_chans= is for Hiera checkpoints"):
+        hiera_jax.load_pretrained(str(folder / "sam2_hiera_tiny.pt"), in_chans=1)
 
 
 # ---------------------------------------------------------------------- the wrong model, names
@@ -222,12 +228,18 @@ def test_hiera_and_hieradet_checkpoints_are_told_apart(files, home, tmp_path):
     save_file({k: torch.zeros(v.shape) for k, v in hiera.state_dict().items()}, str(path))
     with pytest.raises(ValueError, match="is a Hiera checkpoint.*hiera_jax.load_pretrained"):
         load_hieradet(str(path))
-    for hieradet_path in (files["timm"][0], files["hf"][0]):  # timm's and transformers' folders
-        with pytest.raises(ValueError, match="SAM 2's Hiera .*load_hieradet"):
-            hiera_jax.load_pretrained(str(hieradet_path))
+    # load_pretrained reads SAM 2's folders (timm's, transformers') and repos as load_hieradet.
+    for hieradet_path in (files["timm"][0], files["hf"][0]):
+        module, params = hiera_jax.load_pretrained(str(hieradet_path))
+        expected_module, expected = load_hieradet(str(hieradet_path))
+        assert module == expected_module
+        assert_same_params(params, jax.tree.map(np.asarray, expected))
     write_hf_cache(home, HF_REPO, files["hf"][0])
+    module, _ = hiera_jax.load_pretrained(HF_REPO)
+    assert isinstance(module, hieradet_neck.ImageEncoder)
+    # Hiera's own conversion still refuses HieraDet tensors, naming the loader.
     with pytest.raises(ValueError, match="SAM 2's Hiera .*load_hieradet"):
-        hiera_jax.load_pretrained(HF_REPO)
+        hub.infer_variant(read_state_dict(str(files["timm"][0] / "model.safetensors"))[0])
 
     # A table name whose repo holds another variant's tensors.
     write_hf_cache(home, "timm/sam2_hiera_small.fb_r896", files["timm"][0])

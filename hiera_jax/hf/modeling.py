@@ -690,11 +690,17 @@ def load_pretrained(
     holds (or `model_type`'s), as `<class>.from_pretrained(name_or_path, **kwargs)` builds it.
 
     The model is called as transformers' (`model(pixel_values=...)`) and is also the Flax module
-    (`model.apply({"params": params}, x)`, channels-last).
+    (`model.apply({"params": params}, x)`, channels-last). SAM 2's HieraDet checkpoints give
+    `hieradet_loading.load_hieradet`'s `(Flax module, params)` (`input_size=`, `dtype=`,
+    `encoder=`, `classifier=`).
     """
-    config, found_type, params, _ = loading.load_model(
-        name_or_path, model_type=model_type, **kwargs
-    )
-    model = CLASSES[found_type](config, seed=kwargs.get("seed", 0))
-    model._params = params
-    return model, params
+
+    def hiera():
+        config, found_type, params, _ = loading.load_model(
+            name_or_path, model_type=model_type, **kwargs
+        )
+        model = CLASSES[found_type](config, seed=kwargs.get("seed", 0))
+        model._params = params
+        return model, params
+
+    return loading.hiera_or_hieradet(name_or_path, hiera, dict(model_type=model_type, **kwargs))
