@@ -250,3 +250,24 @@ def test_hbm_traffic_benchmark_attributes_the_bytes(tmp_path):
     assert set(result["parts"]["attention"]) == {"forward", "backward"}
     assert parts["attention"] == max(parts.values())
     assert "| attention |" in run.stdout
+
+
+@pytest.mark.parametrize("name", ["digits_mae_abswin", "digits_hieradet_finetune"])
+def test_fit_check_covers_sam2s_path(name):
+    """The abs-win MAE and the HieraDet classifier compile for a TPU slice like any recipe:
+    model FLOPs as the CPU counts the same step, XLA's count of the TPU program within 2% of
+    them plus the kernels' recompute, and a roofline."""
+    values = {"batch_size": 64, "init_from": "", **({} if "hieradet" in name else SCAN_OFF)}
+    config = th.config_file(name, values)
+    report = aot.fit_check(config, "v5e:2x2", config_name=name)
+    assert report["fits"] and report["scan_blocks"] is False
+    assert report["task"] == ("classification" if "hieradet" in name else "mae")
+    mesh = sharding.create_mesh((1, 1), jax.devices("cpu")[:1])
+    setup = build_setup(th.config_file(name, values), mesh, 1000)
+    with jax.set_mesh(mesh):
+        reference = model_flops_per_step(setup, setup.abstract_train_args())
+    assert report["flops"]["model_per_step"] == pytest.approx(reference, rel=1e-6)
+    compiled = report["flops"]["compiled_per_step"]
+    recompute = report["flops"]["kernel_recompute_per_step"]
+    assert abs(compiled - reference - recompute) / reference < 0.02, (compiled, reference)
+    assert 0 < report["roofline"]["mfu_ceiling"] <= 1
