@@ -251,3 +251,25 @@ def test_bad_inputs_and_configs_are_value_errors():
         stages=[1, 2, 7, 2], global_att_blocks=[5, 7, 9], input_size=1024
     )
     assert listed == hieradet.VARIANTS["sam2_hiera_tiny"]  # lists become tuples, an int a square
+
+
+def test_tpu_kernels_interpreted_match_timm_and_xla_gradients(reference, record_parity):
+    """`attention_kernel="pallas"`, `mlp_kernel="pallas"`: the TPU programs' kernels (Hiera's
+    token attention, one batch row per window, pooling blocks included; norm2 + MLP + residual)
+    in Pallas' interpreter, against timm's forward and XLA's gradients."""
+    model, params = reference("sam2_hiera_tiny")
+    x = random_input((1, 64, 64, 3), seed=11)
+    with torch.no_grad():
+        final, _ = model.forward_intermediates(to_torch(x), output_fmt="NHWC")
+    kernels = dict(attention_kernel="pallas", mlp_kernel="pallas")
+    config = hieradet.get_config("sam2_hiera_tiny", input_size=(64, 64), **kernels)
+    ours, _ = _forward(config, params, x)
+    err = rel_err(ours, final.numpy())
+    assert record_parity("sam2_hiera_tiny @(64, 64)", "timm", "final map, TPU kernels", err) < TOL
+
+    def grads(kernel):
+        trunk = hieradet.HieraDet(config.replace(attention_kernel=kernel, mlp_kernel=kernel))
+        return jax.jit(jax.grad(lambda p: (trunk.apply({"params": p}, x) ** 2).mean()))(params)
+
+    for a, b in zip(jax.tree.leaves(grads("pallas")), jax.tree.leaves(grads("xla")), strict=True):
+        assert rel_err(a, b) < TOL

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hiera_jax.models import fused_mlp
-from hiera_jax.models.attention import window_attention
+from hiera_jax.models.attention import attention, window_attention
 from hiera_jax.models.layers import (
     INIT_STD,
     DenseParams,
@@ -81,6 +81,7 @@ class HieraDetConfig:
     layer_norm_eps: float = 1e-6  # timm's LayerNorm and SAM 2's both use 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention_kernel: str = "auto"  # hiera_jax.models.attention: a Pallas kernel on TPU
+    mlp_kernel: str = "auto"  # hiera_jax.models.fused_mlp: norm2 + MLP + residual, TPU kernel
     remat: bool = False  # rematerialise each block in the backward pass (training memory)
     # HieraDetForImageClassification only (timm's `ClNormMlpClassifierHead`: mean pool, norm, fc).
     num_classes: int = 1000
@@ -158,6 +159,7 @@ class HieraDetConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         check_kernel(self.attention_kernel, "attention_kernel")
+        check_kernel(self.mlp_kernel, "mlp_kernel")
         for i, spec in enumerate(self.block_specs):
             if spec.heads < 1 or spec.dim_out % spec.heads:
                 raise ValueError(
@@ -358,6 +360,23 @@ class MultiScaleAttention(nn.Module):
         b, nw, wh, ww, _ = x.shape
         head_dim = self.dim_out // self.heads
         qkv = Dense(3 * self.dim_out, dtype=self.dtype, name="qkv", **_dense_init())(x)
+        stride = self.q_stride or (1, 1)
+        if wh % stride[0] == 0 and ww % stride[1] == 0:
+            # Each window as one batch row of Hiera's token attention, which reads the
+            # projection's [n, 3·C] rows as they are (on TPU a kernel, no q/k/v relayouts).
+            # Pooling: the window's tokens ordered (i, j, a, b) for query (a, b)'s stride
+            # offsets (i, j), so the pool is over leading chunks, as Hiera's; keys in any order.
+            sh, sw = stride
+            rows = qkv.reshape(b * nw, wh // sh, sh, ww // sw, sw, 3 * self.dim_out)
+            rows = rows.transpose(0, 2, 4, 1, 3, 5).reshape(b * nw, wh * ww, 3 * self.dim_out)
+            out = attention(
+                rows, self.heads, 1, head_dim**-0.5, q_stride=sh * sw, kernel=self.attention_kernel
+            )
+            out = out.reshape(b, nw, wh // sh, ww // sw, self.dim_out)
+            return Dense(
+                self.dim_out, dtype=self.dtype, name="proj", **_dense_init(self.proj_rescale)
+            )(out)
+        # A pooled map the stride does not divide (floor pooling drops its edge): q pooled alone.
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B, nW, wh, ww, dim_out], heads-major
         if self.q_stride is not None:
             q = max_pool(q, self.q_stride)
@@ -392,6 +411,7 @@ class MultiScaleBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     init_rescale: float = 1.0  # timm fix_init: attn.proj and mlp.fc2 weights times this
     attention_kernel: str = "auto"
+    mlp_kernel: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -430,13 +450,29 @@ class MultiScaleBlock(nn.Module):
             x = LayerScale(self.init_values, name="ls1")(x)
         x = shortcut + drop(x, train=train)
 
-        y = LayerNorm(self.norm_eps, self.dtype, name="norm2")(x)
-        y = Mlp(
-            int(self.dim_out * self.mlp_ratio),
-            dtype=self.dtype,
-            fc2_rescale=self.init_rescale,
-            name="mlp",
-        )(y)
+        norm2 = LayerNorm(self.norm_eps, self.dtype, name="norm2")
+        hidden = int(self.dim_out * self.mlp_ratio)
+        mlp = Mlp(hidden, dtype=self.dtype, fc2_rescale=self.init_rescale, name="mlp")
+        if self.init_values is None and not self.is_initializing():
+            # norm2, the MLP and the residual in one (TPU) kernel, as Hiera's blocks run them
+            # (hiera_jax.models.fused_mlp), on the map's tokens [B, H·W, C].
+            b, h, w, c = x.shape
+            tokens = x.reshape(b, h * w, c)
+            keep, keep_scale = drop.draw(tokens.shape, train=train)
+            params = self.variables["params"]
+            fc1, fc2 = params["mlp"]["fc1"], params["mlp"]["fc2"]
+            dense = (fc1["kernel"], fc1["bias"], fc2["kernel"], fc2["bias"])
+            half = fused_mlp.MlpHalf(
+                params["norm2"]["scale"],
+                params["norm2"]["bias"],
+                *(a.astype(self.dtype) for a in dense),
+            )
+            with jax.named_scope("mlp_half"):  # op_name for benchmarks/hbm_traffic.py
+                out = fused_mlp.mlp_half(
+                    tokens, half, self.norm_eps, keep, keep_scale, kernel=self.mlp_kernel
+                )
+            return out.reshape(b, h, w, c)
+        y = mlp(norm2(x))
         if self.init_values is not None:
             y = LayerScale(self.init_values, name="ls2")(y)
         return x + drop(y, train=train)
@@ -519,6 +555,7 @@ class HieraDet(nn.Module):
                 dtype=dtype,
                 init_rescale=1.0 / math.sqrt(2.0 * (i + 1)),
                 attention_kernel=cfg.attention_kernel,
+                mlp_kernel=cfg.mlp_kernel,
                 name=f"blocks_{i}",
             )(x, train)
             if i in cfg.stage_ends:

@@ -216,7 +216,7 @@ def abstract_params(config: HieraDetConfig, classifier: bool = False) -> dict:
 def _abstract_params(config: HieraDetConfig, classifier: bool = False) -> dict:
     # The kernel switch changes no parameter; "xla" skips tracing the TPU kernels' branch.
     module = HieraDetForImageClassification if classifier else HieraDet
-    model = module(config.replace(attention_kernel="xla", remat=False))
+    model = module(config.replace(attention_kernel="xla", mlp_kernel="xla", remat=False))
     x = jax.ShapeDtypeStruct((1, *config.input_size, config.in_chans), jnp.float32)
     return jax.eval_shape(lambda key, x: model.init(key, x)["params"], jax.random.key(0), x)
 
@@ -405,7 +405,7 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> HieraDetCon
 
 # ---------------------------------------------------------------------- image encoder (+ neck)
 def _abstract_encoder_params(trunk: HieraDetConfig, neck: FpnNeckConfig) -> dict:
-    model = ImageEncoder(trunk.replace(attention_kernel="xla"), neck)
+    model = ImageEncoder(trunk.replace(attention_kernel="xla", mlp_kernel="xla"), neck)
     x = jax.ShapeDtypeStruct((1, *trunk.input_size, trunk.in_chans), jnp.float32)
     return jax.eval_shape(lambda key, x: model.init(key, x)["params"], jax.random.key(0), x)
 

@@ -347,7 +347,7 @@ def save_hieradet(
 def _override(
     trunk: HieraDetConfig, input_size: Any, overrides: Mapping[str, Any]
 ) -> HieraDetConfig:
-    allowed = {"dtype", "attention_kernel", "drop_path_rate"}
+    allowed = {"dtype", "attention_kernel", "mlp_kernel", "drop_path_rate"}
     if unknown := set(overrides) - allowed:
         raise ValueError(
             f"load_hieradet cannot override {sorted(unknown)}: the checkpoint decides the "
