@@ -65,7 +65,8 @@ def local_path(path: str, what: str) -> str:
 def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
     """Encoder leaves of a model directory, a training workdir holding `model/`, or any pretrained
     name the hub resolves (`facebook/hiera-base-224-mae-hf`, `mae_hiera_base_224`, an official
-    `.pth` URL), shape-checked.
+    `.pth` URL), shape-checked. For a HieraDet model (`params` has `pos_embed_window`): an abs-win
+    Hiera's encoder or any `load_hieradet` source's trunk (`_hieradet_encoder`).
 
     Returns ({flat path: np.ndarray} for every encoder leaf of `params`, names left at init).
     """
