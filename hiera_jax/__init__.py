@@ -49,9 +49,20 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any):
     `load_pretrained(name, **overrides)` does (any name it takes, e.g. `hiera_tiny_224`,
     `facebook/hiera-tiny-224-in1k-hf` or `hiera_base_224.mae`; `in_chans=`, `source=`,
     `revision=`, `token=` and config overrides are passed on).
+
+    SAM 2's names (`sam2_hiera_tiny`, `_small`, `_base_plus`, `_large`) give the `HieraDet`
+    trunk, or with `num_classes=N` timm's classifier (`HieraDetForImageClassification`, as
+    `timm.create_model(name, num_classes=N)`); `HieraDetConfig` fields are the overrides.
     """
     if pretrained:
         return load_pretrained(name, **overrides)
+    from hiera_jax.models import hieradet
+
+    if name in hieradet.VARIANTS:  # SAM 2's HieraDet
+        if not overrides.get("num_classes"):  # None or 0: the trunk, as SAM 2 uses it
+            overrides.pop("num_classes", None)
+            return hieradet.HieraDet(hieradet.get_config(name, **overrides))
+        return hieradet.HieraDetForImageClassification(hieradet.get_config(name, **overrides))
     config = get_config(name, **overrides)
     return CLASSES["pretraining" if is_pretraining_name(name) else "classification"](config)
 

@@ -224,3 +224,29 @@ def test_cli_features_and_top5(encoder_checkpoint, classifier_dir, tmp_path, cap
     assert cli.main(["--checkpoint", str(folder), "--top-k", "3", str(image)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("(class ") == 3
+
+
+def test_create_model_takes_sam2_names_as_timm_does(classifier_dir):
+    import hiera_jax
+
+    model = hiera_jax.create_model("sam2_hiera_small", num_classes=7, input_size=(64, 64))
+    assert isinstance(model, hieradet.HieraDetForImageClassification)
+    expected = hieradet.get_config("sam2_hiera_small", num_classes=7, input_size=(64, 64))
+    assert model.config == expected
+    with torch.device("meta"):
+        reference = timm.create_model("sam2_hiera_small", pretrained=False, num_classes=7)
+    ours = convert.abstract_params(model.config, classifier=True)
+    shapes = {k: tuple(np.shape(v)) for k, v in convert.export_state_dict(
+        jax.tree.map(lambda a: np.zeros(a.shape, np.float32), ours), model.config
+    ).items()}  # fmt: skip
+    assert shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    for trunk in (
+        hiera_jax.create_model("sam2_hiera_tiny"),
+        hiera_jax.create_model("sam2_hiera_tiny", num_classes=0),
+    ):
+        assert type(trunk) is hieradet.HieraDet
+        assert trunk.config == hieradet.get_config("sam2_hiera_tiny")
+    folder, _, cfg, params = classifier_dir
+    module, loaded = hiera_jax.create_model(str(folder), pretrained=True, classifier=True)
+    assert module.config == cfg
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
