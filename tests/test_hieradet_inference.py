@@ -250,3 +250,18 @@ def test_create_model_takes_sam2_names_as_timm_does(classifier_dir):
     module, loaded = hiera_jax.create_model(str(folder), pretrained=True, classifier=True)
     assert module.config == cfg
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_cli_random_sam2_encoder_warns_and_writes_features(tmp_path, capsys):
+    image = tmp_path / "b.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    out = tmp_path / "r.npz"
+    args = ["--model", "sam2_hiera_tiny", "--input-size", "64", "--features", str(out), str(image)]
+    assert cli.main(args) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    saved = np.load(out)
+    assert saved["vision_features"].shape == (1, 4, 4, 256)  # stride 16, as SAM 2 at 1024: 64x64
+    assert saved["stage4"].shape == (1, 2, 2, 768)
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "sam2_hiera_tiniest", str(image)])
+    assert "did you mean sam2_hiera_tiny" in capsys.readouterr().err
