@@ -22,11 +22,12 @@ import subprocess
 import sys
 import time
 
+from sections import read_section, write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OUT = os.path.join(ROOT, "runs", "aot_table")
-BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
-BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+SECTION = "aot-table"  # of BENCHMARKS.md
 
 # (recipe, topology, slices[, overrides]): slices named as Cloud TPU sells them.
 SLICE_NAMES = {
@@ -216,9 +217,8 @@ def _kept_rows(old_block: str, new_table: str) -> list[str]:
 
 
 def write(effort) -> None:
-    text = open(BENCHMARKS).read()
     new_table = table()
-    old_block = text.split(BEGIN, 1)[1].split(END, 1)[0] if BEGIN in text else ""
+    old_block = read_section(SECTION)
     kept = _kept_rows(old_block, new_table)
     note = (
         f"\n\nRows marked (old) were not measured again after the step's program last changed "
@@ -229,17 +229,11 @@ def write(effort) -> None:
         else ""
     )
     block = (
-        f"{BEGIN}\n"
         f"Made by `python benchmarks/aot_table.py --write-only` from reports of `train.py --aot` "
         f"(compiler effort {effort}), on this repository's 2-core CPU machine, libtpu 0.0.42."
-        f"{note}\n\n" + "\n".join([new_table, *kept]) + f"\n{END}"
+        f"{note}\n\n" + "\n".join([new_table, *kept])
     )
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    open(BENCHMARKS, "w").write(text)
-    print(f"wrote the table to {BENCHMARKS}")
+    write_section(SECTION, block, append=True)
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from sections import write_section  # noqa: E402
 
 from hiera_jax.models.scan import use_scan  # noqa: E402
 from hiera_jax.training import chips, sharding  # noqa: E402
@@ -39,7 +39,7 @@ from hiera_jax.training.setup import (  # noqa: E402
     model_flops_per_step,
 )
 
-BEGIN, END = "<!-- bench-accel:begin -->", "<!-- bench-accel:end -->"
+SECTION = "bench-accel"  # of BENCHMARKS.md
 
 
 def recipe(task: str, size: str, batch: int, smoke: bool, scan: bool | None):
@@ -177,14 +177,7 @@ def table(rows: list[dict], device: str, peak: float | None) -> str:
 
 
 def write(text: str, command: str) -> None:
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    doc = open(path).read()
-    block = f"{BEGIN}\nMade by `{command}`.\n\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    open(path, "w").write(doc)
+    write_section(SECTION, f"Made by `{command}`.\n\n{text}", append=True)
 
 
 def main(argv=None) -> None:

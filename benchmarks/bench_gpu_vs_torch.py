@@ -48,7 +48,6 @@ import gc
 import importlib.metadata
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -66,6 +65,7 @@ if HERE not in sys.path:
 import bench_accel  # noqa: E402 - puts the repository root on sys.path
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from sections import write_section  # noqa: E402
 
 from hiera_jax.training import flops as flops_lib  # noqa: E402
 from hiera_jax.training import sharding  # noqa: E402
@@ -76,7 +76,7 @@ from hiera_jax.training.setup import (  # noqa: E402
 )
 
 ROOT = bench_accel.ROOT
-BEGIN, END = "<!-- gpu-vs-torch:begin -->", "<!-- gpu-vs-torch:end -->"
+SECTION = "gpu-vs-torch"  # of BENCHMARKS.md
 CASES = {"inference": "inference", "finetune": "finetune step", "mae": "MAE step"}
 IMPLS = ("ours", "official", "timm")
 MODES = ("eager", "compile")
@@ -330,17 +330,7 @@ def table(rows: list[dict], header: str) -> str:
 
 
 def write(text: str, command: str) -> None:
-    """Replace (or append) the block between BEGIN and END in BENCHMARKS.md."""
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    with open(path) as f:
-        doc = f.read()
-    block = f"{BEGIN}\nMade by `{command}`.\n\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(doc)
+    write_section(SECTION, f"Made by `{command}`.\n\n{text}", append=True)
 
 
 def header_line(device: str, torch_device: str, peak: float | None, repeats: int) -> str:

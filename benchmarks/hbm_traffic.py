@@ -33,11 +33,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is compile-only; the host traces
 
+from sections import write_section  # noqa: E402
+
 from hiera_jax.training import aot, hlo_cost  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 OUT = os.path.join(ROOT, "runs", "hbm_traffic")
-BEGIN, END = "<!-- hbm-traffic:begin -->", "<!-- hbm-traffic:end -->"
+SECTION = "hbm-traffic"  # of BENCHMARKS.md
 # (recipe, per-device batch): the settings (16 per device finetuning, 64 for MAE).
 ROWS = [
     ("in1k_finetune:base", 16),
@@ -213,15 +215,7 @@ def table(results: list[dict]) -> str:
 
 
 def write(results: list[dict]) -> None:
-    text = open(BENCHMARKS).read()
-    block = f"{BEGIN}\n{table(results)}\n{END}"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        raise SystemExit(f"BENCHMARKS.md has no {BEGIN} marker")
-    open(BENCHMARKS, "w").write(text)
-    print(f"wrote the table to {BENCHMARKS}")
+    write_section(SECTION, table(results))
 
 
 def main(argv=None) -> None:
@@ -245,7 +239,7 @@ def main(argv=None) -> None:
     rows = [r for r in ROWS if not args.only or r[0] in args.only]
     if args.recipe:
         rows = [(args.recipe, args.per_device)]
-    results = []
+    results, missing = [], []
     for recipe, per_device in rows:
         path = os.path.join(
             OUT, f"{recipe.replace(':', '_')}_{args.topology.replace(':', '_')}.json"
@@ -254,11 +248,17 @@ def main(argv=None) -> None:
             results.append(json.load(open(path)))
             continue
         if args.write_only:
+            missing.append(f"{recipe} ({os.path.relpath(path, ROOT)})")
             continue
         result = measure(recipe, per_device, args.topology, args.effort)
         json.dump(result, open(path, "w"), indent=1)
         results.append(result)
         print(table([result]), flush=True)
+    if missing:  # writing without them would drop their rows from the table
+        raise SystemExit(
+            "--write-only: no saved measurement for " + ", ".join(missing) + "; measure them "
+            "first (the same command without --write-only, or --reuse --write)"
+        )
     if args.json:
         json.dump({"results": results}, open(args.json, "w"), indent=1)
     if args.write or args.write_only:

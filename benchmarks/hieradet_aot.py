@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -27,12 +26,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from sections import write_section  # noqa: E402
 
 from hiera_jax.models import hieradet, hieradet_neck, tpu  # noqa: E402
 from hiera_jax.training import aot, chips  # noqa: E402
 from hiera_jax.training import flops as flops_lib  # noqa: E402
 
-BEGIN, END = "<!-- hieradet-aot:begin -->", "<!-- hieradet-aot:end -->"
+SECTION = "hieradet-aot"  # of BENCHMARKS.md
 VARIANTS = ("sam2_hiera_tiny", "sam2_hiera_base_plus", "sam2_hiera_large")
 
 
@@ -115,18 +115,12 @@ def main() -> None:
     body = table(rows)
     print(body)
     if args.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        text = open(path).read()
-        if BEGIN not in text:
-            raise SystemExit(f"BENCHMARKS.md has no {BEGIN} ... {END} section to write")
         command = " ".join(["python benchmarks/hieradet_aot.py", *sys.argv[1:]])
         note = (
             f"`{command}` (libtpu 0.0.42, effort -1, bf16 compute, float32 params replicated, "
             "batch data-parallel; XLA's counts of the compiled forward, no loops):\n\n"
         )
-        new = f"{BEGIN}\n{note}{body}\n{END}"
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: new, text, flags=re.S)
-        open(path, "w").write(text)
+        write_section(SECTION, note + body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -29,11 +28,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from sections import write_section  # noqa: E402
 
 from hiera_jax.models import hieradet, hieradet_neck  # noqa: E402
 from hiera_jax.weights import hieradet_convert  # noqa: E402
 
-BEGIN, END = "<!-- hieradet-speed:begin -->", "<!-- hieradet-speed:end -->"
+SECTION = "hieradet-speed"  # of BENCHMARKS.md
 
 
 def _randomise(model):
@@ -157,19 +157,13 @@ def main(argv=None) -> None:
     body = table(args.variant, args.size, args.rounds)
     print(body)
     if args.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        text = open(path).read()
-        if BEGIN not in text:
-            raise SystemExit(f"BENCHMARKS.md has no {BEGIN} ... {END} section to write")
         flags = f" --variant {args.variant} --size {args.size} --rounds {args.rounds}"
         note = (
             f"Made by `python benchmarks/hieradet_speed.py --write{flags}`: "
             f"{args.variant} at {args.size}x{args.size}, batch 1, float32, forward only, "
             f"{os.cpu_count()} CPU cores; medians of {args.rounds} interleaved rounds.\n\n"
         )
-        pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
-        new = f"{BEGIN}\n{note}{body}\n{END}"
-        open(path, "w").write(re.sub(pattern, lambda _: new, text, flags=re.S))
+        write_section(SECTION, note + body)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,11 +26,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
+from sections import write_section  # noqa: E402
 
 from hiera_jax.models import fused_mlp, tpu  # noqa: E402
 from hiera_jax.training import aot, hlo_cost  # noqa: E402
 
-BEGIN, END = "<!-- mlp-kernel:begin -->", "<!-- mlp-kernel:end -->"
+SECTION = "mlp-kernel"  # of BENCHMARKS.md
 # Hiera-B at 224, 16 images per chip: (batch, tokens, width) of each stage's blocks.
 STAGES = [(16, 3136, 96), (16, 784, 192), (16, 196, 384), (16, 49, 768)]
 # Fewer images per chip: where the kernel stops paying (rows = batch x tokens against width).
@@ -98,18 +98,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     body = table(args.stage or STAGES + SMALL)
     if args.write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        text = open(path).read()
-        if BEGIN not in text:
-            raise SystemExit(f"BENCHMARKS.md has no {BEGIN} ... {END} section to write")
         note = (
             "Made by `python benchmarks/mlp_kernel.py --write`: forward + backward of one MLP "
             "half, bf16, one v5e chip, compiler effort -1; XLA's count (this repository's "
             "estimate in brackets), MB per image.\n\n"
         )
-        pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
-        new = f"{BEGIN}\n{note}{body}\n{END}"
-        open(path, "w").write(re.sub(pattern, lambda _: new, text, flags=re.S))
+        write_section(SECTION, note + body)
 
 
 if __name__ == "__main__":
