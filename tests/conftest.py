@@ -9,11 +9,13 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# The dev extra installs libtpu (for the ahead-of-time TPU compiles); without this JAX would try
-# to start a TPU runtime in every process and log libtpu's warnings. Compile-only TPU devices
-# (`jax.experimental.topologies`) still work.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import train_helpers as th
+
+# The dev extra installs libtpu (for the ahead-of-time TPU compiles); without JAX_PLATFORMS=cpu
+# JAX would try to start a TPU runtime in every process and log libtpu's warnings. Compile-only
+# TPU devices (`jax.experimental.topologies`) still work. Also the suite's CPU compile level
+# (train_helpers.FAST_COMPILE).
+th.force_cpu_devices()
 # One JAX compilation cache for every train.py the tests start (train.py's
 # --config.compilation_cache_dir): runs of the same tiny program compile it once per session,
 # not once per run. Made here, before pytest-xdist starts its workers, so they share it too.

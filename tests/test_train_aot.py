@@ -39,8 +39,7 @@ def cli(workdir, *args, **extra) -> subprocess.CompletedProcess:
     flags = [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]
     command = [sys.executable, "train.py", "--config", "configs/digits_mae.py"]
     command += ["--workdir", str(workdir), *args, *flags]
-    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    env.pop("XLA_FLAGS", None)  # a user's shell: one CPU device
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "XLA_FLAGS": th.xla_flags()}
     return subprocess.run(
         command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600
     )
@@ -234,8 +233,7 @@ def test_hbm_traffic_benchmark_attributes_the_bytes(tmp_path):
     """benchmarks/hbm_traffic.py compiles a step unscanned for a TPU and splits its traffic by
     model part; the parts add up to the program's count, and attention is where the tables say."""
     out = tmp_path / "traffic.json"
-    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "XLA_FLAGS": th.xla_flags()}
     command = [sys.executable, "benchmarks/hbm_traffic.py", "--recipe", "digits_mae"]
     command += ["--per-device", "16", "--json", str(out)]
     run = subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600)

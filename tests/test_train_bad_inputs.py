@@ -24,8 +24,7 @@ def train_cli(*args, workdir=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "train.py", *args]
     if workdir is not None:
         command += ["--workdir", str(workdir)]
-    env = {**os.environ}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's shell has
+    env = {**os.environ, "XLA_FLAGS": th.xla_flags()}  # one CPU device, as a user's shell has
     return subprocess.run(
         command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=300
     )

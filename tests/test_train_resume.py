@@ -45,7 +45,7 @@ VALUES = th.overrides(
 def _launch(workdir) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = th.REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = th.xla_flags(1)
     cmd = [
         sys.executable,
         os.path.join(th.REPO, "train.py"),

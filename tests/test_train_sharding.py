@@ -163,7 +163,7 @@ def test_two_processes_match_one(tmp_path, mae_runs):
     reference = mae_runs[(2, 4)]  # the same config in this process, 8 devices
     env = dict(os.environ)
     env["PYTHONPATH"] = th.REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = th.xla_flags(4)
     env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
     workdir = tmp_path / "two"
     procs = [
