@@ -132,6 +132,67 @@ def test_pos_embed_is_torch_bicubic_plus_tiled_window():
         assert rel_err(ours, expected.numpy().transpose(0, 2, 3, 1)) < 1e-6
 
 
+def _unrolled_positions(window, strides):
+    """(y, x) of each token of a window in the unrolled order, by the formula written out:
+    offsets (i_1, j_1, ..., i_k, j_k, r, c) from slowest to fastest; y = ((r·s_k + i_k)...)·s_1
+    + i_1."""
+    import itertools
+
+    rh = window[0] // int(np.prod([s[0] for s in strides]))
+    rw = window[1] // int(np.prod([s[1] for s in strides]))
+    ranges = [range(n) for s in strides for n in s] + [range(rh), range(rw)]
+    positions = []
+    for offsets in itertools.product(*ranges):
+        *pool, r, c = offsets
+        y, x = r, c
+        for k in reversed(range(len(strides))):
+            y, x = y * strides[k][0] + pool[2 * k], x * strides[k][1] + pool[2 * k + 1]
+        positions.append((y, x))
+    return positions
+
+
+@pytest.mark.parametrize(
+    "window,strides",
+    [((8, 8), ((2, 2), (2, 2))), ((8, 8), ()), ((4, 6), ((2, 3),)), ((8, 12), ((2, 2),))],
+)
+def test_unrolled_windows_order_tokens_for_every_pool(window, strides):
+    """Blocks in the same windows keep x as each window's tokens, ordered so each pool is over
+    leading chunks: the order is the formula's, rolling back restores the map, and a pool over
+    the leading chunk is the map's max pool in the smaller windows."""
+    grid = (16, 24)
+    x = np.random.RandomState(0).randn(2, *grid, 5).astype(np.float32)
+    tokens = np.asarray(hieradet.unroll_windows(x, window, strides))
+    n_w = grid[1] // window[1]
+    for index, (y, x_) in enumerate(_unrolled_positions(window, strides)):
+        for w in (0, 3, tokens.shape[1] - 1):
+            top, left = (w // n_w) * window[0], (w % n_w) * window[1]
+            np.testing.assert_array_equal(tokens[:, w, index], x[:, top + y, left + x_])
+    np.testing.assert_array_equal(hieradet.roll_windows(tokens, grid, window, strides), x)
+    if strides:
+        (sh, sw), rest = strides[0], strides[1:]
+        pooled = tokens.reshape(*tokens.shape[:2], sh * sw, -1, 5).max(axis=2)
+        small = (window[0] // sh, window[1] // sw)
+        expected = hieradet.unroll_windows(hieradet.max_pool(x, (sh, sw)), small, rest)
+        np.testing.assert_array_equal(pooled, expected)
+
+
+def test_block_layouts_run_where_no_padding_is_needed():
+    """Runs of blocks keep the windowed tokens only where the windows tile the map unpadded."""
+    cfg = hieradet.get_config("sam2_hiera_base_plus", input_size=224)  # grids 56, 28, 14, 7
+    layouts = hieradet.block_layouts(cfg.block_specs, cfg.token_grid((224, 224)))
+    assert layouts[:3] == [((8, 8), ((2, 2), (2, 2)))] * 3  # stages 1-2: one run, both pools
+    assert layouts[3:6] == [((4, 4), ((2, 2),))] * 3
+    assert layouts[6:22] == [((14, 14), ((2, 2),))] * 16  # windows = the map; global blocks too
+    assert layouts[22:] == [((7, 7), ())] * 2
+    cfg = hieradet.get_config("sam2_hiera_tiny", input_size=1024)  # 256, 128, 64 (pad), 32 (pad)
+    layouts = hieradet.block_layouts(cfg.block_specs, cfg.token_grid((1024, 1024)))
+    specs = cfg.block_specs
+    assert layouts[:4] == [((8, 8), ((2, 2), (2, 2)))] * 2 + [((4, 4), ((2, 2),))] * 2
+    for spec, layout in zip(specs[4:], layouts[4:]):  # stage 3 on: 14- and 7-token windows pad
+        assert (layout is None) == bool(spec.window), (spec, layout)
+    assert [layouts[i] for i in cfg.global_att_blocks] == [((64, 64), ())] * 3
+
+
 def test_export_round_trips_and_loads_into_timm(reference):
     model, params = reference("sam2_hiera_tiny")
     theirs = {k: v.numpy() for k, v in model.state_dict().items()}

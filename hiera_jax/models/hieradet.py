@@ -299,11 +299,13 @@ def max_pool(x: jnp.ndarray, stride: Sequence[int]) -> jnp.ndarray:
     return x.max(axis=(-4, -2))
 
 
-def window_partition(x: jnp.ndarray, window: int) -> jnp.ndarray:
-    """[B, H, W, C] (H, W whole windows) -> [B, nH·nW, window, window, C], windows row-major."""
+def window_partition(x: jnp.ndarray, window: int | Grid) -> jnp.ndarray:
+    """[B, H, W, C] (H, W whole windows) -> [B, nH·nW, wh, ww, C], windows row-major; `window`
+    is a side or (wh, ww)."""
     b, h, w, c = x.shape
-    x = x.reshape(b, h // window, window, w // window, window, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, window, window, c)
+    wh, ww = (window, window) if isinstance(window, int) else window
+    x = x.reshape(b, h // wh, wh, w // ww, ww, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, wh, ww, c)
 
 
 def window_unpartition(windows: jnp.ndarray, grid: Grid) -> jnp.ndarray:
@@ -315,6 +317,95 @@ def window_unpartition(windows: jnp.ndarray, grid: Grid) -> jnp.ndarray:
 
 def _pad_to(size: int, window: int) -> int:
     return -(-size // window) * window
+
+
+# A layout of the token map between blocks: None is the [B, H, W, C] map; (window, strides) its
+# [B, nW, n, C] tokens of each (wh, ww) window (windows row-major, none padded), ordered so that
+# each pool in `strides` (the first first) max-pools over leading chunks, as Hiera's unroll
+# orders its tokens: a window row y = ((r·s_k + i_k)·...)·s_1 + i_1 sits at offset (i_1, j_1,
+# ..., i_k, j_k, r, c). Every op of a block but attention is per token, and attention is per
+# window, so a run of blocks in the same windows needs no copies between them, and no pool needs
+# the stride-first reorder.
+Layout = tuple[Grid, tuple[Grid, ...]] | None
+
+
+def _unroll_axes(k: int) -> tuple[int, ...]:
+    """The transpose from [B, nH, rh, s_k..s_1 (h), nW, rw, s_k..s_1 (w), C] to the token order."""
+    pairs = [(3 + k - j, 5 + 2 * k - j) for j in range(1, k + 1)]
+    return (0, 1, 3 + k, *(a for pair in pairs for a in pair), 2, 4 + k, 5 + 2 * k)
+
+
+def _window_shape(x_shape, grid: Grid, window: Grid, strides: tuple[Grid, ...]) -> tuple:
+    b, c = x_shape[0], x_shape[-1]
+    sh, sw = [s[0] for s in reversed(strides)], [s[1] for s in reversed(strides)]
+    rh, rw = window[0] // math.prod(sh), window[1] // math.prod(sw)
+    return (b, grid[0] // window[0], rh, *sh, grid[1] // window[1], rw, *sw, c)
+
+
+def unroll_windows(x: jnp.ndarray, window: Grid, strides: tuple[Grid, ...]) -> jnp.ndarray:
+    """[B, H, W, C] (whole windows) -> [B, nW, wh·ww, C] in the `Layout` order."""
+    b, h, w, c = x.shape
+    x = x.reshape(_window_shape(x.shape, (h, w), window, strides))
+    x = x.transpose(_unroll_axes(len(strides)))
+    return x.reshape(b, (h // window[0]) * (w // window[1]), window[0] * window[1], c)
+
+
+def roll_windows(
+    x: jnp.ndarray, grid: Grid, window: Grid, strides: tuple[Grid, ...]
+) -> jnp.ndarray:
+    """The inverse of `unroll_windows`: [B, nW, wh·ww, C] -> the [B, H, W, C] map of `grid`."""
+    shape = _window_shape(x.shape, grid, window, strides)
+    axes = _unroll_axes(len(strides))
+    x = x.reshape([shape[a] for a in axes])
+    return x.transpose(np.argsort(axes)).reshape(x.shape[0], *grid, x.shape[-1])
+
+
+def relayout(x: jnp.ndarray, grid: Grid, have: Layout, want: Layout) -> jnp.ndarray:
+    """The map of `grid` tokens from one `Layout` to another (one transpose at most)."""
+    if have == want:
+        return x
+    if have is not None:
+        x = roll_windows(x, grid, *have)
+    return x if want is None else unroll_windows(x, *want)
+
+
+def _block_windows(spec: BlockSpec, grid: Grid) -> Grid | None:
+    """The windows block `spec` attends in, if they tile the `grid` map without padding and
+    divide its pool (global attention: the whole map); None where the block takes the map
+    (padded to whole windows, or floor-pooled)."""
+    window = (spec.window, spec.window) if spec.window else grid
+    stride = spec.q_stride or (1, 1)
+    if any(g % w or w % s for g, w, s in zip(grid, window, stride)):
+        return None
+    return window
+
+
+def block_layouts(specs: Sequence[BlockSpec], grid: Grid) -> list[Layout]:
+    """Each block's input `Layout`: runs of blocks in the same windows (a pool keeps the window
+    grid, shrinking each window), their tokens ordered for every pool of the run."""
+    windows, grids = [], [grid]
+    for spec in specs:
+        windows.append(_block_windows(spec, grids[-1]))
+        stride = spec.q_stride or (1, 1)
+        grids.append(tuple(g // s for g, s in zip(grids[-1], stride)))
+    layouts: list[Layout] = [None] * len(specs)
+    for i in reversed(range(len(specs))):
+        if windows[i] is None:
+            continue
+        pool = (specs[i].q_stride,) if specs[i].q_stride else ()
+        stride = specs[i].q_stride or (1, 1)
+        after = tuple(w // s for w, s in zip(windows[i], stride))
+        runs_on = i + 1 < len(specs) and windows[i + 1] == after and layouts[i + 1] is not None
+        layouts[i] = (windows[i], pool + (layouts[i + 1][1] if runs_on else ()))
+    return layouts
+
+
+def pooled_layout(layout: Layout, stride: Grid | None) -> Layout:
+    """A block's output `Layout`: its input's, each window shrunk by the pool it took."""
+    if layout is None or stride is None:
+        return layout
+    (wh, ww), strides = layout
+    return (wh // stride[0], ww // stride[1]), strides[1:]
 
 
 def pos_embed(background: jnp.ndarray, window: jnp.ndarray, grid: Grid) -> jnp.ndarray:
@@ -356,11 +447,22 @@ class MultiScaleAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """[B, nW, wh, ww, C] windows -> [B, nW, wh', ww', dim_out] (wh' = wh // stride)."""
-        b, nw, wh, ww, _ = x.shape
+        """[B, nW, wh, ww, C] windows -> [B, nW, wh', ww', dim_out] (wh' = wh // stride); or
+        [B, nW, n, C] window tokens in a `Layout` order (pooled over leading chunks) ->
+        [B, nW, n', dim_out]."""
         head_dim = self.dim_out // self.heads
         qkv = Dense(3 * self.dim_out, dtype=self.dtype, name="qkv", **_dense_init())(x)
         stride = self.q_stride or (1, 1)
+        proj = Dense(self.dim_out, dtype=self.dtype, name="proj", **_dense_init(self.proj_rescale))
+        if x.ndim == 4:  # each window one batch row of Hiera's token attention, as below
+            b, nw, n, _ = x.shape
+            rows = qkv.reshape(b * nw, n, 3 * self.dim_out)
+            pool = stride[0] * stride[1]
+            out = attention(
+                rows, self.heads, 1, head_dim**-0.5, q_stride=pool, kernel=self.attention_kernel
+            )
+            return proj(out.reshape(b, nw, n // pool, self.dim_out))
+        b, nw, wh, ww, _ = x.shape
         if wh % stride[0] == 0 and ww % stride[1] == 0:
             # Each window as one batch row of Hiera's token attention, which reads the
             # projection's [n, 3·C] rows as they are (on TPU a kernel, no q/k/v relayouts).
@@ -372,10 +474,7 @@ class MultiScaleAttention(nn.Module):
             out = attention(
                 rows, self.heads, 1, head_dim**-0.5, q_stride=sh * sw, kernel=self.attention_kernel
             )
-            out = out.reshape(b, nw, wh // sh, ww // sw, self.dim_out)
-            return Dense(
-                self.dim_out, dtype=self.dtype, name="proj", **_dense_init(self.proj_rescale)
-            )(out)
+            return proj(out.reshape(b, nw, wh // sh, ww // sw, self.dim_out))
         # A pooled map the stride does not divide (floor pooling drops its edge): q pooled alone.
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B, nW, wh, ww, dim_out], heads-major
         if self.q_stride is not None:
@@ -388,10 +487,7 @@ class MultiScaleAttention(nn.Module):
         out = window_attention(
             heads_first(q), heads_first(k), heads_first(v), head_dim**-0.5, self.attention_kernel
         )
-        out = out.transpose(0, 1, 3, 2, 4).reshape(b, nw, qh, qw, self.dim_out)
-        return Dense(self.dim_out, dtype=self.dtype, name="proj", **_dense_init(self.proj_rescale))(
-            out
-        )
+        return proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, qh, qw, self.dim_out))
 
 
 class MultiScaleBlock(nn.Module):
@@ -412,24 +508,31 @@ class MultiScaleBlock(nn.Module):
     init_rescale: float = 1.0  # timm fix_init: attn.proj and mlp.fc2 weights times this
     attention_kernel: str = "auto"
     mlp_kernel: str = "auto"
+    # x arrives (and leaves) as [B, nW, n, C]: the tokens of the windows it attends in, in a
+    # `Layout` order (pooled over leading chunks), not padded; otherwise as the map.
+    windowed: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """[B, H, W, dim] -> [B, H', W', dim_out] (H' = H // q_stride when pooling)."""
+        """[B, H, W, dim] -> [B, H', W', dim_out] (H' = H // q_stride when pooling); windowed:
+        [B, nW, n, dim] -> [B, nW, n', dim_out] (n' = n / (sh·sw))."""
         dim = x.shape[-1]
         shortcut = x
         x = LayerNorm(self.norm_eps, self.dtype, name="norm1")(x)
         if dim != self.dim_out:
             shortcut = Dense(self.dim_out, dtype=self.dtype, name="proj", **_dense_init())(x)
-            if self.q_stride is not None:
+            if self.q_stride is not None and self.windowed:  # over each window's leading chunk
+                b, nw, n, c = shortcut.shape
+                pool = self.q_stride[0] * self.q_stride[1]
+                shortcut = shortcut.reshape(b, nw, pool, n // pool, c).max(axis=2)
+            elif self.q_stride is not None:
                 shortcut = max_pool(shortcut, self.q_stride)
-        h, w = x.shape[1:3]
-        if self.window:
-            hp, wp = _pad_to(h, self.window), _pad_to(w, self.window)
+        if not self.windowed:  # the map: padded to whole windows (zeros after norm1), split
+            h, w = x.shape[1:3]
+            window = self.window or (h, w)  # global attention: one window, the whole map
+            hp, wp = _pad_to(h, self.window or h), _pad_to(w, self.window or w)
             x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-            x = window_partition(x, self.window)
-        else:
-            x = x[:, None]  # one window: the whole map
+            x = window_partition(x, window)
         x = MultiScaleAttention(
             self.dim_out,
             self.heads,
@@ -439,12 +542,10 @@ class MultiScaleBlock(nn.Module):
             attention_kernel=self.attention_kernel,
             name="attn",
         )(x)
-        h, w = shortcut.shape[1:3]
-        if self.window:
-            window = x.shape[2]  # shrunk by the pool
-            x = window_unpartition(x, (_pad_to(h, window), _pad_to(w, window)))[:, :h, :w]
-        else:
-            x = x[:, 0]
+        if not self.windowed:  # back to the map, the padding cropped
+            h, w = shortcut.shape[1:3]
+            wh, ww = x.shape[2:4]  # shrunk by the pool
+            x = window_unpartition(x, (_pad_to(h, wh), _pad_to(w, ww)))[:, :h, :w]
         drop = DropPath(self.drop_path, name="drop_path")
         if self.init_values is not None:
             x = LayerScale(self.init_values, name="ls1")(x)
@@ -455,9 +556,8 @@ class MultiScaleBlock(nn.Module):
         mlp = Mlp(hidden, dtype=self.dtype, fc2_rescale=self.init_rescale, name="mlp")
         if self.init_values is None and not self.is_initializing():
             # norm2, the MLP and the residual in one (TPU) kernel, as Hiera's blocks run them
-            # (hiera_jax.models.fused_mlp), on the map's tokens [B, H·W, C].
-            b, h, w, c = x.shape
-            tokens = x.reshape(b, h * w, c)
+            # (hiera_jax.models.fused_mlp), on the map's tokens [B, H·W, C] (any order).
+            tokens = x.reshape(x.shape[0], -1, x.shape[-1])
             keep, keep_scale = drop.draw(tokens.shape, train=train)
             params = self.variables["params"]
             fc1, fc2 = params["mlp"]["fc1"], params["mlp"]["fc2"]
@@ -471,7 +571,7 @@ class MultiScaleBlock(nn.Module):
                 out = fused_mlp.mlp_half(
                     tokens, half, self.norm_eps, keep, keep_scale, kernel=self.mlp_kernel
                 )
-            return out.reshape(b, h, w, c)
+            return out.reshape(x.shape)
         y = mlp(norm2(x))
         if self.init_values is not None:
             y = LayerScale(self.init_values, name="ls2")(y)
@@ -541,8 +641,12 @@ class HieraDet(nn.Module):
 
         # remat: the block's activations are recomputed in the backward pass (`train` static).
         block_cls = nn.remat(MultiScaleBlock, static_argnums=(2,)) if cfg.remat else MultiScaleBlock
-        maps = []
-        for i, spec in enumerate(cfg.block_specs):
+        # Runs of blocks in the same windows keep x as their tokens (`block_layouts`).
+        maps, layout = [], None
+        for i, (spec, want) in enumerate(
+            zip(cfg.block_specs, block_layouts(cfg.block_specs, grid))
+        ):
+            x = relayout(x, grid, layout, want)
             x = block_cls(
                 spec.dim_out,
                 spec.heads,
@@ -556,11 +660,15 @@ class HieraDet(nn.Module):
                 init_rescale=1.0 / math.sqrt(2.0 * (i + 1)),
                 attention_kernel=cfg.attention_kernel,
                 mlp_kernel=cfg.mlp_kernel,
+                windowed=want is not None,
                 name=f"blocks_{i}",
             )(x, train)
+            layout = pooled_layout(want, spec.q_stride)
+            if spec.q_stride is not None:  # floor pooling
+                grid = tuple(g // s for g, s in zip(grid, spec.q_stride))
             if i in cfg.stage_ends:
-                maps.append(x)
-        return x, tuple(maps)
+                maps.append(relayout(x, grid, layout, None))
+        return relayout(x, grid, layout, None), tuple(maps)
 
 
 class ClassifierHead(nn.Module):
