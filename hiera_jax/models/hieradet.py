@@ -299,22 +299,6 @@ def max_pool(x: jnp.ndarray, stride: Sequence[int]) -> jnp.ndarray:
     return x.max(axis=(-4, -2))
 
 
-def window_partition(x: jnp.ndarray, window: int | Grid) -> jnp.ndarray:
-    """[B, H, W, C] (H, W whole windows) -> [B, nH·nW, wh, ww, C], windows row-major; `window`
-    is a side or (wh, ww)."""
-    b, h, w, c = x.shape
-    wh, ww = (window, window) if isinstance(window, int) else window
-    x = x.reshape(b, h // wh, wh, w // ww, ww, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, wh, ww, c)
-
-
-def window_unpartition(windows: jnp.ndarray, grid: Grid) -> jnp.ndarray:
-    """[B, nH·nW, w, w, C] -> [B, H, W, C] for a padded `grid` (H, W) of whole windows."""
-    b, _, wh, ww, c = windows.shape
-    x = windows.reshape(b, grid[0] // wh, grid[1] // ww, wh, ww, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid[0], grid[1], c)
-
-
 def _pad_to(size: int, window: int) -> int:
     return -(-size // window) * window
 
@@ -447,14 +431,17 @@ class MultiScaleAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """[B, nW, wh, ww, C] windows -> [B, nW, wh', ww', dim_out] (wh' = wh // stride); or
-        [B, nW, n, C] window tokens in a `Layout` order (pooled over leading chunks) ->
-        [B, nW, n', dim_out]."""
+        """[B, nW, n, C] window tokens in a `Layout` order (pooled over leading chunks) ->
+        [B, nW, n', dim_out]; or one [B, 1, H, W, C] window the stride does not divide ->
+        [B, 1, H', W', dim_out] (floor pooling)."""
         head_dim = self.dim_out // self.heads
         qkv = Dense(3 * self.dim_out, dtype=self.dtype, name="qkv", **_dense_init())(x)
         stride = self.q_stride or (1, 1)
         proj = Dense(self.dim_out, dtype=self.dtype, name="proj", **_dense_init(self.proj_rescale))
-        if x.ndim == 4:  # each window one batch row of Hiera's token attention, as below
+        if x.ndim == 4:
+            # Each window as one batch row of Hiera's token attention, which reads the
+            # projection's [n, 3·C] rows as they are (on TPU a kernel, no q/k/v relayouts); the
+            # pool is over leading chunks, as Hiera's; keys in any order.
             b, nw, n, _ = x.shape
             rows = qkv.reshape(b * nw, n, 3 * self.dim_out)
             pool = stride[0] * stride[1]
@@ -462,20 +449,8 @@ class MultiScaleAttention(nn.Module):
                 rows, self.heads, 1, head_dim**-0.5, q_stride=pool, kernel=self.attention_kernel
             )
             return proj(out.reshape(b, nw, n // pool, self.dim_out))
-        b, nw, wh, ww, _ = x.shape
-        if wh % stride[0] == 0 and ww % stride[1] == 0:
-            # Each window as one batch row of Hiera's token attention, which reads the
-            # projection's [n, 3·C] rows as they are (on TPU a kernel, no q/k/v relayouts).
-            # Pooling: the window's tokens ordered (i, j, a, b) for query (a, b)'s stride
-            # offsets (i, j), so the pool is over leading chunks, as Hiera's; keys in any order.
-            sh, sw = stride
-            rows = qkv.reshape(b * nw, wh // sh, sh, ww // sw, sw, 3 * self.dim_out)
-            rows = rows.transpose(0, 2, 4, 1, 3, 5).reshape(b * nw, wh * ww, 3 * self.dim_out)
-            out = attention(
-                rows, self.heads, 1, head_dim**-0.5, q_stride=sh * sw, kernel=self.attention_kernel
-            )
-            return proj(out.reshape(b, nw, wh // sh, ww // sw, self.dim_out))
         # A pooled map the stride does not divide (floor pooling drops its edge): q pooled alone.
+        b, nw = x.shape[:2]
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B, nW, wh, ww, dim_out], heads-major
         if self.q_stride is not None:
             q = max_pool(q, self.q_stride)
@@ -527,12 +502,17 @@ class MultiScaleBlock(nn.Module):
                 shortcut = shortcut.reshape(b, nw, pool, n // pool, c).max(axis=2)
             elif self.q_stride is not None:
                 shortcut = max_pool(shortcut, self.q_stride)
-        if not self.windowed:  # the map: padded to whole windows (zeros after norm1), split
+        if not self.windowed:  # the map: padded to whole windows (zeros after norm1), unrolled
             h, w = x.shape[1:3]
-            window = self.window or (h, w)  # global attention: one window, the whole map
-            hp, wp = _pad_to(h, self.window or h), _pad_to(w, self.window or w)
-            x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-            x = window_partition(x, window)
+            window = (self.window, self.window) if self.window else (h, w)  # global: the map
+            grid = (_pad_to(h, window[0]), _pad_to(w, window[1]))
+            x = jnp.pad(x, ((0, 0), (0, grid[0] - h), (0, grid[1] - w), (0, 0)))
+            stride = self.q_stride or (1, 1)
+            if window[0] % stride[0] or window[1] % stride[1]:  # floor pooling of the whole map
+                layout, x = None, x[:, None]
+            else:
+                layout = (window, (self.q_stride,) if self.q_stride else ())
+                x = unroll_windows(x, *layout)
         x = MultiScaleAttention(
             self.dim_out,
             self.heads,
@@ -544,8 +524,11 @@ class MultiScaleBlock(nn.Module):
         )(x)
         if not self.windowed:  # back to the map, the padding cropped
             h, w = shortcut.shape[1:3]
-            wh, ww = x.shape[2:4]  # shrunk by the pool
-            x = window_unpartition(x, (_pad_to(h, wh), _pad_to(w, ww)))[:, :h, :w]
+            if layout is None:
+                x = x[:, 0]
+            else:
+                pooled = tuple(g // s for g, s in zip(grid, stride))
+                x = roll_windows(x, pooled, *pooled_layout(layout, self.q_stride))[:, :h, :w]
         drop = DropPath(self.drop_path, name="drop_path")
         if self.init_values is not None:
             x = LayerScale(self.init_values, name="ls1")(x)
