@@ -37,7 +37,6 @@ from sections import write_section  # noqa: E402
 
 from hiera_jax.training import aot, hlo_cost  # noqa: E402
 
-BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 OUT = os.path.join(ROOT, "runs", "hbm_traffic")
 SECTION = "hbm-traffic"  # of BENCHMARKS.md
 # (recipe, per-device batch): the settings (16 per device finetuning, 64 for MAE).
