@@ -210,7 +210,9 @@ def test_states_with_remat_and_video():
     model = hiera_jax.HieraModel(config)
     params = hiera_jax.init_params(model, jax.random.key(0))
     x = random_input((1, 4, 64, 64, 3), seed=9)
-    out = model.apply({"params": params}, x, output_hidden_states=True, output_attentions=True)
+    out = jax.jit(
+        lambda p, x: model.apply(p, x, output_hidden_states=True, output_attentions=True)
+    )({"params": params}, x)
     assert [h.shape for h in out.reshaped_hidden_states] == [
         (1, 2, 16, 16, 96),
         (1, 2, 16, 16, 96),
@@ -219,7 +221,9 @@ def test_states_with_remat_and_video():
         (1, 2, 2, 2, 768),
     ]
     assert out.attentions[0].shape == (1, 1, 8, 64, 64)
-    plain = model.apply({"params": params}, x, return_intermediates=True)
+    plain = jax.jit(lambda p, x: model.apply(p, x, return_intermediates=True))(
+        {"params": params}, x
+    )
     # Two programs: with attentions XLA's path keeps the probabilities; without, the path that
     # can take the attention kernel (hiera_jax.models.attention), which XLA fuses differently.
     for fmap, state in zip(plain.feature_maps, out.reshaped_hidden_states[1:]):

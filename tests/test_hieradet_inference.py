@@ -125,13 +125,13 @@ def test_predictor_classifier(classifier_dir, tmp_path):
     )
     np.testing.assert_allclose(batch, expected_batch, atol=1e-6)
     model = hieradet.HieraDetForImageClassification(cfg)
-    logits = model.apply({"params": params}, batch)
+    logits = jax.jit(model.apply)({"params": params}, batch)
     probs = predictor.predict(images)
     np.testing.assert_allclose(probs, jax.nn.softmax(logits, -1), atol=1e-6)
     top = predictor.top_k(images, k=2)
     assert [len(t) for t in top] == [2, 2, 2] and top[0][0][1] == pytest.approx(probs[0].max())
     feats = predictor.features(images)
-    _, maps = hieradet.HieraDet(cfg).apply(
+    _, maps = jax.jit(hieradet.HieraDet(cfg).apply, static_argnums=2)(
         {"params": {k: v for k, v in params.items() if k != "head"}}, batch, True
     )
     assert sorted(feats) == ["stage1", "stage2", "stage3", "stage4"]
@@ -172,12 +172,14 @@ def test_predictor_image_encoder_sharded_and_bf16(encoder_checkpoint):
     )
     np.testing.assert_allclose(batch, expected_batch, atol=1e-6)
     feats = predictor.features(batch, preprocessed=True)
-    ref = hieradet_neck.ImageEncoder(trunk).apply({"params": params}, batch)
+    ref = jax.jit(hieradet_neck.ImageEncoder(trunk).apply)({"params": params}, batch)
     assert rel_err(feats["vision_features"], ref["vision_features"]) < 1e-5
     for i, level in enumerate(ref["backbone_fpn"]):
         assert rel_err(feats[f"backbone_fpn{i}"], level) < 1e-5
         assert rel_err(feats[f"vision_pos_enc{i}"], ref["vision_pos_enc"][i]) < 1e-6
-    _, maps = hieradet.HieraDet(trunk).apply({"params": params["trunk"]}, batch, True)
+    _, maps = jax.jit(hieradet.HieraDet(trunk).apply, static_argnums=2)(
+        {"params": params["trunk"]}, batch, True
+    )
     for i, m in enumerate(maps):
         assert rel_err(feats[f"stage{i + 1}"], m) < 1e-5
 

@@ -77,8 +77,8 @@ def test_grey_input_equals_rgb_with_that_grey(rgb_checkpoint):
     assert model.config.in_chans == 1
     assert params["patch_embed"]["proj"]["kernel"].shape[-2] == 1
     grey = jax.random.normal(jax.random.key(1), (2, 64, 64, 1))
-    out = model.apply({"params": params}, grey)
-    expected = rgb_model.apply({"params": rgb_params}, jnp.repeat(grey, 3, axis=-1))
+    out = jax.jit(model.apply)({"params": params}, grey)
+    expected = jax.jit(rgb_model.apply)({"params": rgb_params}, jnp.repeat(grey, 3, axis=-1))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="channels"):
         model.apply({"params": params}, jnp.repeat(grey, 3, axis=-1))
@@ -105,7 +105,7 @@ def test_backbone_and_refused_mae(tmp_path):
     params = hiera_jax.init_params(model, jax.random.key(3))
     hiera_jax.save_pretrained(str(tmp_path / "bb"), params, config, model_type="backbone")
     model, params = hiera_jax.load_pretrained(str(tmp_path / "bb"), in_chans=1)
-    out = model.apply({"params": params}, jnp.zeros((1, 64, 64, 1)))
+    out = jax.jit(model.apply)({"params": params}, jnp.zeros((1, 64, 64, 1)))
     assert out.pooler_output.shape == (1, config.num_features)
 
     mae = hiera_jax.get_config("mae_hiera_tiny_224", **SMALL)

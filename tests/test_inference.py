@@ -116,7 +116,7 @@ def test_predict_files_match_model_apply(small_checkpoint, image_files):
 
     batch = np.stack([_torchvision_reference(Image.open(p)) for p in image_files])
     model = hiera_jax.HieraForImageClassification(config)
-    logits = np.asarray(model.apply({"params": params}, batch))
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
     np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
@@ -140,7 +140,10 @@ def test_features_match_hiera_model(small_checkpoint, image_files):
     maps = predictor.features(image_files[:2])
     batch = predictor.preprocess(image_files[:2])
     backbone = {k: v for k, v in params.items() if k != "head"}
-    out = HieraModel(config).apply({"params": backbone}, batch, return_intermediates=True)
+    model = HieraModel(config)
+    out = jax.jit(lambda p, x: model.apply(p, x, return_intermediates=True))(
+        {"params": backbone}, batch
+    )
     assert list(maps) == ["stage1", "stage2", "stage3", "stage4"]
     for ours, ref in zip(maps.values(), out.feature_maps):
         np.testing.assert_allclose(ours, np.asarray(ref), rtol=1e-5, atol=1e-5)
@@ -239,7 +242,7 @@ def test_load_pretrained_at_256_runs(small_checkpoint, image_files):
     probs = predictor.predict(batch, preprocessed=True)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     # At 256 the model is the 224 model with a resampled table: the rest of the params are shared.
-    logits = model.apply({"params": loaded}, batch)
+    logits = jax.jit(model.apply)({"params": loaded}, batch)
     assert np.isfinite(np.asarray(logits)).all()
     with pytest.raises(ValueError, match="input_size=.250, 250."):
         hiera_jax.load_pretrained(directory, input_size=250)
@@ -256,7 +259,7 @@ def test_video_pos_embed_resized_separately():
         resized["pos_embed_spatial"],
         pos_embed.resize_grid(np.asarray(params["pos_embed_spatial"]), (56, 56), (64, 64)),
     )
-    logits = hiera_jax.HieraForImageClassification(target).apply(
+    logits = jax.jit(hiera_jax.HieraForImageClassification(target).apply)(
         {"params": resized}, np.zeros((1, 32, 256, 256, 3), np.float32)
     )
     assert logits.shape == (1, 400)
@@ -290,8 +293,8 @@ def test_bfloat16_close_to_float32(small_checkpoint, image_files):
     )
     model32 = hiera_jax.HieraForImageClassification(f32.config)
     model16 = hiera_jax.HieraForImageClassification(bf16.config)
-    logits32 = np.asarray(model32.apply({"params": f32.params}, batch))
-    logits16 = np.asarray(model16.apply({"params": bf16.params}, batch))
+    logits32 = np.asarray(jax.jit(model32.apply)({"params": f32.params}, batch))
+    logits16 = np.asarray(jax.jit(model16.apply)({"params": bf16.params}, batch))
     logit_err = _rel(logits16, logits32)
     print(f"bf16 vs f32 relative error: logits {logit_err:.2e}, stage4 {err:.2e}")
     assert 1e-4 < logit_err < 5e-2 and 1e-4 < err < 5e-2  # really bf16, and close
@@ -334,5 +337,5 @@ def test_train_py_style_checkpoint_keeps_its_normalisation_and_channels(tmp_path
     assert batch.shape == (1, 32, 32, 1)
     probs = predictor.predict([str(tmp_path / "digit.png")])
     np.testing.assert_allclose(
-        probs, jax.nn.softmax(model.apply({"params": params}, batch)), rtol=1e-5, atol=1e-7
+        probs, jax.nn.softmax(jax.jit(model.apply)({"params": params}, batch)), rtol=1e-5, atol=1e-7
     )

@@ -137,8 +137,8 @@ def test_aot_bad_topology_is_one_line(tmp_path, topology, message):
 
 def test_flop_count_on_tpu_devices():
     """`Lowered.cost_analysis` is None on TPU; the MFU count comes from the same step lowered for
-    the CPU, and the compiled TPU program's own count (the last fallback) agrees within 2% once
-    the kernels' recompute is added."""
+    the CPU. (The compiled TPU program's own count, the last fallback, is checked against the
+    same reference by `test_aot_fit_check_reports_a_step_that_fits`, which compiles this step.)"""
     devices = aot.topology_devices("v5e:2x2")
     config = th.make_config("mae", {**SCAN_OFF, "batch_size": 256})
     mesh = sharding.create_mesh((-1, 1), devices)
@@ -146,17 +146,10 @@ def test_flop_count_on_tpu_devices():
     with jax.set_mesh(mesh):
         p_train = setup.jit_train_step()
         train_args = setup.abstract_train_args()
-        lowered = p_train.lower(*train_args)
-        assert lowered.cost_analysis() is None  # why a fallback is needed
+        assert p_train.lower(*train_args).cost_analysis() is None  # why a fallback is needed
         count = model_flops_per_step(setup, train_args, p_train)
-        compiled = flops.compiled_flops(
-            lowered.compile({"exec_time_optimization_effort": -1.0}), mesh.size
-        )
     reference = cpu_flops({"batch_size": 256})
     assert count is not None and abs(count - reference) / reference < 0.02, (count, reference)
-    with jax.set_mesh(mesh):
-        recompute = flops.kernel_recompute_flops(setup.unlooped_step_fn(), *train_args)
-    assert compiled is not None and abs(compiled - reference - recompute) / reference < 0.02
 
 
 @pytest.mark.parametrize("mlp_kernel, attention_kernel", [("auto", "xla"), ("xla", "xla")])

@@ -282,13 +282,15 @@ def fit_check(
 
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    device_flops = float(cost.get("flops", 0.0))
+    # The compiled program's own count (setup.model_flops_per_step's last fallback).
+    compiled_total = flops_lib.compiled_flops(compiled, mesh.size) or 0.0
+    device_flops = compiled_total / mesh.size
     xla_bytes = float(cost.get("bytes accessed", 0.0))
     hlo_text = compiled.as_text() or ""
     looped = use_scan(mcfg) or setup.accum_steps > 1
     device_bytes = looped_bytes(hlo_text, xla_bytes) if looped else xla_bytes
     # With remat's recompute and the kernels'.
-    report["flops"]["compiled_per_step"] = device_flops * mesh.size
+    report["flops"]["compiled_per_step"] = compiled_total
     # The Pallas kernels' backwards recompute (fc1, attention logits): the compiled count has
     # it, the CPU counts below do not (the CPU takes XLA's branch of their platform switch).
     with jax.set_mesh(mesh), tpu.compiling_for(kind):
