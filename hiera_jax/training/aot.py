@@ -280,10 +280,10 @@ def fit_check(
     report["headroom_bytes"] = hbm - memory["peak"] if hbm else None
     report["fits"] = True  # the compiler assigned every buffer within its HBM
 
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    # The compiled program's own count (setup.model_flops_per_step's last fallback).
-    compiled_total = flops_lib.compiled_flops(compiled, mesh.size) or 0.0
+    cost = flops_lib.cost_dict(compiled)
+    # The compiled program's own count, as `flops.compiled_flops` (the MFU count's last
+    # fallback) makes it global.
+    compiled_total = flops_lib.global_flops(cost, mesh.size) or 0.0
     device_flops = compiled_total / mesh.size
     xla_bytes = float(cost.get("bytes accessed", 0.0))
     hlo_text = compiled.as_text() or ""

@@ -29,11 +29,7 @@ def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
     Remat recompute is counted, and a `lax.scan` body only once: lower a step without either to
     get model FLOPs.
     """
-    cost: Any = lowered.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
+    return global_flops(cost_dict(lowered), 1)
 
 
 def compiled_flops(compiled: jax.stages.Compiled, num_devices: int) -> float | None:
@@ -43,10 +39,21 @@ def compiled_flops(compiled: jax.stages.Compiled, num_devices: int) -> float | N
     and so does work every device repeats (the optimizer update of replicated parameters under
     pure data parallelism), once per device: a small over-count next to a real batch's FLOPs.
     """
-    cost: Any = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
+    return global_flops(cost_dict(compiled), num_devices)
+
+
+def cost_dict(stage: jax.stages.Lowered | jax.stages.Compiled) -> dict[str, Any]:
+    """XLA's cost analysis of a lowered or compiled program as one dict ({} where none)."""
+    cost: Any = stage.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
+    return dict(cost or {})
+
+
+def global_flops(cost: dict[str, Any], num_devices: int) -> float | None:
+    """The "flops" of a `cost_dict` times `num_devices` (its per-device count made global);
+    None where XLA gives no positive count."""
+    flops = cost.get("flops")
     return float(flops) * num_devices if flops is not None and flops > 0 else None
 
 
