@@ -128,10 +128,15 @@ def main(argv):
     # orbax logs every save at INFO through absl; keep the terminal for the progress bar.
     absl_logging.set_verbosity(absl_logging.WARNING)
     from hiera_jax.training.checkpoint import CheckpointError
+    from hiera_jax.training.quiet import quiet_library_noise
+    from hiera_jax.training.workdir_lock import WorkdirInUse
+
+    if not FLAGS.verbose:  # an error ends in our one line, not in orbax's tracebacks after it
+        quiet_library_noise()
 
     try:
         run(FLAGS.config)
-    except (ValueError, OSError, CheckpointError, FloatingPointError) as e:  # the user's to fix
+    except (ValueError, OSError, CheckpointError, FloatingPointError, WorkdirInUse) as e:
         if FLAGS.verbose:
             raise
         fail(e)

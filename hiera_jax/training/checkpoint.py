@@ -9,16 +9,17 @@ iterator's state, one JSON file per process, written by grain's orbax handler).
 from __future__ import annotations
 
 import dataclasses
+import glob as glob_lib
 import json
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from hiera_jax.models.config import HieraConfig
 
@@ -61,10 +62,45 @@ def brief(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
+def escape_glob_in_base_paths() -> None:
+    """Make `epath.Path(base).glob(pattern)` treat only `pattern` as a pattern, as pathlib does.
+
+    etils joins the base path and the pattern into one glob string, so a workdir such as
+    `runs/sweep [lr=1e-3]` turns into a character class: orbax then finds no per-process OCDBT
+    files to merge and writes checkpoints that report success but can never be restored. Escaping
+    the base (`glob.escape`) fixes every glob orbax makes under the checkpoint directory."""
+    from etils.epath import gpath
+
+    original = gpath._GPath.glob
+    if getattr(original, "escapes_base", False):
+        return
+
+    def glob(self, pattern: str):
+        base = self._path_str
+        if not glob_lib.has_magic(base) or "**" in pattern:
+            yield from original(self, pattern)
+            return
+        for found in self._backend.glob(self._PATH.join(glob_lib.escape(base), pattern)):
+            yield self._new(found)
+
+    glob.escapes_base = True
+    gpath._GPath.glob = glob
+
+
 class Checkpointer:
+    """Orbax's manager with failures turned into one `CheckpointError` that names the step that
+    could not be written and the last good checkpoint, and the first save of a run read back."""
+
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+        escape_glob_in_base_paths()
         self.directory = os.path.abspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as err:
+            raise OSError(
+                err.errno,
+                f"cannot create the checkpoint directory {self.directory}: {err.strerror}",
+            ) from None
         partial = [n for n in os.listdir(self.directory) if "tmp" in n]
         for name in partial:
             log.warning(
@@ -81,6 +117,10 @@ class Checkpointer:
             ),
             item_names=("state", "meta", "data"),
         )
+        self._good = self.finished_steps()  # known on disk, even if the disk goes away
+        self._pending: int | None = None  # the step of a save that may still be running
+        self._verified = False  # the first save of this run was read back
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -88,11 +128,105 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def finished_steps(self) -> list[int]:
+        """Steps whose directories are finalised on disk (orbax renames a save's tmp directory
+        only once every item is written)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
     def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
+        self.wait()  # the previous save's failure is reported as that step's
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise many types
+            raise self._save_error(step, err) from err
+        self._pending = step
+        if not self._verified:
+            self.wait()
+            self.verify(step)
+            self._verified = True
+        return saved
+
+    def wait(self) -> None:
+        """Until the running save is on disk; CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_error(self._pending, err) from err
+        if self._pending is not None:
+            self._good.append(self._pending)
+        self._pending = None
+
+    def abandon_pending(self) -> None:
+        """The run is failing for another reason: let a running save finish (or fail) first, so
+        that `last_good()` counts it, and close quietly afterwards."""
+        try:
+            self.wait()
+        except CheckpointError as err:
+            log.debug("the save running when the run failed did not finish: %s", err)
+        self._failed = True
+
+    def verify(self, step: int) -> None:
+        """Read `step`'s step counter back from where it was written: a save that orbax reports
+        but that cannot be restored must not go unnoticed until the resume."""
+        path = os.path.join(self.directory, str(step), "state")
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item={"step": 0},
+                    restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+                    partial_restore=True,
+                ),
+            )
+            found = int(restored["step"])
+        except Exception as err:  # noqa: BLE001
+            self._failed = True
+            raise CheckpointError(
+                f"the checkpoint of step {step} was written to {path} but cannot be read back "
+                f"({brief(err)}); this workdir cannot hold restorable checkpoints. Pass another "
+                "--workdir (a local disk or a mounted bucket)"
+            ) from err
+        if found != step:
+            self._failed = True
+            raise CheckpointError(
+                f"the checkpoint written to {path} for step {step} reads back as step {found}"
+            )
+
+    def _save_error(self, step: int | None, err: BaseException) -> CheckpointError:
+        self._failed = True
+        text = str(err)
+        if "os_error_code='28'" in text or "No space left" in text:
+            reason = "no space left on the device"
+        elif "os_error_code='13'" in text or "Permission denied" in text:
+            reason = "permission denied"
+        elif "os_error_code='30'" in text or "Read-only file system" in text:
+            reason = "the file system is read-only"
+        elif "os_error_code='2'" in text or "No such file" in text:
+            reason = "the directory disappeared (a lost mount, or removed while running)"
+        else:
+            reason = brief(err)
+        where = f"step {step} to {self.directory}/{step}" if step is not None else self.directory
+        return CheckpointError(
+            f"could not write the checkpoint of {where}: {reason}; {self.last_good(step)}"
+        )
+
+    def last_good(self, before: int | None = None) -> str:
+        """Where a failed run can resume from, as the end of its error line."""
+        found = set(self.finished_steps()) | set(self._good)
+        good = sorted(s for s in found if before is None or s < before)
+        if not good:
+            return "there is no checkpoint to resume from yet. Fix the disk and start again"
+        return (
+            f"the last good checkpoint is step {good[-1]} ({self.directory}/{good[-1]}), intact. "
+            "Fix the disk, then run the same command to resume from it"
+        )
 
     def restore_data(self, step: int, data_iterator: Any) -> bool:
         """Set `data_iterator` to its state saved at `step`; False if this checkpoint holds none
@@ -115,10 +249,14 @@ class Checkpointer:
             ) from err
         return True
 
-    def check_same_run(self, step: int, *, task: str, model: dict) -> None:
+    def check_same_run(
+        self, step: int, *, task: str, model: dict, config: dict | None = None
+    ) -> list[str]:
         """CheckpointError if `step` was written by a run of another task or architecture (the
-        workdir belongs to another run). Execution fields (dtype, remat) and regularisation may
-        change on resume."""
+        workdir belongs to another run) or with another batch size (the saved input position is
+        for that one). Execution fields (dtype, remat) and regularisation may change on resume.
+        Returns the other config fields that changed ("optim.lr: 0.002 there, 0.001 now"), for
+        the run to print."""
         path = os.path.join(self.directory, str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -126,7 +264,7 @@ class Checkpointer:
             ]
         except Exception as err:  # noqa: BLE001 - judged by restore() below
             log.debug("no readable metadata in %s: %s", path, err)
-            return
+            return []
         saved_task, saved_model = meta.get("task"), _canonical_model(meta.get("model") or {})
         ours = _canonical_model(model)
         differ = [
@@ -142,12 +280,23 @@ class Checkpointer:
                 f"checkpoint {path} was written for a different model ({'; '.join(differ[:4])}). "
                 "Use a new --workdir for this config, or the original config to resume that run."
             )
+        self._saved_config = _saved_config(meta)
+        changes = config_changes(self._saved_config, config) if config is not None else []
+        batch = [c for c in changes if c.startswith("batch_size:")]
+        if batch:
+            raise CheckpointError(
+                f"the checkpoint {path} was written with another batch size ({batch[0]}): its "
+                "saved input position is for that batch size. Resume with "
+                "the original batch_size, or train this config in a new --workdir (with "
+                "--config.init_from pointing at this run's model/ to start from its weights)"
+            )
+        return [c for c in changes if c.split(":")[0] not in NOT_SETTINGS]
 
-    def reached_preemption(self, step: int) -> bool:
-        return self.manager.reached_preemption(step)
-
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restore `step` into `abstract_state`'s shapes, dtypes and shardings, or raise."""
+    def restore(
+        self, step: int, abstract_state: Any, config: dict | None = None
+    ) -> tuple[Any, dict]:
+        """Restore `step` into `abstract_state`'s shapes, dtypes and shardings, or raise: a
+        checkpoint whose tree does not fit this run's state names the settings that changed."""
         path = os.path.join(self.directory, str(step))
         try:
             restored = self.manager.restore(
@@ -159,9 +308,23 @@ class Checkpointer:
             state, meta = restored["state"], restored["meta"]
             jax.block_until_ready(state)
         except Exception as err:  # orbax/tensorstore raise many types for damaged files
+            structure_error = "tree structures do not match" in str(err)
+            mismatch = self._structure_mismatch(step, abstract_state, structure_error)
+            if mismatch is not None:
+                changes = config_changes(getattr(self, "_saved_config", {}), config or {})
+                ranked = [c for c in changes if c.startswith("optim.")] + [
+                    c for c in changes if not c.startswith("optim.")
+                ]
+                named = "; ".join(ranked[:4]) or "no config field differs: another version?"
+                raise CheckpointError(
+                    f"the checkpoint at {path} is intact but holds training state of another "
+                    f"shape than this run's ({mismatch}): it was written with other settings "
+                    f"({named}). Resume with the settings it was written with, or train with "
+                    "these ones in a new --workdir."
+                ) from err
             raise CheckpointError(
-                f"the checkpoint at {path} cannot be restored; it is corrupt, partial, or was "
-                f"written for another model or optimizer ({brief(err)}). It was "
+                f"the checkpoint at {path} cannot be restored; it is corrupt or partial "
+                f"({brief(err)}). It was "
                 f"not loaded. Move it away (e.g. `mv {path} {path}.corrupt`) to resume from the "
                 "previous checkpoint, or use a new workdir to start over."
             ) from err
@@ -175,38 +338,39 @@ class Checkpointer:
             )
         return state, meta
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _structure_mismatch(
+        self, step: int, abstract_state: Any, structure_error: bool = False
+    ) -> str | None:
+        """How the saved state's tree differs from `abstract_state`'s, or None if it does not
+        (or its metadata cannot be read: then the checkpoint is damaged)."""
+        try:
+            saved = ocp.PyTreeCheckpointHandler().metadata(
+                epath.Path(os.path.join(self.directory, str(step), "state"))
+            )
+            saved_tree = saved.tree
+        except Exception:  # noqa: BLE001
+            return None
+        ours, theirs = _leaf_paths(abstract_state), _leaf_paths(saved_tree)
+        if ours == theirs:  # the same arrays; optax states without arrays may still differ
+            return "the same arrays, other optimizer stages" if structure_error else None
+        only_saved, only_ours = sorted(theirs - ours), sorted(ours - theirs)
+        parts = [f"{len(theirs)} arrays there, {len(ours)} now"]
+        if only_saved:
+            parts.append(f"only there: {only_saved[0]}")
+        if only_ours:
+            parts.append(f"only now: {only_ours[0]}")
+        return ", ".join(parts)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-class StopSignal:
-    """SIGTERM (preemption) and the first Ctrl-C set a flag the loop checks between steps; the
-    loop then saves a checkpoint and exits cleanly. A second Ctrl-C interrupts at once."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.requested = False
-        self.signum: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.requested = True
-        self.signum = signum
-        if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt as usual
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("received signal %d: saving a checkpoint after this step", signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        """Wait for the running save and close; after a reported failure, close quietly (the
+        error already raised is the one to show)."""
+        try:
+            self.wait()
+            self.manager.close()
+        except Exception:
+            if not self._failed:
+                raise
+            log.debug("closing after a failed save", exc_info=True)
 
 
 def _canonical_model(model: dict) -> dict:
@@ -217,3 +381,49 @@ def _canonical_model(model: dict) -> dict:
     except (TypeError, ValueError):
         pass  # compared field by field as stored
     return json.loads(json.dumps(model))
+
+
+# Config keys that are not settings of the run (where files go, how many input workers).
+NOT_SETTINGS = frozenset({"compilation_cache_dir", "data.workers", "data.data_dir"})
+
+
+def _saved_config(meta: dict) -> dict:
+    """The config a checkpoint's run was started with (stored as JSON in its meta item)."""
+    text = meta.get("config")
+    try:
+        return json.loads(text) if isinstance(text, str) else dict(text or {})
+    except (TypeError, ValueError):
+        return {}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """ "key: old there, new now" for every config field both configs have and that differs."""
+    old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    return [
+        f"{k}: {old[k]!r} there, {new[k]!r} now"
+        for k in sorted(set(old) & set(new))
+        if old[k] != new[k]
+    ]
+
+
+def _leaf_paths(tree: Any) -> set[str]:
+    """Leaf paths as "a/0/mu/b": dict keys, sequence indices and namedtuple fields alike (orbax
+    stores optax's namedtuple states as dicts and tuples as lists)."""
+
+    def name(key) -> str:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path) for path, _ in leaves}

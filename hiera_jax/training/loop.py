@@ -29,9 +29,10 @@ from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
 from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
-from hiera_jax.training.checkpoint import Checkpointer, StopSignal
+from hiera_jax.training.checkpoint import Checkpointer
 from hiera_jax.training.config import hiera_config, validate_config
 from hiera_jax.training.metrics import MetricLogger
+from hiera_jax.training.preemption import StopSignal
 from hiera_jax.training.setup import (
     TrainSetup,
     build_setup,
@@ -39,6 +40,7 @@ from hiera_jax.training.setup import (
     model_flops_per_step,
 )
 from hiera_jax.training.steps import eval_step, reconstruct, train_step
+from hiera_jax.training.workdir_lock import WorkdirInUse, WorkdirLock
 from hiera_jax.weights import hub
 from hiera_jax.weights.directory import save_pretrained
 from hiera_jax.weights.hieradet_loading import save_hieradet
@@ -257,9 +259,14 @@ def restore_or_init(
     notes = [f"ignored unfinished checkpoint {ckpt.directory}/{name}" for name in ckpt.partial]
     with jax.set_mesh(setup.mesh):
         if latest is not None:
-            ckpt.check_same_run(latest, task=setup.task, model=dataclasses.asdict(setup.mcfg))
-            state, _ = ckpt.restore(latest, setup.abstract_sharded_state())
+            settings = config.to_dict()
+            changed = ckpt.check_same_run(
+                latest, task=setup.task, model=dataclasses.asdict(setup.mcfg), config=settings
+            )
+            state, _ = ckpt.restore(latest, setup.abstract_sharded_state(), config=settings)
             notes.append(f"resumed from {ckpt.directory}/{latest}")
+            if changed:
+                notes.append("settings changed since that checkpoint: " + "; ".join(changed[:8]))
             if not ckpt.restore_data(latest, train_iter):
                 notes.append("no saved input state for this process layout: input from the step")
                 train_iter.close()
@@ -423,9 +430,7 @@ def run_steps(
                 history.append({"step": step, **metrics})
             logger.advance(step)
 
-            preempted = stop.requested or (
-                jax.process_count() > 1 and ckpt.reached_preemption(step)
-            )
+            preempted = stop.should_stop(step)
             is_last = step == total_steps
             every = config.checkpoint_every
             if (every > 0 and step % every == 0) or is_last or preempted:
@@ -494,6 +499,52 @@ def train_and_evaluate(
     mesh = sharding.create_mesh(config.mesh_shape, devices)
     check_batching(config, mesh)  # before anything is written
     workdir = prepare_workdir(workdir)
+    lock = lock_workdir(workdir)
+    try:
+        return _train_in_workdir(
+            config,
+            workdir,
+            mesh,
+            return_params=return_params,
+            return_state=return_state,
+            progress=progress,
+        )
+    finally:
+        lock.release()
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+    """The workdir's lock, taken by process 0 for the whole run; WorkdirInUse on every process
+    when another run holds it."""
+    lock = WorkdirLock(workdir)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirInUse as e:
+            error = e
+    if jax.process_count() > 1:  # every process learns process 0's answer
+        from jax.experimental import multihost_utils
+
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = WorkdirInUse(
+                f"the workdir {workdir} is in use by another run (process 0's error names it)"
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_in_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh,
+    *,
+    return_params: bool,
+    return_state: bool,
+    progress: bool | None,
+) -> dict[str, Any]:
     data = open_input(config)
     setup = build_setup(config, mesh, data.examples_per_epoch)
     check_free_space(workdir, setup)
@@ -537,20 +588,27 @@ def train_and_evaluate(
         )
         pictures_dir = os.path.join(workdir, "pictures")
         evaluate, draws_pictures = make_evaluator(setup, data, eval_key, pictures_dir)
-        result = run_steps(
-            setup,
-            state,
-            train_iter,
-            p_train=p_train,
-            train_key=train_key,
-            start_step=start_step,
-            ckpt=ckpt,
-            meta_base=meta_base,
-            logger=logger,
-            evaluate=evaluate,
-            flops_per_step=flops_per_step,
-            peak_flops=peak_flops,
-        )
+        try:
+            result = run_steps(
+                setup,
+                state,
+                train_iter,
+                p_train=p_train,
+                train_key=train_key,
+                start_step=start_step,
+                ckpt=ckpt,
+                meta_base=meta_base,
+                logger=logger,
+                evaluate=evaluate,
+                flops_per_step=flops_per_step,
+                peak_flops=peak_flops,
+            )
+        except OSError as e:  # the workdir's disk filled, turned read-only or went away
+            ckpt.abandon_pending()
+            text = e.strerror or str(e)
+            if e.filename:
+                text += f": {e.filename}"
+            raise OSError(e.errno, f"{text}; {ckpt.last_good()}") from e
     finally:
         ckpt.close()
         if hasattr(train_iter, "close"):

@@ -59,12 +59,17 @@ class MetricLogger:
             return
         values = {k: _scalar(v) for k, v in metrics.items()}
         record = {"kind": kind, "step": int(step), "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
-            self.tb.flush()
+        where = self.jsonl_path
+        try:  # a file object's error names no file: say which one
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            if self.tb is not None:
+                where = self.tb_dir
+                for key, value in values.items():
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+                self.tb.flush()
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror}: cannot write {where}") from None
         if kind == "train" and self.bar is not None:
             names = {"loss": "loss", "lr": "lr", "images_per_sec": "img/s", "mfu": "mfu"}
             shown = {names[k]: values[k] for k in names if k in values}
@@ -94,9 +99,12 @@ class MetricLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self._jsonl.close()
+        try:  # on a full or lost disk: the run's own error says so, not this clean-up's
+            if self.tb is not None:
+                self.tb.close()
+            self._jsonl.close()
+        except OSError as e:
+            log.debug("closing the metric files failed: %s", e)
 
 
 def drop_records_after(path: str, step: int) -> None:
