@@ -28,6 +28,12 @@ def fail(error: BaseException) -> None:
     """One line on stderr and exit status 2; --verbose shows the traceback instead."""
     text = " ".join(str(error).split()) or type(error).__name__
     sys.stderr.write(f"error: {text} (--verbose for the traceback)\n")
+    if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+        # JAX's shutdown at exit waits for every process at a barrier: a failed or lost peer
+        # would hold this one there until the coordination service aborts it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -128,6 +134,7 @@ def main(argv):
     # orbax logs every save at INFO through absl; keep the terminal for the progress bar.
     absl_logging.set_verbosity(absl_logging.WARNING)
     from hiera_jax.training.checkpoint import CheckpointError
+    from hiera_jax.training.peers import PeersLost
     from hiera_jax.training.quiet import quiet_library_noise
     from hiera_jax.training.workdir_lock import WorkdirInUse
 
@@ -136,7 +143,7 @@ def main(argv):
 
     try:
         run(FLAGS.config)
-    except (ValueError, OSError, CheckpointError, FloatingPointError, WorkdirInUse) as e:
+    except (ValueError, OSError, CheckpointError, FloatingPointError, WorkdirInUse, PeersLost) as e:
         if FLAGS.verbose:
             raise
         fail(e)

@@ -93,37 +93,16 @@ def _tiny(workdir, task: str = "mae", **extra):
 def test_two_processes_signalled_seconds_apart_stop_together(tmp_path):
     """SIGTERM to process 0, then 3 s later to process 1 (hosts of a pod hear of a preemption
     at different moments): both save the same step and exit 0, and the run resumes from it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     values = th.overrides(mesh_shape=(2, 4), total_steps=400, checkpoint_every=0)
-    env = _env(4)
-    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
     workdir = tmp_path / "pod"
-    procs = [
-        subprocess.Popen(
-            _train_cmd(
-                workdir,
-                values,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            cwd=th.REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _two_processes(workdir, values)
     try:
         _wait(lambda: max(_train_steps(workdir), default=0) >= 3, procs, 300, "step 3")
         procs[0].send_signal(signal.SIGTERM)
         time.sleep(3.0)
         if procs[1].poll() is None:
             procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=120)[0] for p in procs]
+        outs = [out + err for out, err in (p.communicate(timeout=120) for p in procs)]
     finally:
         for p in procs:
             p.kill()
@@ -141,6 +120,56 @@ def test_two_processes_signalled_seconds_apart_stop_together(tmp_path):
     # The saved step restores (here on one process's 8 devices) and training goes on from it.
     summary = _tiny(workdir, mesh_shape=(2, 4), total_steps=step + 2, checkpoint_every=0)
     assert summary["resumed_from"] == step and summary["step"] == step + 2
+
+
+def _two_processes(workdir, values: dict) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(4)
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    return [
+        subprocess.Popen(
+            _train_cmd(
+                workdir,
+                values,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=th.REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def test_process_whose_peer_is_killed_ends_with_one_line(tmp_path):
+    """Process 1 killed mid-run: process 0, waiting for it in a collective, ends within
+    peer_timeout_seconds (not JAX's 100 s heartbeat abort and its thread dumps) with one line
+    naming the lost process and the checkpoint to resume from."""
+    workdir = tmp_path / "pod"
+    values = th.overrides(
+        mesh_shape=(2, 4), total_steps=400, checkpoint_every=3, peer_timeout_seconds=10.0
+    )
+    procs = _two_processes(workdir, values)
+    try:
+        _wait(lambda: (workdir / "checkpoints" / "3").is_dir(), procs, 300, "checkpoint 3")
+        procs[1].kill()
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.time() - killed
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode in (2, 3), err[-3000:]  # 2: its collective failed, 3: hung
+    line = _one_error_line_last(err, "last good checkpoint", "every process")
+    gone = ("process 1 of 2 stopped responding", "another process of this run is gone")
+    assert any(g in line for g in gone) and str(workdir / "checkpoints") in line, line
+    assert waited < 60, waited
 
 
 # ============================================================================ odd paths

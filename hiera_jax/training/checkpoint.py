@@ -87,6 +87,30 @@ def escape_glob_in_base_paths() -> None:
     gpath._GPath.glob = glob
 
 
+FIX_DISK = "Fix the disk, then run the same command to resume from it"
+
+
+def finished_steps(directory: str) -> list[int]:
+    """Steps whose directories are finalised on disk (orbax renames a save's tmp directory only
+    once every item is written)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def last_good_text(
+    directory: str, known=(), *, before: int | None = None, advice: str = FIX_DISK
+) -> str:
+    """ "the last good checkpoint is step N (path), intact. <advice>" for an error line."""
+    found = set(finished_steps(directory)) | set(known)
+    good = sorted(s for s in found if before is None or s < before)
+    if not good:
+        return "there is no checkpoint to resume from yet"
+    return f"the last good checkpoint is step {good[-1]} ({directory}/{good[-1]}), intact. {advice}"
+
+
 class Checkpointer:
     """Orbax's manager with failures turned into one `CheckpointError` that names the step that
     could not be written and the last good checkpoint, and the first save of a run read back."""
@@ -129,13 +153,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def finished_steps(self) -> list[int]:
-        """Steps whose directories are finalised on disk (orbax renames a save's tmp directory
-        only once every item is written)."""
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        return sorted(int(n) for n in names if n.isdigit())
+        return finished_steps(self.directory)
 
     def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
         self.wait()  # the previous save's failure is reported as that step's
@@ -174,18 +192,12 @@ class Checkpointer:
 
     def verify(self, step: int) -> None:
         """Read `step`'s step counter back from where it was written: a save that orbax reports
-        but that cannot be restored must not go unnoticed until the resume."""
+        but that cannot be restored must not go unnoticed until the resume. Read with
+        TensorStore directly, by this process alone (orbax's restore is a collective, which a
+        lost peer would turn into a misleading error here)."""
         path = os.path.join(self.directory, str(step), "state")
         try:
-            restored = ocp.PyTreeCheckpointer().restore(
-                path,
-                args=ocp.args.PyTreeRestore(
-                    item={"step": 0},
-                    restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
-                    partial_restore=True,
-                ),
-            )
-            found = int(restored["step"])
+            found = int(_read_saved_array(path, "step"))
         except Exception as err:  # noqa: BLE001
             self._failed = True
             raise CheckpointError(
@@ -217,16 +229,9 @@ class Checkpointer:
             f"could not write the checkpoint of {where}: {reason}; {self.last_good(step)}"
         )
 
-    def last_good(self, before: int | None = None) -> str:
+    def last_good(self, before: int | None = None, advice: str = FIX_DISK) -> str:
         """Where a failed run can resume from, as the end of its error line."""
-        found = set(self.finished_steps()) | set(self._good)
-        good = sorted(s for s in found if before is None or s < before)
-        if not good:
-            return "there is no checkpoint to resume from yet. Fix the disk and start again"
-        return (
-            f"the last good checkpoint is step {good[-1]} ({self.directory}/{good[-1]}), intact. "
-            "Fix the disk, then run the same command to resume from it"
-        )
+        return last_good_text(self.directory, self._good, before=before, advice=advice)
 
     def restore_data(self, step: int, data_iterator: Any) -> bool:
         """Set `data_iterator` to its state saved at `step`; False if this checkpoint holds none
@@ -384,7 +389,9 @@ def _canonical_model(model: dict) -> dict:
 
 
 # Config keys that are not settings of the run (where files go, how many input workers).
-NOT_SETTINGS = frozenset({"compilation_cache_dir", "data.workers", "data.data_dir"})
+NOT_SETTINGS = frozenset(
+    {"compilation_cache_dir", "data.workers", "data.data_dir", "peer_timeout_seconds"}
+)
 
 
 def _saved_config(meta: dict) -> dict:
@@ -427,3 +434,19 @@ def _leaf_paths(tree: Any) -> set[str]:
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(name(k) for k in path) for path, _ in leaves}
+
+
+def _read_saved_array(item_dir: str, name: str) -> np.ndarray:
+    """One array of an orbax PyTree item saved with OCDBT (orbax's default), read through the
+    item's merged OCDBT manifest, as a restore would."""
+    import tensorstore as ts
+
+    kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": item_dir + "/"}, "path": name}
+    errors = []
+    for driver in ("zarr", "zarr3"):  # orbax writes zarr v2 unless told otherwise
+        try:
+            spec = {"driver": driver, "kvstore": kvstore}
+            return np.asarray(ts.open(spec, open=True, read=True).result().read().result())
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+    raise errors[0]

@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    # Multi-process: a process whose peer has been silent this long (killed, host lost) ends with
+    # one error line instead of waiting in a collective until JAX aborts it.
+    c.peer_timeout_seconds = 60.0
     c.export_model = True  # write `workdir/model` (save_pretrained format) at the end
     # JAX's persistent compilation cache (train.py): a restarted or resumed run loads its compiled
     # steps instead of compiling again. "" = workdir/compilation_cache; "off" = disabled.
@@ -198,6 +201,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         ("eval_max_examples", lambda v: v >= 0, ">= 0 (0 = all)"),
         ("checkpoint_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
         ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
+        ("peer_timeout_seconds", lambda v: v >= 5, ">= 5"),
         ("num_vis", lambda v: v >= 0, ">= 0"),
         ("shard_min_size", lambda v: v >= 0, ">= 0"),
         ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -29,9 +29,10 @@ from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
 from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
-from hiera_jax.training.checkpoint import Checkpointer
+from hiera_jax.training.checkpoint import Checkpointer, last_good_text
 from hiera_jax.training.config import hiera_config, validate_config
 from hiera_jax.training.metrics import MetricLogger
+from hiera_jax.training.peers import PeersLost, PeerWatch
 from hiera_jax.training.preemption import StopSignal
 from hiera_jax.training.setup import (
     TrainSetup,
@@ -500,8 +501,13 @@ def train_and_evaluate(
     check_batching(config, mesh)  # before anything is written
     workdir = prepare_workdir(workdir)
     lock = lock_workdir(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    watch = PeerWatch(
+        lambda: last_good_text(ckpt_dir, advice=RESTART_ALL),
+        timeout=float(config.get("peer_timeout_seconds", 60.0)),
+    ).start()
     try:
-        return _train_in_workdir(
+        summary = _train_in_workdir(
             config,
             workdir,
             mesh,
@@ -509,8 +515,25 @@ def train_and_evaluate(
             return_state=return_state,
             progress=progress,
         )
+    except jax.errors.JaxRuntimeError as e:
+        watch.stop(finished=False)  # the peers must notice this process is gone
+        if jax.process_count() == 1:
+            raise
+        text = " ".join(str(e).split())[:300]
+        raise PeersLost(
+            f"a collective failed, another process of this run is gone or unreachable ({text}); "
+            f"{last_good_text(ckpt_dir, advice=RESTART_ALL)}"
+        ) from e
+    except BaseException:
+        watch.stop(finished=False)
+        raise
     finally:
         lock.release()
+    watch.stop(finished=True)
+    return summary
+
+
+RESTART_ALL = "Restart every process with the same command to resume from it"
 
 
 def lock_workdir(workdir: str) -> WorkdirLock:
