@@ -183,6 +183,41 @@ def test_workdir_with_glob_characters_resumes(tmp_path, name):
     assert summary["resumed_from"] == 2 and summary["step"] == 4
 
 
+def test_checkpoints_round_trip_under_every_character_but_backslash(tmp_path):
+    """Save, read back and restore under a directory named with each ASCII character and some
+    unicode: only the backslash fails (so prepare_workdir refuses just that one)."""
+    from hiera_jax.training.checkpoint import Checkpointer
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = {"step": jax.numpy.int32(3), "params": {"w": jax.numpy.ones((4, 4))}}
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), state
+    )
+    failed = []
+    for char in [chr(i) for i in range(1, 128) if chr(i) != "/"] + ["é", "学", " #1", "%20"]:
+        directory = str(tmp_path / f"x{char}y" / "checkpoints")
+        try:
+            ckpt = Checkpointer(directory, keep=2, async_save=False)
+            ckpt.save(3, state, {"step": 3})
+            ckpt.close()
+            ckpt = Checkpointer(directory, keep=2, async_save=False)
+            restored, _ = ckpt.restore(ckpt.latest_step(), abstract)
+            ckpt.close()
+            assert int(restored["step"]) == 3
+        except CheckpointError:
+            failed.append(char)
+    assert failed == ["\\"], failed
+
+
+def test_workdir_with_a_backslash_is_refused_before_anything_is_written(tmp_path):
+    """The one character whose checkpoints cannot be read back (the test above): refused up
+    front, not after a compile and a save."""
+    workdir = tmp_path / "run\\1"
+    with pytest.raises(ValueError, match="backslash"):
+        _tiny(workdir, total_steps=2)
+    assert not workdir.exists()
+
+
 def test_checkpoint_that_cannot_be_read_back_is_reported_at_the_first_save(tmp_path, monkeypatch):
     """The safety net under the glob fix: with etils' unescaped glob put back, orbax writes a
     checkpoint it cannot restore; the run says so at its first save instead of at the resume."""

@@ -149,6 +149,12 @@ def _hieradet_encoder(text: str) -> tuple[dict, str]:
 def prepare_workdir(workdir: str) -> str:
     """The absolute workdir, created and checked writable before anything is compiled."""
     workdir = os.path.abspath(local_path(workdir, "workdir"))
+    if "\\" in workdir:  # every other character the OS accepts works (tests/test_train_faults)
+        raise ValueError(
+            f"workdir {workdir} holds a backslash: orbax's checkpoints there would be written "
+            "but could not be read back (TensorStore's paths treat it as an escape); pass a "
+            "--workdir without `\\`"
+        )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise NotADirectoryError(f"workdir {workdir} is a file; pass a directory as --workdir")
     try:
