@@ -90,18 +90,20 @@ def _tiny(workdir, task: str = "mae", **extra):
 
 
 # ============================================================================ preemption
-def test_two_processes_signalled_seconds_apart_stop_together(tmp_path):
-    """SIGTERM to process 0, then 3 s later to process 1 (hosts of a pod hear of a preemption
-    at different moments): both save the same step and exit 0, and the run resumes from it."""
+@pytest.mark.parametrize("first, gap", [(0, 3.0), (1, 5.0)], ids=["0-then-1", "1-then-0"])
+def test_two_processes_signalled_seconds_apart_stop_together(tmp_path, first, gap):
+    """SIGTERM to one process, then seconds later to the other (hosts of a pod hear of a
+    preemption at different moments; the late one may find its peer saving or exiting): both
+    save the same step and exit 0, and the run resumes from it."""
     values = th.overrides(mesh_shape=(2, 4), total_steps=400, checkpoint_every=0)
     workdir = tmp_path / "pod"
     procs = _two_processes(workdir, values)
     try:
         _wait(lambda: max(_train_steps(workdir), default=0) >= 3, procs, 300, "step 3")
-        procs[0].send_signal(signal.SIGTERM)
-        time.sleep(3.0)
-        if procs[1].poll() is None:
-            procs[1].send_signal(signal.SIGTERM)
+        procs[first].send_signal(signal.SIGTERM)
+        time.sleep(gap)
+        if procs[1 - first].poll() is None:
+            procs[1 - first].send_signal(signal.SIGTERM)
         outs = [out + err for out, err in (p.communicate(timeout=120) for p in procs)]
     finally:
         for p in procs:

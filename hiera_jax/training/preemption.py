@@ -96,16 +96,15 @@ class StopSignal:
 
     def _ignore_more_signals(self) -> None:
         """Once the stop step is agreed on, later SIGTERMs (other hosts' notices arriving late)
-        must not kill a process that is saving."""
+        must not kill a process that is saving or exiting. SIG_IGN, not a Python handler:
+        Python puts SIG_DFL back for its own handlers while the interpreter exits, and `restore`
+        leaves it (it would put back SIG_DFL too, as Python cannot see JAX's handler)."""
         if threading.current_thread() is threading.main_thread():
-            self._install(signal.SIGTERM, self._late_signal)
-
-    def _late_signal(self, signum, frame) -> None:
-        del frame
-        log.warning("received signal %d: already stopping after the checkpoint", signum)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            log.warning("further SIGTERMs are ignored while this process saves and exits")
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
-            if handler is not None:  # None: JAX's C handler, which cannot be put back; ours,
-                signal.signal(sig, handler)  # which only logs, stays until the process exits
+            if handler is not None:
+                signal.signal(sig, handler)
         self._previous = {}
