@@ -28,13 +28,22 @@ def fail(error: BaseException) -> None:
     """One line on stderr and exit status 2; --verbose shows the traceback instead."""
     text = " ".join(str(error).split()) or type(error).__name__
     sys.stderr.write(f"error: {text} (--verbose for the traceback)\n")
-    if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+    if _distributed():
         # JAX's shutdown at exit waits for every process at a barrier: a failed or lost peer
         # would hold this one there until the coordination service aborts it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
     sys.exit(2)
+
+
+def _distributed() -> bool:
+    """True once jax.distributed.initialize has run (asked without starting a backend)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
 
 
 def check_command_line(argv: list[str]) -> None:

@@ -13,6 +13,7 @@ import glob as glob_lib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -103,7 +104,7 @@ def finished_steps(directory: str) -> list[int]:
 def last_good_text(
     directory: str, known=(), *, before: int | None = None, advice: str = FIX_DISK
 ) -> str:
-    """ "the last good checkpoint is step N (path), intact. <advice>" for an error line."""
+    """The end of an error line: the last good checkpoint's step and path, and `advice`."""
     found = set(finished_steps(directory)) | set(known)
     good = sorted(s for s in found if before is None or s < before)
     if not good:
@@ -142,6 +143,7 @@ class Checkpointer:
             item_names=("state", "meta", "data"),
         )
         self._good = self.finished_steps()  # known on disk, even if the disk goes away
+        self._saved_config: dict = {}  # the config the checkpoint being resumed was written with
         self._pending: int | None = None  # the step of a save that may still be running
         self._verified = False  # the first save of this run was read back
         self._failed = False
@@ -196,9 +198,16 @@ class Checkpointer:
         TensorStore directly, by this process alone (orbax's restore is a collective, which a
         lost peer would turn into a misleading error here)."""
         path = os.path.join(self.directory, str(step), "state")
-        try:
-            found = int(_read_saved_array(path, "step"))
-        except Exception as err:  # noqa: BLE001
+        tries = 20 if jax.process_count() > 1 else 1  # another process may finalise the save
+        for attempt in range(tries):
+            try:
+                found = int(_read_saved_array(path, "step"))
+                break
+            except Exception as failure:  # noqa: BLE001
+                err = failure
+                if attempt + 1 < tries:
+                    time.sleep(0.5)
+        else:
             self._failed = True
             raise CheckpointError(
                 f"the checkpoint of step {step} was written to {path} but cannot be read back "
@@ -316,7 +325,7 @@ class Checkpointer:
             structure_error = "tree structures do not match" in str(err)
             mismatch = self._structure_mismatch(step, abstract_state, structure_error)
             if mismatch is not None:
-                changes = config_changes(getattr(self, "_saved_config", {}), config or {})
+                changes = config_changes(self._saved_config, config or {})
                 ranked = [c for c in changes if c.startswith("optim.")] + [
                     c for c in changes if not c.startswith("optim.")
                 ]
@@ -413,7 +422,7 @@ def _flat(tree: Any, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """ "key: old there, new now" for every config field both configs have and that differs."""
+    """Every config field both configs have and that differs, as "key: old there, new now"."""
     old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
     return [
         f"{k}: {old[k]!r} there, {new[k]!r} now"

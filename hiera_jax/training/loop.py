@@ -523,9 +523,9 @@ def train_and_evaluate(
         )
     except jax.errors.JaxRuntimeError as e:
         watch.stop(finished=False)  # the peers must notice this process is gone
-        if jax.process_count() == 1:
-            raise
         text = " ".join(str(e).split())[:300]
+        if jax.process_count() == 1 or not any(w in text for w in PEER_FAILURE_WORDS):
+            raise
         raise PeersLost(
             f"a collective failed, another process of this run is gone or unreachable ({text}); "
             f"{last_good_text(ckpt_dir, advice=RESTART_ALL)}"
@@ -540,6 +540,9 @@ def train_and_evaluate(
 
 
 RESTART_ALL = "Restart every process with the same command to resume from it"
+# What a collective's error says when the process at the other end is gone (gloo on CPU, NCCL on
+# GPU, the coordination service everywhere); a device out of memory says none of these.
+PEER_FAILURE_WORDS = ("Gloo", "NCCL", "Connection", "connection", "Socket", "UNAVAILABLE", "peer")
 
 
 def lock_workdir(workdir: str) -> WorkdirLock:
