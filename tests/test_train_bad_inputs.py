@@ -118,27 +118,21 @@ def test_model_name_from_the_command_line_on_every_config():
         assert model.dtype == "bfloat16" and model.drop_path_rate == config.model.drop_path_rate
 
 
-def _tiny_run(workdir, task="mae", **extra):
-    base = dict(total_steps=4, checkpoint_every=2, async_checkpoints=False)
-    values = th.overrides(**{**base, **extra})
-    return train_and_evaluate(th.make_config(task, values), str(workdir), progress=False)
-
-
 def test_checkpoint_of_another_run_says_so(tmp_path):
-    _tiny_run(tmp_path)
+    th.tiny_run(tmp_path)
     with pytest.raises(CheckpointError, match="belongs to another run") as err:
-        _tiny_run(tmp_path, task="classification")
+        th.tiny_run(tmp_path, task="classification")
     assert "new --workdir" in str(err.value) and "task" in str(err.value)
     with pytest.raises(CheckpointError, match="belongs to another run") as err:
-        _tiny_run(tmp_path, total_steps=6, model__embed_dim=32)
+        th.tiny_run(tmp_path, total_steps=6, model__embed_dim=32)
     assert "embed_dim: 16 there, 32 now" in str(err.value)
     # How it computes may change on resume: remat and dtype are not another run.
-    summary = _tiny_run(tmp_path, total_steps=6, model__remat=True)
+    summary = th.tiny_run(tmp_path, total_steps=6, model__remat=True)
     assert summary["resumed_from"] == 4 and summary["step"] == 6
 
 
 def test_corrupt_checkpoint_and_input_state_are_one_line(tmp_path):
-    _tiny_run(tmp_path)
+    th.tiny_run(tmp_path)
     state_file = tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json"
     assert state_file.exists()
     state_file.write_text("{ not json")
@@ -167,9 +161,9 @@ def test_corrupt_checkpoint_and_input_state_are_one_line(tmp_path):
 
 
 def test_resumed_run_logs_each_step_once(tmp_path):
-    _tiny_run(tmp_path)
+    th.tiny_run(tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging step 4
-    summary = _tiny_run(tmp_path)
+    summary = th.tiny_run(tmp_path)
     assert summary["resumed_from"] == 2
     records = read_jsonl(str(tmp_path / "metrics.jsonl"))
     steps = [r["step"] for r in records if r["kind"] == "train"]
@@ -177,10 +171,10 @@ def test_resumed_run_logs_each_step_once(tmp_path):
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
-    _tiny_run(tmp_path)
+    th.tiny_run(tmp_path)
     path = tmp_path / "metrics.jsonl"
     with open(path, "a") as f:
         f.write('{"kind": "train", "step": 5, "lo')  # killed mid-write
-    _tiny_run(tmp_path, total_steps=6)
+    th.tiny_run(tmp_path, total_steps=6)
     records = [json.loads(line) for line in open(path)]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]

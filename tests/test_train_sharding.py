@@ -150,42 +150,13 @@ def test_two_processes_match_one(tmp_path, mae_runs):
     """2 processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each
     feeding only its half of every batch, train like one process with 8 devices."""
     import os
-    import socket
-    import subprocess
-    import sys
 
     from hiera_jax.training.metrics import read_jsonl
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     values = th.overrides(mesh_shape=(2, 4), total_steps=4, export_model=True, num_vis=2)
     reference = mae_runs[(2, 4)]  # the same config in this process, 8 devices
-    env = dict(os.environ)
-    env["PYTHONPATH"] = th.REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = th.xla_flags(4)
-    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
     workdir = tmp_path / "two"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(th.REPO, "train.py"),
-                "--workdir",
-                str(workdir),
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *th.cli_flags(values),
-            ],
-            cwd=th.REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = th.launch_two_processes(workdir, values, merge_output=True)
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     losses = [r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if r["kind"] == "train"]

@@ -72,6 +72,16 @@ def make_config(task: str = "mae", values: dict | None = None):
     return apply_values(config, values if values is not None else TINY)
 
 
+def tiny_run(workdir, task: str = "mae", **extra) -> dict:
+    """`train_and_evaluate` in this process on TINY: 4 steps, a checkpoint every 2 (saved
+    synchronously), `extra` overrides on top (`model__embed_dim=32`); its summary."""
+    from hiera_jax.training.loop import train_and_evaluate
+
+    base = {"total_steps": 4, "checkpoint_every": 2, "async_checkpoints": False}
+    values = overrides(**{**base, **extra})
+    return train_and_evaluate(make_config(task, values), str(workdir), progress=False)
+
+
 def config_file(name: str, values: dict):
     """`configs/<name>.py`'s config with dotted `values` applied."""
     import importlib
@@ -129,3 +139,96 @@ def tpu_compile(fn, args, shardings, device_kind="TPU v5 lite", out_shardings=No
             .compile({"exec_time_optimization_effort": -1.0})
             .as_text()
         )
+
+
+# ---------------------------------------------------------------- train.py in subprocesses
+def train_env(devices: int | None = None) -> dict:
+    """The environment of a train.py the tests start: this checkout first on the path, the
+    suite's compile flags, `devices` host devices (None: one, as a user's shell has)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["XLA_FLAGS"] = xla_flags(devices)
+    return env
+
+
+def train_command(workdir, values: dict, *extra: str) -> list[str]:
+    """`python train.py --workdir WORKDIR --config.KEY=VALUE ... EXTRA` (the default config)."""
+    import sys
+
+    return [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        "--workdir",
+        str(workdir),
+        *cli_flags(values),
+        *extra,
+    ]
+
+
+def launch_two_processes(workdir, values: dict, *, merge_output: bool = False) -> list:
+    """Two train.py processes of one run, 4 CPU devices each, jax.distributed over localhost
+    with gloo collectives; their stdout and stderr are pipes (one pipe with merge_output)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = train_env(4)
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    return [
+        subprocess.Popen(
+            train_command(
+                workdir,
+                values,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def logged_steps(workdir) -> list[int]:
+    """The steps of `workdir/metrics.jsonl` so far ([] while it is missing or being written)."""
+    from hiera_jax.training.metrics import read_jsonl
+
+    try:
+        return [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    except (OSError, ValueError):
+        return []
+
+
+def wait_for(predicate, procs, timeout: float, what: str) -> None:
+    """Until `predicate()`; the test fails if one of `procs` exits first or time runs out."""
+    import time
+
+    import pytest
+
+    deadline = time.time() + timeout
+    while not predicate():
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"{what}: a run exited early ({p.returncode}):\n{p.stdout.read()}")
+        if time.time() > deadline:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def assert_error_line_last(stderr: str, *needles: str) -> str:
+    """The run's stderr ends in one `error:` line holding `needles`, with no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
