@@ -34,6 +34,8 @@ DONE = "done"
 
 
 class PeerWatch:
+    """The watching thread of one process (nothing runs in a single-process run)."""
+
     def __init__(
         self,
         describe_resume: Callable[[], str],

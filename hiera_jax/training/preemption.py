@@ -100,6 +100,7 @@ class StopSignal:
         Python puts SIG_DFL back for its own handlers while the interpreter exits, and `restore`
         leaves it (it would put back SIG_DFL too, as Python cannot see JAX's handler)."""
         if threading.current_thread() is threading.main_thread():
+            self._previous.pop(signal.SIGTERM, None)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             log.warning("further SIGTERMs are ignored while this process saves and exits")
 
