@@ -104,13 +104,6 @@ class WorkdirLock:
         except OSError as err:  # a lost mount at exit: the next run finds the lock stale
             log.warning("could not remove %s: %s", self.path, err)
 
-    def __enter__(self) -> WorkdirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
     # ------------------------------------------------------------------ internals
     def _create(self) -> bool:
         try:
