@@ -16,7 +16,8 @@ JAX's own Pallas flash attention (`flash_window_attention`: online softmax over 
 tiles) where a tile divides their lengths, and XLA's path otherwise.
 
 `kernel="auto"` picks the kernels for programs compiled for a TPU (`lax.platform_dependent`, so
-an AOT compile from a CPU host gets them too) and XLA's path on CPU and GPU, where the float32
+an AOT compile from a CPU host gets them too), cuDNN's flash attention for 16-bit programs
+compiled for an NVIDIA GPU (`cudnn_attention`), and XLA's path on the CPU, where the float32
 parity tests run. `kernel="pallas"` forces them everywhere (interpreted off TPU: slow, for
 tests), `"xla"` never uses them.
 """
@@ -275,16 +276,88 @@ def attention(
             f"(q_stride {q_stride})"
         )
     options = dict(heads=heads, windows=windows, scale=scale, q_stride=q_stride)
-    if return_probs or kernel == "xla" or not _token_kernel_fits(qkv, **options):
+    if return_probs or kernel == "xla":
         return transposed_attention(qkv, **options, kernel=kernel, return_probs=return_probs)
+    gpu = {}
+    n_k = tokens // windows
+    if kernel == "auto" and cudnn_fits(qkv.dtype, channels // (3 * heads), n_k // q_stride, n_k):
+        gpu["cuda"] = functools.partial(cudnn_attention, **options)
+    if not _token_kernel_fits(qkv, **options):
+        if not gpu:
+            return transposed_attention(qkv, **options, kernel=kernel)
+        other = functools.partial(transposed_attention, **options, kernel=kernel)
+        return lax.platform_dependent(qkv, **gpu, default=other)
     compiled = functools.partial(_sharded_tokens, **options)
     if kernel == "pallas":
         other = functools.partial(compiled, interpret=True)
     else:
         other = functools.partial(transposed_attention, **options, kernel="xla")
     return lax.platform_dependent(
-        qkv, tpu=functools.partial(compiled, interpret=False), default=other
+        qkv, tpu=functools.partial(compiled, interpret=False), **gpu, default=other
     )
+
+
+# NVIDIA GPUs: cuDNN's fused flash attention (`jax.nn.dot_product_attention(...,
+# implementation="cudnn")`), forward and backward, with the windows folded into the batch. Its
+# softmax stays on chip, so no [n_q, n_k] logits or probabilities reach HBM (XLA's path writes
+# them in f32 and reads them back in the backward: most of a GPU step's attention bytes). It
+# takes 16-bit inputs and head dims that are multiples of 8 up to 128 (256 from Hopper on); f32
+# programs keep XLA's path, the official arithmetic.
+CUDNN_MAX_HEAD_DIM = 128  # what every GPU cuDNN's flash attention runs on takes
+
+
+@functools.cache
+def cudnn_present() -> bool:
+    """Whether JAX can reach cuDNN (its CUDA plugin is installed): tracing the GPU branch asks
+    cuDNN its version, so without the plugin the program gets no GPU branch (nor could it run on
+    a GPU)."""
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:  # pragma: no cover - a jax without the module
+        return False
+    if cuda_versions is None:
+        return False
+    try:
+        return cuda_versions.cudnn_get_version() >= 8900
+    except Exception:  # noqa: BLE001 - a plugin without a loadable cuDNN
+        return False
+
+
+def cudnn_fits(dtype, head_dim: int, n_q: int, n_k: int) -> bool:
+    """Whether cuDNN's flash attention takes these windows (`attention` on a GPU). JAX 0.10.2
+    refuses odd lengths for training (it checks them as if a bias were given), so windows of odd
+    length (Hiera's last stage at 224: 49 tokens) keep XLA's path."""
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= CUDNN_MAX_HEAD_DIM
+        and n_q % 2 == 0
+        and n_k % 2 == 0
+        and cudnn_present()
+    )
+
+
+def cudnn_attention(
+    qkv: jnp.ndarray,
+    heads: int,
+    windows: int,
+    scale: float,
+    q_stride: int = 1,
+    implementation: str = "cudnn",
+) -> jnp.ndarray:
+    """`attention` through `jax.nn.dot_product_attention` on [B·windows, n, heads, d] arrays:
+    one copy from the projection's layout into cuDNN's (the query pooling fused into it) and one
+    back. `implementation="xla"` is the same arithmetic as XLA ops on any backend: the tests'
+    float32 reference for the layout and the pooling."""
+    batch, _, channels = qkv.shape
+    d = channels // (3 * heads)
+    parts = qkv.reshape(batch, -1, windows, 3, heads, d).transpose(3, 0, 2, 1, 4, 5)
+    q, k, v = (a.reshape(batch * windows, -1, heads, d) for a in parts)  # [B·w, n, h, d]
+    if q_stride > 1:  # max over the leading q_stride chunk of each window's tokens
+        q = q.reshape(batch * windows, q_stride, -1, heads, d).max(axis=1)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    out = out.reshape(batch, windows, -1, heads * d).transpose(0, 2, 1, 3)  # [B, n_q, w, C]
+    return out.reshape(batch, -1, heads * d)
 
 
 def transposed_attention(

@@ -1,13 +1,22 @@
-"""Will this run fit a TPU slice? Compile its train step for the slice here, ahead of time.
+"""Will this run fit a TPU slice or a GPU cluster? Compile its train step for it here, ahead of time.
 
 `jax.experimental.topologies` gives compile-only devices of a TPU slice (libtpu, the `tpu` extra,
-is the real TPU compiler and runs on the CPU). `fit_check` builds exactly what `train_and_evaluate`
+is the real TPU compiler and runs on the CPU) or of NVIDIA GPUs (the `gpu` extra's CUDA plugin:
+XLA's GPU compiler, given a target description from `chips.gpu_target_config`, needs no GPU and
+no driver). `fit_check` builds exactly what `train_and_evaluate`
 builds on that slice (`setup.build_setup`: mesh shape rule, FSDP state shardings, the donated
 train step, batch sharding, gradient accumulation, remat, dtype), lowers and compiles it, and
 reports per-device memory, FLOPs, a roofline bound on step time and the collectives. Nothing is
 run: no data is read, no checkpoint written, no TPU touched.
 
     python train.py --config configs/in1k_mae.py:base --workdir runs/aot --aot v5e:8x8
+    python train.py --config configs/in1k_mae.py:base --workdir runs/aot --aot h100:8
+
+A GPU target is `CHIP:N` (N GPUs on one host) or `CHIP:HxN` (H hosts of N). Without a GPU the
+compiler cannot autotune: GEMMs take cuBLAS (XLA's Triton GEMM fusion, chosen by autotuning on a
+device, is switched off as NVIDIA's JAX containers switch it off), so the program is close to, not
+the same as, the one a GPU compiles. JAX on a GPU takes XLA_PYTHON_CLIENT_MEM_FRACTION (default
+0.75) of the memory for its pool: a step fits if its peak fits in that share.
 
 What the figures are: the compiler's own buffer assignment (peak HBM per device, arguments,
 temporaries, code) and its FLOP and byte counts. What they are not: a measured step. The roofline
@@ -39,6 +48,10 @@ from hiera_jax.training.config import is_hieradet
 from hiera_jax.training.setup import build_setup, unsharded
 
 TOPOLOGY_RE = re.compile(r"^(?P<kind>[a-z0-9]+):\d+x\d+(x\d+)?$")
+GPU_TOPOLOGY_RE = re.compile(r"^(?P<kind>[a-z0-9-]+):(?:(?P<hosts>\d+)x)?(?P<gpus>\d+)$")
+# What a deviceless GPU compile changes from XLA's defaults (see the module docstring).
+GPU_COMPILE_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+DEFAULT_GPU_MEM_FRACTION = 0.75  # JAX's preallocated share of a GPU's memory
 # The schedule's length only changes constants in the step, not its memory or FLOPs.
 NOMINAL_STEPS_PER_EPOCH = 1000
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -57,13 +70,53 @@ class DoesNotFit(Exception):
         self.reason, self.advice, self.report = reason, advice, report
 
 
+def is_gpu_topology(topology: str) -> bool:
+    """Whether `topology` names GPUs (`h100:8`, `a100-40gb:2x8`) rather than a TPU slice."""
+    match = GPU_TOPOLOGY_RE.match(topology or "")
+    return bool(match) and match["kind"] in chips.gpu_chips()
+
+
+def gpu_devices(topology: str, num_slices: int = 1) -> list[Any]:
+    """Compile-only devices of `CHIP:N` (N GPUs on a host) or `CHIP:HxN` (H hosts), no GPU."""
+    match = GPU_TOPOLOGY_RE.match(topology)
+    if num_slices != 1:
+        raise ValueError(
+            f"--aot_slices is for TPU slices; give GPU hosts in the name: {match['kind']}:"
+            f"{num_slices}x{match['gpus']} ({num_slices} hosts of {match['gpus']} GPUs)"
+        )
+    hosts, gpus = int(match["hosts"] or 1), int(match["gpus"])
+    if hosts < 1 or gpus < 1:
+        raise ValueError(f"--aot {topology!r}: hosts and GPUs per host must be >= 1")
+    import importlib.util
+
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise RuntimeError(
+            "the GPU compiler (jax's CUDA plugin) is not installed: pip install -e '.[gpu]'"
+        )
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver here to check
+    from jax.experimental import topologies
+
+    chip = chips.gpu_chips()[match["kind"]]
+    topo = topologies.get_topology_desc(
+        platform="cuda",
+        target_config=chips.gpu_target_config(chip),
+        topology=f"1x{hosts}x{gpus}",
+    )
+    return list(topo.devices)
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
-    """Compile-only devices of a TPU slice named `TYPE:AxB[xC]` (v5e:4x4, v5p:2x2x2, v4:2x2x1)."""
+    """Compile-only devices of a TPU slice named `TYPE:AxB[xC]` (v5e:4x4, v5p:2x2x2, v4:2x2x1)
+    or of GPUs named `CHIP:N` / `CHIP:HxN` (h100:8, h200:4x8; `chips.gpu_chips()`)."""
+    if is_gpu_topology(topology):
+        return gpu_devices(topology, num_slices)
     match = TOPOLOGY_RE.match(topology or "")
     if not match:
         raise ValueError(
-            f"--aot {topology!r} is not a topology name: use TYPE:AxB or TYPE:AxBxC in chips, "
-            "e.g. v5e:8x8 (a v5e-64), v5p:4x4x2, v4:4x4x2, v6e:4x4"
+            f"--aot {topology!r} is not a topology name: use TYPE:AxB or TYPE:AxBxC in chips "
+            "for a TPU slice, e.g. v5e:8x8 (a v5e-64), v5p:4x4x2, v4:4x4x2, v6e:4x4, or "
+            f"CHIP:N / CHIP:HxN for N GPUs on each of H hosts, CHIP one of "
+            f"{', '.join(chips.gpu_chips())}, e.g. h100:8, h200:4x8"
         )
     if num_slices < 1:
         raise ValueError(f"--aot_slices must be >= 1, got {num_slices}")
@@ -198,11 +251,13 @@ def fit_check(
     devices = topology_devices(topology, num_slices)
     kind = devices[0].device_kind
     chip = chips.chip_for(kind)
+    gpu = is_gpu_topology(topology)
+    platform = "gpu" if gpu else "tpu"
     mesh = sharding.create_mesh(config.mesh_shape, devices)
     if config.model.get("scan_blocks") is None and not is_hieradet(config):
-        # Automatic means what a TPU picks, whatever backend this host traces with.
+        # Automatic means what the target picks, whatever backend this host traces with.
         config = config.copy_and_resolve_references()
-        config.model.scan_blocks = auto_scan("tpu")
+        config.model.scan_blocks = auto_scan(platform)
     setup = build_setup(config, mesh, NOMINAL_STEPS_PER_EPOCH * int(config.batch_size))
     mcfg = setup.mcfg
     per_device_batch = config.batch_size // mesh.size
@@ -223,6 +278,8 @@ def fit_check(
         "dtype": str(mcfg.dtype),
         "compiler_effort": effort,
         "hbm_per_device_bytes": chip.hbm_bytes if chip else None,
+        # On a GPU, JAX's memory pool is this share of it (XLA_PYTHON_CLIENT_MEM_FRACTION).
+        "usable_hbm_fraction": gpu_mem_fraction() if gpu else 1.0,
         "state_bytes_per_device": _state_bytes_per_device(setup.abstract_state, setup.state_sh),
     }
     train_args = setup.abstract_train_args()
@@ -234,13 +291,16 @@ def fit_check(
         "model_per_step": model_flops,
         "model_per_example": model_flops / config.batch_size if model_flops else None,
     }
-    options = None if effort is None else {"exec_time_optimization_effort": float(effort)}
+    options = {} if effort is None else {"exec_time_optimization_effort": float(effort)}
+    if gpu:
+        options.update(GPU_COMPILE_OPTIONS)
+        report["compiler_options"] = dict(GPU_COMPILE_OPTIONS)
     t0 = time.time()
     # The Pallas kernels size their VMEM to the chip compiled for (hiera_jax.models.tpu).
     with jax.set_mesh(mesh), tpu.compiling_for(kind):
         lowered = setup.jit_train_step().lower(*train_args)
         try:
-            compiled = lowered.compile(options)
+            compiled = lowered.compile(options or None)
         except Exception as e:  # noqa: BLE001 - only an out-of-memory is a verdict
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -277,24 +337,48 @@ def fit_check(
     }
     report["memory"] = memory
     hbm = report["hbm_per_device_bytes"]
-    report["headroom_bytes"] = hbm - memory["peak"] if hbm else None
-    report["fits"] = True  # the compiler assigned every buffer within its HBM
+    usable = hbm * report["usable_hbm_fraction"] if hbm else None
+    report["headroom_bytes"] = usable - memory["peak"] if usable else None
+    # A TPU compile fails when a buffer does not fit (above); the GPU compiler assigns buffers
+    # without a limit, so the verdict is the peak against JAX's pool.
+    report["fits"] = usable is None or memory["peak"] <= usable
+    if not report["fits"]:
+        reason = (
+            f"the step needs {memory['peak'] / 2**30:.2f} GiB per GPU, JAX's pool on a {kind} "
+            f"is {usable / 2**30:.2f} GiB ({report['usable_hbm_fraction']:.0%} of "
+            f"{hbm / 2**30:.1f} GiB; {topology}, batch {config.batch_size}, {per_device_batch} "
+            "per device)"
+        )
+        advice = _advice(config, mesh, per_device_batch)
+        if report["usable_hbm_fraction"] < 0.95 and memory["peak"] <= 0.95 * hbm:
+            advice.insert(0, "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (a larger share for JAX's pool)")
+        raise DoesNotFit(reason, advice, report)
 
     cost = flops_lib.cost_dict(compiled)
     # The compiled program's own count, as `flops.compiled_flops` (the MFU count's last
     # fallback) makes it global.
     compiled_total = flops_lib.global_flops(cost, mesh.size) or 0.0
     device_flops = compiled_total / mesh.size
-    xla_bytes = float(cost.get("bytes accessed", 0.0))
     hlo_text = compiled.as_text() or ""
     looped = use_scan(mcfg) or setup.accum_steps > 1
-    device_bytes = looped_bytes(hlo_text, xla_bytes) if looped else xla_bytes
+    if "bytes accessed" in cost:
+        xla_bytes = float(cost["bytes accessed"])
+        device_bytes = looped_bytes(hlo_text, xla_bytes) if looped else xla_bytes
+    else:  # XLA's GPU compiler gives no cost analysis: our count of its optimized HLO
+        module = hlo_cost.parse(hlo_text)
+        xla_bytes = hlo_cost.bytes_accessed(module, loops=False)
+        device_bytes = hlo_cost.bytes_accessed(module)
+        report["bytes_source"] = "hiera_jax.training.hlo_cost over the optimized HLO"
+    if not compiled_total and model_flops:  # no compiled count (GPU): the model's, per device
+        device_flops = model_flops / mesh.size
     # With remat's recompute and the kernels'.
     report["flops"]["compiled_per_step"] = compiled_total
     # The Pallas kernels' backwards recompute (fc1, attention logits): the compiled count has
     # it, the CPU counts below do not (the CPU takes XLA's branch of their platform switch).
     with jax.set_mesh(mesh), tpu.compiling_for(kind):
-        recompute = flops_lib.kernel_recompute_flops(setup.unlooped_step_fn(), *train_args)
+        recompute = flops_lib.kernel_recompute_flops(
+            setup.unlooped_step_fn(), *train_args, platform="cuda" if gpu else "tpu"
+        )
     report["flops"]["kernel_recompute_per_step"] = recompute
     report["flops"]["bytes_accessed_per_device"] = device_bytes
     report["flops"]["xla_bytes_accessed_per_device"] = xla_bytes  # loop bodies counted once
@@ -344,6 +428,17 @@ def fit_check(
     return report
 
 
+def gpu_mem_fraction() -> float:
+    """JAX's share of a GPU's memory for its pool: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75;
+    all of it where preallocation is off (XLA_PYTHON_CLIENT_PREALLOCATE=false)."""
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
+        return 1.0
+    try:
+        return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_GPU_MEM_FRACTION))
+    except ValueError:
+        return DEFAULT_GPU_MEM_FRACTION
+
+
 def looped_bytes(hlo_text: str, xla_bytes: float) -> float:
     """XLA's bytes accessed with every loop body counted as often as it runs.
 
@@ -379,8 +474,16 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['devices']} x {r['device_kind']}, mesh {r['mesh']}, batch {r['batch_size']} "
         f"({r['per_device_batch']}/device, grad_accum_steps {r['grad_accum_steps']}), "
         f"remat {r['remat']}, scan_blocks {r.get('scan_blocks')}, {r['dtype']}; "
-        f"compiled in {r['compile_seconds']:.0f} s (effort {r['compiler_effort']})",
-        f"  HBM per device: {_gib(r['hbm_per_device_bytes'])}; peak {_gib(mem['peak'])} "
+        f"compiled in {r['compile_seconds']:.0f} s (effort {r['compiler_effort']}"
+        + "".join(f", {k}={v}" for k, v in r.get("compiler_options", {}).items())
+        + ")",
+        f"  HBM per device: {_gib(r['hbm_per_device_bytes'])}"
+        + (
+            f" (JAX's pool: {r['usable_hbm_fraction']:.0%}, XLA_PYTHON_CLIENT_MEM_FRACTION)"
+            if r.get("usable_hbm_fraction", 1.0) < 1.0
+            else ""
+        )
+        + f"; peak {_gib(mem['peak'])} "
         f"(headroom {_gib(r['headroom_bytes'])}) = arguments {_gib(mem['arguments'])} "
         f"(params + optimizer state {_gib(r['state_bytes_per_device'])}) + temporaries "
         f"{_gib(mem['temporaries'])} + outputs not aliased "
@@ -391,7 +494,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"  FLOPs: model {fl['model_per_step'] / 1e12:.3g} TFLOP/step "
             f"({fl['model_per_example'] / 1e9:.3g} GFLOP/example); "
         )
-        if fl.get("executed_per_step"):
+        if not fl.get("compiled_per_step"):
+            lines.append(model + "the compiler gives no count of its own (GPU)")
+        elif fl.get("executed_per_step"):
             lines.append(
                 model + f"executed {fl['executed_per_step'] / 1e12:.3g} TFLOP/step (the step "
                 "with its loops opened, remat's and the kernels' recompute included); the "
@@ -419,7 +524,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"  HBM traffic: {fl['bytes_accessed_per_device'] / 1e9:.3g} GB per device per step "
             f"({per_example / 1e9:.3g} GB per example)"
         )
-        if r.get("roofline_note"):
+        if r.get("bytes_source"):
+            traffic += f", counted by {r['bytes_source']}, every loop trip counted"
+        elif r.get("roofline_note"):
             traffic += (
                 f", every loop trip counted (XLA's own count, each loop body once: "
                 f"{fl['xla_bytes_accessed_per_device'] / 1e9:.3g} GB)"

@@ -1,0 +1,155 @@
+"""NVIDIA GPU programs compiled here, without a GPU: `train.py --aot h100:N` (the fit check), and
+the GPU paths of the model (cuDNN's flash attention), checked against XLA's path in float32 on
+the CPU and found in the GPU program. Needs the gpu extra (jax's CUDA plugin)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import train_helpers as th
+
+th.force_cpu_devices()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import SingleDeviceSharding  # noqa: E402
+
+from hiera_jax.models import attention  # noqa: E402
+from hiera_jax.training import aot, chips  # noqa: E402
+
+pytest.importorskip("jax_plugins.xla_cuda12", reason="the GPU compiler comes with the gpu extra")
+
+
+def gpu_compile(fn, args) -> str:
+    """The optimized HLO of `fn` compiled for one H100, no GPU involved."""
+    device = SingleDeviceSharding(aot.topology_devices("h100:1")[0])
+    shaped = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device) for a in args]
+    return jax.jit(fn).trace(*shaped).lower().compile(aot.GPU_COMPILE_OPTIONS).as_text()
+
+
+def grads(fn):
+    def step(*args):
+        return jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1))(*args)
+
+    return step
+
+
+def test_gpu_fit_check_reports_the_step_for_an_h100(tmp_path):
+    command = [sys.executable, "train.py", "--config", "configs/digits_mae.py"]
+    command += ["--workdir", str(tmp_path), "--aot", "h100:1", "--config.batch_size=64"]
+    command += ["--config.model.dtype=bfloat16", "--config.model.scan_blocks=False"]
+    env = {**os.environ, "XLA_FLAGS": th.xla_flags()}
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    run = subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout.strip().splitlines()
+    assert out[-1].startswith("FITS: digits_mae on h100:1"), out
+    assert os.listdir(tmp_path) == ["aot_h100:1.json"]
+    report = json.load(open(tmp_path / "aot_h100:1.json"))
+    assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["devices"] == 1
+    assert report["fits"] is True and report["usable_hbm_fraction"] == 0.75
+    h100 = chips.gpu_chips()["h100"]
+    assert report["hbm_per_device_bytes"] == h100.hbm_bytes
+    assert report["headroom_bytes"] == 0.75 * h100.hbm_bytes - report["memory"]["peak"]
+    assert report["memory"]["temporaries"] > 0 and report["memory"]["arguments"] > 0
+    assert report["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
+    # XLA's GPU compiler has no cost analysis: the bytes are hlo_cost's count of its program,
+    # the FLOPs the model's, and the roofline the H100's figures.
+    assert "hlo_cost" in report["bytes_source"]
+    fl, roof = report["flops"], report["roofline"]
+    assert fl["bytes_accessed_per_device"] > 0 and fl["model_per_step"] > 0
+    assert roof["peak_bf16_flops_per_device"] == 989e12
+    assert roof["hbm_bandwidth_per_device"] == 3350e9
+    assert roof["memory_seconds"] == pytest.approx(fl["bytes_accessed_per_device"] / 3350e9)
+    assert roof["compute_seconds"] == pytest.approx(fl["model_per_step"] / 989e12)
+    assert 0 < roof["mfu_ceiling"] <= 1
+    assert report["collectives"] == {}
+
+
+def test_gpu_step_over_several_hosts_has_its_collectives_and_a_verdict_on_memory():
+    """Two hosts of two H100s: the gradients' all-reduce is in the program; a batch too large
+    for JAX's pool is refused with its advice, before anything would run."""
+    config = th.make_config(
+        "mae", {"batch_size": 8, "model.dtype": "bfloat16", "model.scan_blocks": False}
+    )
+    report = aot.fit_check(config, "h100:2x2", config_name="digits_mae")
+    assert report["devices"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1}
+    assert report["collectives"]["all-reduce"]["count"] >= 1
+    fits = report["memory"]["peak"]
+    with pytest.MonkeyPatch.context() as mp:
+        # The same program against a pool 1 MiB smaller than its peak.
+        fraction = (fits - 2**20) / report["hbm_per_device_bytes"]
+        mp.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
+        with pytest.raises(aot.DoesNotFit) as e:
+            aot.fit_check(config, "h100:2x2", config_name="digits_mae")
+        assert "per GPU, JAX's pool on a NVIDIA H100 80GB HBM3 is" in e.value.reason
+        assert e.value.advice[0].startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=.95")
+        assert e.value.report["memory"]["peak"] == fits
+
+
+@pytest.mark.parametrize(
+    "topology, slices, message",
+    [
+        ("h100:0", 1, "must be >= 1"),
+        ("h100:8", 2, "give GPU hosts in the name: h100:2x8"),
+        ("h900:8", 1, "is not a topology name"),
+    ],
+)
+def test_bad_gpu_targets_are_one_clear_error(topology, slices, message):
+    with pytest.raises(ValueError, match=message):
+        aot.topology_devices(topology, slices)
+
+
+@pytest.mark.parametrize("name", sorted(chips.gpu_chips()))
+def test_every_gpu_target_gives_devices_of_its_kind(name):
+    devices = aot.topology_devices(f"{name}:2")
+    assert len(devices) == 2
+    assert chips.chip_for(devices[0].device_kind).name == name
+
+
+@pytest.mark.parametrize(
+    "heads, windows, q_stride, n",
+    [(1, 49, 1, 64), (2, 49, 4, 64), (4, 1, 1, 196), (8, 1, 4, 196)],
+)
+def test_cudnn_layout_matches_xla_path_in_float32_values_and_gradients(heads, windows, q_stride, n):
+    """The cuDNN branch's layout ([B·windows, n, heads, d], the query pooling before it) run
+    with jax's XLA implementation of the same call, against the model's own path."""
+    d = 32
+    qkv = jax.random.normal(jax.random.key(0), (2, n * windows, 3 * heads * d))
+    options = dict(heads=heads, windows=windows, scale=d**-0.5, q_stride=q_stride)
+
+    def ours(x):
+        return attention.cudnn_attention(x, **options, implementation="xla")
+
+    def reference(x):
+        return attention.transposed_attention(x, **options, kernel="xla")
+
+    np.testing.assert_allclose(ours(qkv), reference(qkv), rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(jax.random.key(1), reference(qkv).shape)
+    g_ours = jax.vjp(ours, qkv)[1](cotangent)[0]
+    g_ref = jax.vjp(reference, qkv)[1](cotangent)[0]
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("windows, q_stride", [(1, 1), (49, 4)])
+def test_gpu_programs_take_cudnn_attention_and_cpu_programs_do_not(windows, q_stride):
+    x = jax.ShapeDtypeStruct((2, 64 * windows, 96), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((96, 3 * 96), jnp.bfloat16)
+    step = grads(lambda x, w: attention.attention(x @ w, 1, windows, 0.1, q_stride=q_stride))
+    gpu = gpu_compile(step, [x, weight])
+    assert gpu.count('custom_call_target="__cudnn$fmhaSoftmax"') == 1  # forward
+    assert gpu.count('custom_call_target="__cudnn$fmhaSoftmaxBackward"') == 1
+    cpu = jax.jit(step).lower(x, weight).compile().as_text()
+    assert "custom_call" not in cpu
+    # float32 keeps XLA's path (the official arithmetic); so do odd lengths, which jax's cuDNN
+    # call refuses for training.
+    as_f32 = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, weight)]
+    assert 'custom_call_target="__cudnn$fmha' not in gpu_compile(step, as_f32)
+    odd = jax.ShapeDtypeStruct((2, 49, 96), jnp.bfloat16)
+    step1 = grads(lambda x, w: attention.attention(x @ w, 1, 1, 0.1))
+    assert 'custom_call_target="__cudnn$fmha' not in gpu_compile(step1, [odd, weight])
