@@ -11,7 +11,8 @@ gradients and the weights once. (An MLP kernel without the norm and residual mov
 had fused the norm into fc1 and the residual into fc2, and the kernel made it write them.)
 
 `kernel` as for attention (`hiera_jax.models.tpu.KERNELS`): "auto" = the kernel in programs
-compiled for a TPU, XLA's ops elsewhere (the float32 parity tests run there); "xla" never;
+compiled for a TPU, the Triton kernels of `hiera_jax.models.gpu_mlp` in 16-bit programs compiled
+for an NVIDIA GPU, XLA's ops elsewhere (the float32 parity tests run there); "xla" never;
 "pallas" everywhere, interpreted off TPU. MLPs whose weights and gradients do not fit VMEM, with
 too few tokens per device to pay (the weights outweigh the activations), or with an activation
 other than exact GELU take XLA's ops.
@@ -28,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from hiera_jax.models import tpu
+from hiera_jax.models import gpu_mlp, tpu
 from hiera_jax.models.activations import ACTIVATIONS
 from hiera_jax.models.matmul import dense_dot_general
 
@@ -101,7 +102,10 @@ def mlp_half(
     if x.ndim != 3 or p.w1.shape[0] != x.shape[-1] or p.w2.shape != p.w1.shape[::-1]:
         raise ValueError(f"x {x.shape}, w1 {p.w1.shape}, w2 {p.w2.shape} are not an MLP half")
     reference = functools.partial(xla_mlp_half, eps=eps, act=act)
-    if kernel == "xla" or act not in FUSED_ACTIVATIONS or not kernel_fits(x, p.w1):
+    fused = kernel != "xla" and act in FUSED_ACTIVATIONS
+    on_tpu = fused and kernel_fits(x, p.w1)
+    on_gpu = fused and kernel == "auto" and gpu_mlp.kernel_fits(x, p.w1)
+    if not (on_tpu or on_gpu):
         return reference(x, p, keep=keep, keep_scale=keep_scale)
     # The drop path as a per-example factor: 0, or 1 / keep_scale.
     if keep is None:
@@ -116,10 +120,14 @@ def mlp_half(
     def pallas(x, factor, *p_, interpret: bool):
         return _fused(x, factor, MlpHalf(*p_), eps, interpret)
 
-    other = functools.partial(pallas, interpret=True) if kernel == "pallas" else fallback
-    return lax.platform_dependent(
-        x, factor, *p, tpu=functools.partial(pallas, interpret=False), default=other
-    )
+    def triton(x, factor, *p_):
+        return gpu_mlp.mlp_half(x, factor, MlpHalf(*p_), eps)
+
+    branches = {"cuda": triton} if on_gpu else {}
+    if on_tpu:
+        branches["tpu"] = functools.partial(pallas, interpret=False)
+    other = functools.partial(pallas, interpret=True) if on_tpu and kernel == "pallas" else fallback
+    return lax.platform_dependent(x, factor, *p, **branches, default=other)
 
 
 def _tiles(batch: int, tokens: int, item: int) -> tuple[int, int]:
