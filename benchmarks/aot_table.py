@@ -38,6 +38,8 @@ SLICE_NAMES = {
     "v4:4x4x2": "v4-64 (32 chips)",
     "v6e:8x8": "v6e-64 (64 chips)",
     "v5e:4x4": "v5e-16 (16 chips)",
+    "h100:8": "8 x H100 SXM (one host)",
+    "h200:8": "8 x H200 (one host)",
 }
 MATRIX: list[tuple] = [
     ("in1k_mae:base", "v5e:8x8", 1),
@@ -74,6 +76,14 @@ MATRIX: list[tuple] = [
     ("in1k_mae:base", "v5e:4x4", 1),
     ("in1k_mae:huge", "v5e:8x8", 1),
     ("k400_mae:base", "v5e:4x4", 1),
+    # NVIDIA GPUs (the gpu extra; XLA's GPU compiler without a GPU, see aot.py): the recipes'
+    # batches on one 8-GPU host, checked against JAX's default pool (75% of each GPU).
+    ("in1k_mae:base", "h100:8", 1),
+    ("in1k_finetune:base", "h100:8", 1),
+    ("in1k_mae:large", "h100:8", 1),
+    ("in1k_finetune:large", "h100:8", 1),
+    ("k400_mae:base", "h100:8", 1),
+    ("in1k_mae:huge", "h200:8", 1),
 ]
 # Tried in order on a row that does not fit; the first that fits is reported.
 FIXES: list[dict[str, str]] = [
@@ -135,11 +145,19 @@ def _scan(report: dict) -> str:
     return "yes" if report.get("scan_blocks") else "no"
 
 
-def table() -> str:
+GPU_SECTION = "gpu-aot-table"  # the GPU rows, a table of their own
+GPU_CHIPS = ("a100", "h100", "h200", "b200")
+
+
+def is_gpu(topology: str) -> bool:
+    return topology.split(":")[0].split("-")[0] in GPU_CHIPS
+
+
+def table(gpu: bool = False) -> str:
     reports = []
     for path in sorted(glob.glob(os.path.join(OUT, "*", "aot_*.json"))):
         r = json.load(open(path))
-        if "topology" in r:
+        if "topology" in r and is_gpu(r["topology"]) == gpu:
             reports.append(r)
     order: dict = {}
     for i, m in enumerate(MATRIX):
@@ -216,7 +234,10 @@ def _kept_rows(old_block: str, new_table: str) -> list[str]:
     return kept
 
 
-def write(effort) -> None:
+def write(effort, gpu: bool = False) -> None:
+    if gpu:
+        write_gpu()
+        return
     new_table = table()
     old_block = read_section(SECTION)
     kept = _kept_rows(old_block, new_table)
@@ -236,20 +257,38 @@ def write(effort) -> None:
     write_section(SECTION, block, append=True)
 
 
+def write_gpu() -> None:
+    """The GPU rows' own section (the TPU table and its kept rows untouched)."""
+    gpu = table(gpu=True)
+    if len(gpu.splitlines()) > 2:
+        gpu_block = (
+            "Made by `python benchmarks/aot_table.py --gpu --write-only` from reports of "
+            "`train.py --aot h100:8` and the like (XLA's GPU compiler from jax 0.10.2's CUDA 12 "
+            "plugin, on this CPU, without a GPU; `xla_gpu_enable_triton_gemm=false`, nothing "
+            "autotuned; HBM traffic counted by `hlo_cost`). A step fits when its peak fits in "
+            "JAX's default pool, 75% of the GPU's memory.\n\n" + gpu
+        )
+        write_section(GPU_SECTION, gpu_block, append=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="recipes to run (default: every row)")
     parser.add_argument("--effort", type=float, default=-1.0, help="--aot_effort for every row")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md afterwards")
     parser.add_argument("--write-only", action="store_true", help="only rebuild the table")
+    parser.add_argument(
+        "--gpu", action="store_true", help="the GPU rows (the gpu extra) instead of the TPU rows"
+    )
     args = parser.parse_args(argv)
     if not args.write_only:
         rows = [m for m in MATRIX if not args.only or m[0] in args.only]
+        rows = [m for m in rows if is_gpu(m[1]) == args.gpu]
         measure(rows, args.effort)
     if args.write or args.write_only:
-        write(args.effort)
+        write(args.effort, gpu=args.gpu)
     else:
-        print(table())
+        print(table(gpu=args.gpu))
 
 
 if __name__ == "__main__":

@@ -42,9 +42,12 @@ from hiera_jax.training.setup import (  # noqa: E402
 SECTION = "bench-accel"  # of BENCHMARKS.md
 
 
+KERNELS = "auto"  # --kernels: the models' attention_kernel and mlp_kernel
+
+
 def recipe(task: str, size: str, batch: int, smoke: bool, scan: bool | None):
     """The in1k recipe for `task` at `size`, with `batch`, `scan_blocks` (None: automatic, off
-    on a GPU) and (smoke) a tiny input."""
+    on a GPU), the kernels of --kernels and (smoke) a tiny input."""
     from configs import in1k_finetune, in1k_mae
 
     config = (in1k_mae if task == "mae" else in1k_finetune).get_config(size)
@@ -53,6 +56,7 @@ def recipe(task: str, size: str, batch: int, smoke: bool, scan: bool | None):
     config.total_steps = 1000
     config.mesh_shape = (-1, 1)  # one host: data parallel over its devices
     config.model.scan_blocks = scan
+    config.model.attention_kernel = config.model.mlp_kernel = KERNELS
     if smoke:
         config.model.input_size = (64, 64)  # 16x16 tokens, 2x2 mask units
         config.model.dtype = "float32"
@@ -122,6 +126,7 @@ def bench_inference(size: str, batch: int, scan: bool | None, repeats: int, smok
     import hiera_jax
 
     overrides = {"dtype": "float32" if smoke else "bfloat16", "scan_blocks": scan}
+    overrides.update(attention_kernel=KERNELS, mlp_kernel=KERNELS)
     if smoke:
         overrides["input_size"] = (64, 64)
     model = hiera_jax.create_model(f"hiera_{size}_224", **overrides)
@@ -159,7 +164,7 @@ def with_rates(row: dict, peak: float | None) -> dict:
 
 def table(rows: list[dict], device: str, peak: float | None) -> str:
     lines = [
-        f"Device: {jax.device_count()} x {device}; jax {jax.__version__}; peak "
+        f"Device: {jax.device_count()} x {device}; jax {jax.__version__}; kernels {KERNELS}; peak "
         + (f"{peak / 1e12:.0f} TFLOP/s dense bf16 per device" if peak else "unknown (no MFU)"),
         "",
         "| case | model | batch | dtype | remat | scan | step (ms) | images/s | TFLOP/s/device | MFU |",
@@ -193,11 +198,19 @@ def main(argv=None) -> None:
     scan = parser.add_mutually_exclusive_group()
     scan.add_argument("--scan", dest="scan", action="store_true", default=None, help="scan on")
     scan.add_argument("--no-scan", dest="scan", action="store_false", help="model.scan_blocks off")
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "xla"],
+        default="auto",
+        help="attention_kernel and mlp_kernel: auto (the accelerator's kernels) or xla",
+    )
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.repeats = ["tiny"], 1
+    global KERNELS
+    KERNELS = args.kernels
     device = jax.devices()[0].device_kind
     peak = args.peak or (chips.chip_for(device).peak_bf16_flops if chips.chip_for(device) else None)
     default_batch = {

@@ -153,3 +153,32 @@ def test_gpu_programs_take_cudnn_attention_and_cpu_programs_do_not(windows, q_st
     odd = jax.ShapeDtypeStruct((2, 49, 96), jnp.bfloat16)
     step1 = grads(lambda x, w: attention.attention(x @ w, 1, 1, 0.1))
     assert 'custom_call_target="__cudnn$fmha' not in gpu_compile(step1, [odd, weight])
+
+
+def test_flop_counts_see_through_the_gpu_kernels():
+    """Model FLOPs stay XLA's ops' count; what the GPU branches compute again (cuDNN's logits
+    in the backward, fc1 in the MLP kernel's backward) is counted as recompute, worked out
+    from the shapes."""
+    from hiera_jax.models import fused_mlp
+    from hiera_jax.training import flops
+
+    b, w, n, h, d = 2, 4, 64, 2, 32
+    qkv = jax.ShapeDtypeStruct((b, n * w, 3 * h * d), jnp.bfloat16)
+    step = jax.grad(lambda x: attention.attention(x, h, w, 0.1).astype(jnp.float32).sum())
+    pairs = b * w * n * h * n * d  # [n, n] products of length d, per window and head
+    assert flops.jaxpr_flops(step, qkv) == 2 * pairs * (2 + 4)  # forward 2 matmuls, backward 4
+    assert flops.kernel_recompute_flops(step, qkv, platform="cuda") == 2 * pairs
+    rows, c = 8 * 196, 96
+    x = jax.ShapeDtypeStruct((8, 196, c), jnp.bfloat16)
+    p = fused_mlp.MlpHalf(
+        *(jax.ShapeDtypeStruct(s, t) for s, t in [((c,), jnp.float32)] * 2),
+        *(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in [(c, 4 * c), (4 * c,), (4 * c, c), (c,)]),
+    )
+
+    def mlp(x, p):
+        return fused_mlp.mlp_half(x, p, 1e-6).astype(jnp.float32).sum()
+
+    grads = jax.grad(mlp, argnums=(0, 1))
+    fc1 = 2 * rows * c * 4 * c
+    assert flops.jaxpr_flops(grads, x, p) == 6 * fc1  # fc1, fc2 and four backward GEMMs
+    assert flops.kernel_recompute_flops(grads, x, p, platform="cuda") == fc1

@@ -203,6 +203,16 @@ def _backward_kernel(
         dbe_ref[pl.ds(k * c, c)] = dxn[k].sum(axis=0)
 
 
+def _cost(rows: int, dim: int, hidden: int, matmuls: int, arrays: int) -> pl.CostEstimate:
+    """`matmuls` [rows, C] x [C, H] products (forward 2; backward 3: fc1 again, dy w2ᵀ, dpre
+    w1ᵀ) and roughly `arrays` bf16 [rows, C] arrays moved, for XLA's and our FLOP counts."""
+    return pl.CostEstimate(
+        flops=2 * rows * dim * hidden * matmuls,
+        transcendentals=rows * hidden,
+        bytes_accessed=2 * rows * dim * arrays + 4 * dim * hidden,
+    )
+
+
 def _params(c: int, tile: int, dim: int):
     return plgpu.CompilerParams(num_warps=8 if tile * dim > 64 * 256 else 4, num_stages=1)
 
@@ -222,6 +232,7 @@ def _forward_call(x2, factor, p, eps: float, interpret: bool):
         out_specs=row,
         out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
         compiler_params=_params(c, tile, dim),
+        cost_estimate=_cost(rows, dim, p[2].shape[1], 2, 2),
         interpret=interpret,
         name="hiera_mlp_half_fwd",
     )(x2, factor, *p)
@@ -260,6 +271,7 @@ def _backward_call(x2, dout, factor, p, eps: float, interpret: bool):
         ]
         + [jax.ShapeDtypeStruct((tiles, w), jnp.float32) for w in (dim, dim, hidden, dim)],
         compiler_params=_params(c, tile, dim),
+        cost_estimate=_cost(rows, dim, hidden, 3, 5 + 8),  # + act and dpre, 4·C wide
         interpret=interpret,
         name="hiera_mlp_half_bwd",
     )(x2, dout, factor, *no_bias)

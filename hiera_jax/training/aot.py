@@ -349,6 +349,7 @@ def fit_check(
             f"{hbm / 2**30:.1f} GiB; {topology}, batch {config.batch_size}, {per_device_batch} "
             "per device)"
         )
+        memory.update(needed=memory["peak"], available=usable)
         advice = _advice(config, mesh, per_device_batch)
         if report["usable_hbm_fraction"] < 0.95 and memory["peak"] <= 0.95 * hbm:
             advice.insert(0, "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (a larger share for JAX's pool)")
