@@ -71,25 +71,23 @@ def test_gpu_fit_check_reports_the_step_for_an_h100(tmp_path):
     assert report["collectives"] == {}
 
 
-def test_gpu_step_over_several_hosts_has_its_collectives_and_a_verdict_on_memory():
-    """Two hosts of two H100s: the gradients' all-reduce is in the program; a batch too large
-    for JAX's pool is refused with its advice, before anything would run."""
+def test_gpu_step_over_several_hosts_that_does_not_fit_jax_pool_is_refused(monkeypatch):
+    """Two hosts of two H100s, against a pool of 0.001% of each GPU (0.8 MiB): the verdict is the compiler's
+    peak against JAX's pool (XLA_PYTHON_CLIENT_MEM_FRACTION), with the advice that raises it."""
     config = th.make_config(
         "mae", {"batch_size": 8, "model.dtype": "bfloat16", "model.scan_blocks": False}
     )
-    report = aot.fit_check(config, "h100:2x2", config_name="digits_mae")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.00001")
+    with pytest.raises(aot.DoesNotFit) as e:
+        aot.fit_check(config, "h100:2x2", config_name="digits_mae")
+    report = e.value.report
     assert report["devices"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1}
-    assert report["collectives"]["all-reduce"]["count"] >= 1
-    fits = report["memory"]["peak"]
-    with pytest.MonkeyPatch.context() as mp:
-        # The same program against a pool 1 MiB smaller than its peak.
-        fraction = (fits - 2**20) / report["hbm_per_device_bytes"]
-        mp.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
-        with pytest.raises(aot.DoesNotFit) as e:
-            aot.fit_check(config, "h100:2x2", config_name="digits_mae")
-        assert "per GPU, JAX's pool on a NVIDIA H100 80GB HBM3 is" in e.value.reason
-        assert e.value.advice[0].startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=.95")
-        assert e.value.report["memory"]["peak"] == fits
+    assert report["fits"] is False and report["usable_hbm_fraction"] == 0.00001
+    memory = report["memory"]
+    assert memory["available"] == 0.00001 * report["hbm_per_device_bytes"] < memory["needed"]
+    assert memory["needed"] == memory["peak"] > 0
+    assert "per GPU, JAX's pool on a NVIDIA H100 80GB HBM3 is 0.00 GiB" in e.value.reason
+    assert e.value.advice[0].startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=.95")
 
 
 @pytest.mark.parametrize(
