@@ -19,8 +19,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from hiera_jax.models import attention  # noqa: E402
-from hiera_jax.training import aot, chips  # noqa: E402
+from hiera_jax.models import attention, gpu_attention  # noqa: E402
+from hiera_jax.training import aot, chips, hlo_cost  # noqa: E402
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="the GPU compiler comes with the gpu extra")
 
@@ -34,7 +34,8 @@ def gpu_compile(fn, args) -> str:
 
 def grads(fn):
     def step(*args):
-        return jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1))(*args)
+        loss = lambda *a: fn(*a).astype(jnp.float32).sum()  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1))(*args)
 
     return step
 
@@ -112,11 +113,12 @@ def test_every_gpu_target_gives_devices_of_its_kind(name):
 
 @pytest.mark.parametrize(
     "heads, windows, q_stride, n",
-    [(1, 49, 1, 64), (2, 49, 4, 64), (4, 1, 1, 196), (8, 1, 4, 196)],
+    [(1, 49, 1, 64), (2, 49, 4, 64), (4, 1, 1, 196), (8, 1, 4, 196), (8, 1, 1, 49), (2, 3, 1, 49)],
 )
 def test_cudnn_layout_matches_xla_path_in_float32_values_and_gradients(heads, windows, q_stride, n):
-    """The cuDNN branch's layout ([B·windows, n, heads, d], the query pooling before it) run
-    with jax's XLA implementation of the same call, against the model's own path."""
+    """The cuDNN branch's layout ([B·windows, n, heads, d], the query pooling before it, odd
+    lengths padded by a masked row) run with jax's XLA implementation of the same call, against
+    the model's own path."""
     d = 32
     qkv = jax.random.normal(jax.random.key(0), (2, n * windows, 3 * heads * d))
     options = dict(heads=heads, windows=windows, scale=d**-0.5, q_stride=q_stride)
@@ -134,23 +136,86 @@ def test_cudnn_layout_matches_xla_path_in_float32_values_and_gradients(heads, wi
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("windows, q_stride", [(1, 1), (49, 4)])
-def test_gpu_programs_take_cudnn_attention_and_cpu_programs_do_not(windows, q_stride):
+@pytest.mark.parametrize(
+    "windows, q_stride, target",
+    [
+        (1, 1, "__cudnn$fmhaSoftmax"),  # global attention: cuDNN
+        (49, 32, "__cudnn$fmhaSoftmax"),  # pooled to 2 queries: fewer than the kernels take
+        (49, 4, "hiera_window_attention"),  # mask units of 64 keys, 16 queries: in place
+        (49, 1, "hiera_window_attention"),
+    ],
+)
+def test_gpu_programs_take_the_gpu_attention_kernels_and_cpu_programs_do_not(
+    windows, q_stride, target
+):
     x = jax.ShapeDtypeStruct((2, 64 * windows, 96), jnp.bfloat16)
     weight = jax.ShapeDtypeStruct((96, 3 * 96), jnp.bfloat16)
     step = grads(lambda x, w: attention.attention(x @ w, 1, windows, 0.1, q_stride=q_stride))
     gpu = gpu_compile(step, [x, weight])
-    assert gpu.count('custom_call_target="__cudnn$fmhaSoftmax"') == 1  # forward
-    assert gpu.count('custom_call_target="__cudnn$fmhaSoftmaxBackward"') == 1
+    if target.startswith("__cudnn"):
+        assert gpu.count(f'custom_call_target="{target}"') == 1  # forward
+        assert gpu.count(f'custom_call_target="{target}Backward"') == 1
+        assert "hiera_window_attention" not in gpu
+    else:
+        assert 'custom_call_target="__cudnn$fmha' not in gpu
+        assert gpu.count('custom_call_target="__gpu$xla.gpu.triton"') == 2
+        assert "hiera_window_attention_fwd" in gpu and "hiera_window_attention_bwd" in gpu
+        # Read and written in place: no copy or transpose of qkv, its gradient or the output.
+        layout = [a for a in hlo_cost.accesses(gpu) if "attention" in a.op_name]
+        assert not [a for a in layout if a.opcode in ("copy", "transpose")], layout
     cpu = jax.jit(step).lower(x, weight).compile().as_text()
     assert "custom_call" not in cpu
-    # float32 keeps XLA's path (the official arithmetic); so do odd lengths, which jax's cuDNN
-    # call refuses for training.
+    # float32 keeps XLA's path (the official arithmetic).
     as_f32 = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, weight)]
-    assert 'custom_call_target="__cudnn$fmha' not in gpu_compile(step, as_f32)
-    odd = jax.ShapeDtypeStruct((2, 49, 96), jnp.bfloat16)
-    step1 = grads(lambda x, w: attention.attention(x @ w, 1, 1, 0.1))
-    assert 'custom_call_target="__cudnn$fmha' not in gpu_compile(step1, [odd, weight])
+    f32 = gpu_compile(step, as_f32)
+    assert 'custom_call_target="__cudnn$fmha' not in f32 and "hiera_window_attention" not in f32
+
+
+@pytest.mark.parametrize(
+    "heads, windows, q_stride, n, d", [(1, 4, 1, 64, 96), (2, 4, 4, 64, 32), (2, 3, 1, 16, 48)]
+)
+def test_in_place_kernels_match_xla_path_in_float32_values_and_gradients(
+    heads, windows, q_stride, n, d
+):
+    """The Triton kernels in Pallas' interpreter: head dims in chunks (96 = 3 x 32, 48 = 3 x 16),
+    a pooled window (16 queries of 64 keys), and ties in the pooling's gradient below."""
+    qkv = jax.random.normal(jax.random.key(0), (2, n * windows, 3 * heads * d))
+    options = dict(heads=heads, windows=windows, scale=d**-0.5, q_stride=q_stride)
+
+    def ours(x):
+        return gpu_attention.window_attention(x, *options.values(), True)
+
+    def reference(x):
+        return attention.transposed_attention(x, **options, kernel="xla")
+
+    np.testing.assert_allclose(ours(qkv), reference(qkv), rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(jax.random.key(1), reference(qkv).shape)
+    g_ours = jax.vjp(ours, qkv)[1](cotangent)[0]
+    g_ref = jax.vjp(reference, qkv)[1](cotangent)[0]
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_kernels_split_the_pooling_gradient_between_ties_as_jax_does():
+    """Queries rounded to a coarse grid tie often inside a pooled chunk: jax's max gives each
+    tied candidate an equal share, and so must the kernel."""
+    heads, windows, n, d = 1, 2, 64, 16
+    qkv = jnp.round(jax.random.normal(jax.random.key(2), (1, n * windows, 3 * d)))
+    options = dict(heads=heads, windows=windows, scale=d**-0.5, q_stride=4)
+    ours = jax.grad(lambda x: gpu_attention.window_attention(x, *options.values(), True).sum())(qkv)
+    want = jax.grad(lambda x: attention.transposed_attention(x, **options, kernel="xla").sum())(qkv)
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_kernels_in_bfloat16_are_as_close_to_float32_as_xla_in_bfloat16():
+    qkv = jax.random.normal(jax.random.key(3), (2, 64 * 4, 3 * 2 * 32))
+    options = dict(heads=2, windows=4, scale=32**-0.5, q_stride=4)
+    want = attention.transposed_attention(qkv, **options, kernel="xla")
+    low = qkv.astype(jnp.bfloat16)
+    ours = gpu_attention.window_attention(low, *options.values(), True)
+    xla = attention.transposed_attention(low, **options, kernel="xla")
+    err = {k: float(jnp.abs(v.astype(jnp.float32) - want).max()) for k, v in
+           {"ours": ours, "xla": xla}.items()}  # fmt: skip
+    assert err["ours"] <= 1.25 * err["xla"] + 1e-3, err
 
 
 def test_flop_counts_see_through_the_gpu_kernels():
@@ -180,3 +245,15 @@ def test_flop_counts_see_through_the_gpu_kernels():
     fc1 = 2 * rows * c * 4 * c
     assert flops.jaxpr_flops(grads, x, p) == 6 * fc1  # fc1, fc2 and four backward GEMMs
     assert flops.kernel_recompute_flops(grads, x, p, platform="cuda") == fc1
+
+
+def test_odd_lengths_take_cudnn_padded_by_one_masked_row():
+    """jax 0.10.2 trains cuDNN's attention on even lengths only; Hiera's last stage at 224 has
+    49 tokens (and 196 keys for 49 pooled queries)."""
+    weight = jax.ShapeDtypeStruct((96, 3 * 96), jnp.bfloat16)
+    for tokens, q_stride in ((49, 1), (196, 4)):
+        x = jax.ShapeDtypeStruct((2, tokens, 96), jnp.bfloat16)
+        step = grads(lambda x, w, s=q_stride: attention.attention(x @ w, 1, 1, 0.1, q_stride=s))
+        gpu = gpu_compile(step, [x, weight])
+        calls = [ln for ln in gpu.splitlines() if 'custom_call_target="__cudnn$fmha' in ln]
+        assert len(calls) == 2 and all("bf16[2,50,1,96]" in ln for ln in calls), calls

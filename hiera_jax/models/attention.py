@@ -16,9 +16,10 @@ JAX's own Pallas flash attention (`flash_window_attention`: online softmax over 
 tiles) where a tile divides their lengths, and XLA's path otherwise.
 
 `kernel="auto"` picks the kernels for programs compiled for a TPU (`lax.platform_dependent`, so
-an AOT compile from a CPU host gets them too), cuDNN's flash attention for 16-bit programs
-compiled for an NVIDIA GPU (`cudnn_attention`), and XLA's path on the CPU, where the float32
-parity tests run. `kernel="pallas"` forces them everywhere (interpreted off TPU: slow, for
+an AOT compile from a CPU host gets them too); for 16-bit programs compiled for an NVIDIA GPU,
+Pallas Triton kernels that read mask units in place (`hiera_jax.models.gpu_attention`) where
+their lengths are powers of two, cuDNN's flash attention (`cudnn_attention`) elsewhere; and
+XLA's path on the CPU, where the float32 parity tests run. `kernel="pallas"` forces them everywhere (interpreted off TPU: slow, for
 tests), `"xla"` never uses them.
 """
 
@@ -32,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from hiera_jax.models import tpu
+from hiera_jax.models import gpu_attention, tpu
 from hiera_jax.models.tpu import KERNELS, compiling_for, vmem_capacity  # noqa: F401 (re-exported)
 
 # Bytes of f32 [n_q, n_k] blocks one grid step may hold: the backward keeps three per window
@@ -279,8 +280,11 @@ def attention(
     if return_probs or kernel == "xla":
         return transposed_attention(qkv, **options, kernel=kernel, return_probs=return_probs)
     gpu = {}
-    n_k = tokens // windows
-    if kernel == "auto" and cudnn_fits(qkv.dtype, channels // (3 * heads), n_k // q_stride, n_k):
+    n_k, d = tokens // windows, channels // (3 * heads)
+    if kernel == "auto" and gpu_attention.kernel_fits(qkv.dtype, windows, n_k, q_stride, d):
+        # Mask units of power-of-two size: in place, no layout copies (gpu_attention).
+        gpu["cuda"] = functools.partial(gpu_attention.window_attention, **options)
+    elif kernel == "auto" and cudnn_fits(qkv.dtype, d):
         gpu["cuda"] = functools.partial(cudnn_attention, **options)
     if not _token_kernel_fits(qkv, **options):
         if not gpu:
@@ -323,18 +327,18 @@ def cudnn_present() -> bool:
         return False
 
 
-def cudnn_fits(dtype, head_dim: int, n_q: int, n_k: int) -> bool:
-    """Whether cuDNN's flash attention takes these windows (`attention` on a GPU). JAX 0.10.2
-    refuses odd lengths for training (it checks them as if a bias were given), so windows of odd
-    length (Hiera's last stage at 224: 49 tokens) keep XLA's path."""
+def cudnn_fits(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's flash attention takes these windows (`attention` on a GPU)."""
     return (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0
         and head_dim <= CUDNN_MAX_HEAD_DIM
-        and n_q % 2 == 0
-        and n_k % 2 == 0
         and cudnn_present()
     )
+
+
+def _pad_rows(a: jnp.ndarray, extra: int) -> jnp.ndarray:
+    return jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else a
 
 
 def cudnn_attention(
@@ -355,7 +359,20 @@ def cudnn_attention(
     q, k, v = (a.reshape(batch * windows, -1, heads, d) for a in parts)  # [B·w, n, h, d]
     if q_stride > 1:  # max over the leading q_stride chunk of each window's tokens
         q = q.reshape(batch * windows, q_stride, -1, heads, d).max(axis=1)
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    n_q, n_k = q.shape[1], k.shape[1]
+    lengths = {}
+    if n_q % 2 or n_k % 2:
+        # jax 0.10.2 trains cuDNN's attention on even lengths only (it checks them as if a bias
+        # were given): one zero row more, masked out by the lengths (the pad is part of the
+        # layout copy; the extra query's output is dropped).
+        q, k, v = (_pad_rows(a, a.shape[1] % 2) for a in (q, k, v))
+        lengths = dict(
+            query_seq_lengths=jnp.full((batch * windows,), n_q, jnp.int32),
+            key_value_seq_lengths=jnp.full((batch * windows,), n_k, jnp.int32),
+        )
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, implementation=implementation, **lengths
+    )[:, :n_q]
     out = out.reshape(batch, windows, -1, heads * d).transpose(0, 2, 1, 3)  # [B, n_q, w, C]
     return out.reshape(batch, -1, heads * d)
 
