@@ -78,7 +78,9 @@ flags.DEFINE_string(
     "aot",
     None,
     "Fit check, nothing run: compile the train step for this TPU slice (TYPE:AxB[xC] in chips, "
-    "e.g. v5e:8x8, v5p:4x4x2, v4:4x4x2) and report memory, FLOPs and collectives.",
+    "e.g. v5e:8x8, v5p:4x4x2, v4:4x4x2) or these NVIDIA GPUs (CHIP:N or CHIP:HOSTSxN, CHIP one "
+    "of a100-40gb, a100, h100, h200, b200; the gpu extra) and report memory, FLOPs, HBM traffic "
+    "and collectives.",
 )
 flags.DEFINE_bool("verbose", False, "Show the full traceback of an error, not one line.")
 flags.DEFINE_integer("aot_slices", 1, "--aot: number of slices (multi-slice, data over DCN).")
@@ -103,7 +105,8 @@ def config_name() -> str:
 
 
 def run_aot(config, workdir: str) -> None:
-    """--aot: compile for the slice, print the report, write it as JSON; exit 1 if it won't fit."""
+    """--aot: compile for the slice or GPUs, print the report, write it as JSON; exit 1 if it
+    won't fit."""
     from hiera_jax.training import aot
 
     try:
@@ -118,7 +121,7 @@ def run_aot(config, workdir: str) -> None:
         path = aot.write_report({**e.report, "advice": e.advice}, workdir)
         tips = "; ".join(e.advice)
         raise SystemExit(f"DOES NOT FIT: {e.reason}. Try: {tips}. (report: {path})") from None
-    except (ValueError, RuntimeError) as e:  # a bad topology name, no libtpu: one line, exit 2
+    except (ValueError, RuntimeError) as e:  # a bad topology name, no compiler: one line, exit 2
         raise ValueError(str(e)) from None
     path = aot.write_report(report, workdir)
     print(aot.format_report(report), flush=True)

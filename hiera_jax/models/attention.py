@@ -19,8 +19,8 @@ tiles) where a tile divides their lengths, and XLA's path otherwise.
 an AOT compile from a CPU host gets them too); for 16-bit programs compiled for an NVIDIA GPU,
 Pallas Triton kernels that read mask units in place (`hiera_jax.models.gpu_attention`) where
 their lengths are powers of two, cuDNN's flash attention (`cudnn_attention`) elsewhere; and
-XLA's path on the CPU, where the float32 parity tests run. `kernel="pallas"` forces them everywhere (interpreted off TPU: slow, for
-tests), `"xla"` never uses them.
+XLA's path on the CPU, where the float32 parity tests run. `kernel="pallas"` forces the TPU
+kernels everywhere (interpreted off TPU: slow, for tests), `"xla"` never uses any.
 """
 
 from __future__ import annotations

@@ -171,7 +171,9 @@ def _forward_call(qkv, heads, windows, scale, q_stride, interpret):
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((batch, n_q, windows, heads, d), qkv.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        cost_estimate=_cost(batch, windows, heads, n_q, n_k, d, 2, qkv.size * qkv.dtype.itemsize * 4 // 3),
+        cost_estimate=_cost(
+            batch, windows, heads, n_q, n_k, d, 2, qkv.size * qkv.dtype.itemsize * 4 // 3
+        ),
         interpret=interpret,
         name="hiera_window_attention_fwd",
     )(view)
@@ -192,7 +194,9 @@ def _backward_call(qkv, dout, heads, windows, scale, q_stride, interpret):
         out_shape=jax.ShapeDtypeStruct(view.shape, qkv.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         # q kᵀ again and four products (dp, dq, dk, dv)
-        cost_estimate=_cost(batch, windows, heads, n_q, n_k, d, 5, (2 * qkv.size + dout.size) * qkv.dtype.itemsize),
+        cost_estimate=_cost(
+            batch, windows, heads, n_q, n_k, d, 5, (2 * qkv.size + dout.size) * qkv.dtype.itemsize
+        ),
         interpret=interpret,
         name="hiera_window_attention_bwd",
     )(view, dview)
