@@ -225,12 +225,13 @@ def test_flop_counts_see_through_the_gpu_kernels():
     from hiera_jax.models import fused_mlp
     from hiera_jax.training import flops
 
-    b, w, n, h, d = 2, 4, 64, 2, 32
-    qkv = jax.ShapeDtypeStruct((b, n * w, 3 * h * d), jnp.bfloat16)
-    step = jax.grad(lambda x: attention.attention(x, h, w, 0.1).astype(jnp.float32).sum())
-    pairs = b * w * n * h * n * d  # [n, n] products of length d, per window and head
-    assert flops.jaxpr_flops(step, qkv) == 2 * pairs * (2 + 4)  # forward 2 matmuls, backward 4
-    assert flops.kernel_recompute_flops(step, qkv, platform="cuda") == 2 * pairs
+    b, n, h, d = 2, 64, 2, 32
+    for w in (4, 1):  # mask units (the Triton kernels), global attention (cuDNN)
+        qkv = jax.ShapeDtypeStruct((b, n * w, 3 * h * d), jnp.bfloat16)
+        step = jax.grad(lambda x, w=w: attention.attention(x, h, w, 0.1).astype(jnp.float32).sum())
+        pairs = b * w * n * h * n * d  # [n, n] products of length d, per window and head
+        assert flops.jaxpr_flops(step, qkv) == 2 * pairs * (2 + 4)  # forward 2, backward 4
+        assert flops.kernel_recompute_flops(step, qkv, platform="cuda") == 2 * pairs
     rows, c = 8 * 196, 96
     x = jax.ShapeDtypeStruct((8, 196, c), jnp.bfloat16)
     p = fused_mlp.MlpHalf(
