@@ -45,7 +45,8 @@ def test_gpu_fit_check_reports_the_step_for_an_h100(tmp_path):
     command += ["--workdir", str(tmp_path), "--aot", "h100:1", "--config.batch_size=64"]
     command += ["--config.model.dtype=bfloat16", "--config.model.scan_blocks=False"]
     env = {**os.environ, "XLA_FLAGS": th.xla_flags()}
-    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        env.pop(name, None)  # JAX's defaults (a benchmark module sets one when imported)
     run = subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout.strip().splitlines()
@@ -79,6 +80,7 @@ def test_gpu_step_over_several_hosts_that_does_not_fit_jax_pool_is_refused(monke
         "mae", {"batch_size": 8, "model.dtype": "bfloat16", "model.scan_blocks": False}
     )
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.00001")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     with pytest.raises(aot.DoesNotFit) as e:
         aot.fit_check(config, "h100:2x2", config_name="digits_mae")
     report = e.value.report
