@@ -130,3 +130,6 @@ def test_shapes_the_kernels_cannot_tile_keep_xla():
     assert not gpu_mlp.kernel_fits(jnp.zeros((4, 16, 24), bf16), jnp.zeros((24, 96), bf16))
     assert not gpu_mlp.kernel_fits(jnp.zeros((4, 16, 96), bf16), jnp.zeros((96, 100), bf16))
     assert not gpu_mlp.kernel_fits(jnp.zeros((4, 16, 96)), jnp.zeros((96, 384)))
+    # Hiera-H's last stage: Triton would need more shared memory than an SM has.
+    assert not gpu_mlp.kernel_fits(jnp.zeros((64, 49, 2048), bf16), jnp.zeros((2048, 8192), bf16))
+    assert gpu_mlp.kernel_fits(jnp.zeros((64, 49, 1152), bf16), jnp.zeros((1152, 4608), bf16))

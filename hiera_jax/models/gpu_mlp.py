@@ -37,6 +37,9 @@ from jax.experimental.pallas import triton as plgpu
 from hiera_jax.models import tpu
 
 HIDDEN_CHUNK = 64  # columns of fc1's output a loop step computes
+# The widest C compiled (Hiera-L's last stage): at Hiera-H's 2048, Triton asked for 272 KB of
+# shared memory, more than a Hopper SM has (H100 and H200 targets, compiled here).
+MAX_DIM = 1152
 MAX_DIM_CHUNK = 128
 # XLA's float32 erf (its `ErfImpl32`, Eigen's `generic_fast_erf_float`): x·P(x²)/Q(x²) on [-4, 4].
 _ERF_ALPHA = (
@@ -93,12 +96,14 @@ def _row_tile(rows: int, dim: int) -> int | None:
 
 
 def kernel_fits(x: jnp.ndarray, w1: jnp.ndarray) -> bool:
-    """Whether the kernels take this MLP: chunks of C and of the hidden axis, and a row tile,
-    that are powers of two dividing them; 16-bit compute (float32 keeps XLA's path)."""
+    """Whether the kernels take this MLP: C up to MAX_DIM, chunks of C and of the hidden axis,
+    and a row tile, that are powers of two dividing them; 16-bit compute (float32 keeps XLA's
+    path)."""
     rows = tpu.batch_per_device(x.shape[0]) * math.prod(x.shape[1:-1])  # per device
     dim, hidden = x.shape[-1], w1.shape[1]
     return (
         jnp.dtype(w1.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and dim <= MAX_DIM
         and _dim_chunk(dim) is not None
         and hidden % HIDDEN_CHUNK == 0
         and _row_tile(rows, dim) is not None
