@@ -32,6 +32,16 @@ def gpu_compile(fn, args) -> str:
     return jax.jit(fn).trace(*shaped).lower().compile(aot.GPU_COMPILE_OPTIONS).as_text()
 
 
+def assert_values_and_gradients_match(ours, reference, qkv):
+    """`ours` against the model's own XLA path in float32: values, and the gradient of a random
+    cotangent."""
+    np.testing.assert_allclose(ours(qkv), reference(qkv), rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(jax.random.key(1), reference(qkv).shape)
+    g_ours = jax.vjp(ours, qkv)[1](cotangent)[0]
+    g_ref = jax.vjp(reference, qkv)[1](cotangent)[0]
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
 def grads(fn):
     def step(*args):
         loss = lambda *a: fn(*a).astype(jnp.float32).sum()  # noqa: E731
@@ -131,11 +141,7 @@ def test_cudnn_layout_matches_xla_path_in_float32_values_and_gradients(heads, wi
     def reference(x):
         return attention.transposed_attention(x, **options, kernel="xla")
 
-    np.testing.assert_allclose(ours(qkv), reference(qkv), rtol=1e-5, atol=1e-5)
-    cotangent = jax.random.normal(jax.random.key(1), reference(qkv).shape)
-    g_ours = jax.vjp(ours, qkv)[1](cotangent)[0]
-    g_ref = jax.vjp(reference, qkv)[1](cotangent)[0]
-    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+    assert_values_and_gradients_match(ours, reference, qkv)
 
 
 @pytest.mark.parametrize(
@@ -190,11 +196,7 @@ def test_in_place_kernels_match_xla_path_in_float32_values_and_gradients(
     def reference(x):
         return attention.transposed_attention(x, **options, kernel="xla")
 
-    np.testing.assert_allclose(ours(qkv), reference(qkv), rtol=1e-5, atol=1e-5)
-    cotangent = jax.random.normal(jax.random.key(1), reference(qkv).shape)
-    g_ours = jax.vjp(ours, qkv)[1](cotangent)[0]
-    g_ref = jax.vjp(reference, qkv)[1](cotangent)[0]
-    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+    assert_values_and_gradients_match(ours, reference, qkv)
 
 
 def test_in_place_kernels_split_the_pooling_gradient_between_ties_as_jax_does():

@@ -81,18 +81,19 @@ def _load_q(qkv_ref, q_stride: int, n_q: int, cols):
 
 
 def _softmax(qkv_ref, q_stride: int, n_q: int, c: int, chunks: int, scale: float):
-    """q (pooled, scaled in its dtype), k, v chunks and the unnormalised probabilities with
-    their row sums, f32, as `attention.xla_attention` computes them."""
+    """q (pooled, scaled in its dtype), (pooled q, its candidates), k and v chunks, and the
+    unnormalised probabilities with their row sums, f32, as `attention.xla_attention` computes
+    them."""
     qs, cands, ks, vs = [], [], [], []
     logits = None
     for j in range(chunks):
         cols = pl.ds(j * c, c)
-        q, cand = _load_q(qkv_ref, q_stride, n_q, cols)
-        q = q * jnp.asarray(scale, q.dtype)
+        pooled, cand = _load_q(qkv_ref, q_stride, n_q, cols)
+        q = pooled * jnp.asarray(scale, pooled.dtype)
         k, v = qkv_ref[:, 1, cols], qkv_ref[:, 2, cols]
         part = _dot(q, k, ((1,), (1,)))  # q kᵀ
         logits = part if logits is None else logits + part
-        qs.append(q), cands.append(cand), ks.append(k), vs.append(v)
+        qs.append(q), cands.append((pooled, cand)), ks.append(k), vs.append(v)
     p = jnp.exp(logits - logits.max(axis=1, keepdims=True))
     return qs, cands, ks, vs, p, p.sum(axis=1, keepdims=True)
 
@@ -130,10 +131,7 @@ def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, q_stride, c, scale):
             continue
         # The max-pool's backward as jax differentiates a max: the gradient split evenly
         # between tied candidates.
-        candidates = cands[j]  # this chunk's q_stride candidates
-        pooled = candidates[0]
-        for cand in candidates[1:]:
-            pooled = jnp.maximum(pooled, cand)
+        pooled, candidates = cands[j]  # this chunk's pooled queries and their candidates
         hits = [(cand == pooled).astype(jnp.float32) for cand in candidates]
         count = sum(hits)
         for s, hit in enumerate(hits):

@@ -114,7 +114,7 @@ def _dot(a, b, contract=((1,), (0,))):
     return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _norm(x_ref, g_ref, be_ref, chunks: int, c: int, eps: float):
+def _norm(x_ref, chunks: int, c: int, eps: float):
     """LayerNorm of the tile's rows in f32, chunk by chunk: (x chunks, x̂ chunks, 1/σ)."""
     xs = [x_ref[:, pl.ds(k * c, c)].astype(jnp.float32) for k in range(chunks)]
     dim = chunks * c
@@ -138,7 +138,7 @@ def _forward_kernel(
 ):  # fmt: skip
     chunks = x_ref.shape[1] // c
     dtype = w1_ref.dtype
-    xs, xhat, _ = _norm(x_ref, g_ref, be_ref, chunks, c, eps)
+    xs, xhat, _ = _norm(x_ref, chunks, c, eps)
     xn = _affine(xhat, g_ref, be_ref, c, dtype)
 
     def step(j, acc):
@@ -165,7 +165,7 @@ def _backward_kernel(
 ):  # fmt: skip
     chunks = x_ref.shape[1] // c
     dtype = w1_ref.dtype
-    _, xhat, rstd = _norm(x_ref, g_ref, be_ref, chunks, c, eps)
+    _, xhat, rstd = _norm(x_ref, chunks, c, eps)
     xn = _affine(xhat, g_ref, be_ref, c, dtype)
     factor = f_ref[...][:, None]
     douts = [do_ref[:, pl.ds(k * c, c)].astype(jnp.float32) for k in range(chunks)]
