@@ -161,9 +161,9 @@ def measure(recipe: str, per_device: int, topology: str, effort: float) -> dict:
 
 
 def _stages(config) -> list[int]:
-    from hiera_jax.training.setup import hiera_config
+    from hiera_jax.training.config import model_config
 
-    return list(hiera_config(config).stages)
+    return list(model_config(config).stages)
 
 
 def _mb(x: float, per: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hiera_jax import families
 from hiera_jax.hf import (
     AutoBackbone,
     AutoConfig,
@@ -25,7 +26,7 @@ from hiera_jax.hf import (
     HieraPreTrainedModel,
     load_pretrained,
 )
-from hiera_jax.hf.modeling import CLASSES
+from hiera_jax.hf.modeling import CLASSES, HF_FAMILY
 from hiera_jax.models.config import HieraConfig, get_config, is_pretraining_name, list_models
 from hiera_jax.models.factory import init_params
 from hiera_jax.models.outputs import (
@@ -50,19 +51,16 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any):
     `facebook/hiera-tiny-224-in1k-hf` or `hiera_base_224.mae`; `in_chans=`, `source=`,
     `revision=`, `token=` and config overrides are passed on).
 
-    SAM 2's names (`sam2_hiera_tiny`, `_small`, `_base_plus`, `_large`) give the `HieraDet`
-    trunk, or with `num_classes=N` timm's classifier (`HieraDetForImageClassification`, as
+    SAM 2's names (`sam2_hiera_tiny`, `_small`, `_base_plus`, `_large`) give its family's Flax
+    module, not a transformers-style class (transformers has none for it): the `HieraDet` trunk,
+    or with `num_classes=N` timm's classifier (`HieraDetForImageClassification`, as
     `timm.create_model(name, num_classes=N)`); `HieraDetConfig` fields are the overrides.
     """
     if pretrained:
         return load_pretrained(name, **overrides)
-    from hiera_jax.models import hieradet
-
-    if name in hieradet.VARIANTS:  # SAM 2's HieraDet
-        if not overrides.get("num_classes"):  # None or 0: the trunk, as SAM 2 uses it
-            overrides.pop("num_classes", None)
-            return hieradet.HieraDet(hieradet.get_config(name, **overrides))
-        return hieradet.HieraDetForImageClassification(hieradet.get_config(name, **overrides))
+    family = families.for_name(name)
+    if family.name != HF_FAMILY:
+        return family.create(name, **overrides)
     config = get_config(name, **overrides)
     return CLASSES["pretraining" if is_pretraining_name(name) else "classification"](config)
 

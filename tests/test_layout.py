@@ -9,7 +9,7 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hiera_jax")
 # A package may import its own modules and the packages of lower floors.
-FLOORS = {"models": 0, "weights": 1, "inference": 2, "training": 2, "hf": 3}
+FLOORS = {"models": 0, "weights": 1, "families": 2, "inference": 3, "training": 3, "hf": 4}
 
 
 def _modules() -> dict[str, str]:

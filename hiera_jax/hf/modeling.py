@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hiera_jax import families
 from hiera_jax.models import backbone as backbone_lib
 from hiera_jax.models import hiera as hiera_lib
 from hiera_jax.models import mae as mae_lib
@@ -680,6 +681,9 @@ def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, problem: str) 
 
 
 # ---------------------------------------------------------------------- by name
+HF_FAMILY = "hiera"  # the family whose transformers classes this package implements
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -695,7 +699,9 @@ def load_pretrained(
     `encoder=`, `classifier=`).
     """
 
-    def hiera():
+    def load(family: families.Family):
+        if family.name != HF_FAMILY:  # no transformers classes: the family's Flax module
+            return family.load(name_or_path, model_type=model_type, **kwargs)
         config, found_type, params, _ = loading.load_model(
             name_or_path, model_type=model_type, **kwargs
         )
@@ -703,4 +709,4 @@ def load_pretrained(
         model._params = params
         return model, params
 
-    return loading.hiera_or_hieradet(name_or_path, hiera, dict(model_type=model_type, **kwargs))
+    return families.dispatch(name_or_path, load)

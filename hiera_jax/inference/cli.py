@@ -32,8 +32,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from hiera_jax.models.config import list_models
-from hiera_jax.models.hieradet import VARIANTS as HIERADET_VARIANTS
+from hiera_jax import families
 
 PROG = "python -m hiera_jax.predict"
 EXIT_ERROR = 2  # bad arguments, inputs or checkpoints (as argparse's usage errors)
@@ -121,7 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _model_names() -> list[str]:
     """--model choices: the official variants and SAM 2's image encoders."""
-    return [*list_models(), *HIERADET_VARIANTS]
+    return families.all_variants()
 
 
 def build_predictor(args: argparse.Namespace):
@@ -145,11 +144,9 @@ def build_predictor(args: argparse.Namespace):
             if args.checkpoint not in msg and os.path.abspath(args.checkpoint) not in msg:
                 msg = f"{args.checkpoint}: {msg}"
             raise ValueError(f"cannot load checkpoint {args.checkpoint}: {msg}") from err
-    if args.input_size and args.model in HIERADET_VARIANTS:
-        overrides["input_size"] = (args.input_size, args.input_size)
-    elif args.input_size:
-        dims = 3 if "16x" in args.model else 2
-        overrides["input_size"] = (16,) * (dims - 2) + (args.input_size, args.input_size)
+    if args.input_size:  # a new image size; a video model keeps its frames
+        default = families.for_name(args.model).get_config(args.model).input_size
+        overrides["input_size"] = (*default[:-2], args.input_size, args.input_size)
     try:
         return inference.Predictor.random(
             args.model, seed=args.seed, batch_size=args.batch_size, **overrides

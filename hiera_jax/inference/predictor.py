@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from hiera_jax import families
 from hiera_jax.inference.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RESIZE_RATIO,
     VIDEO_TEMPORAL_STRIDE,
     class_names,
     load_video,
@@ -37,80 +37,24 @@ from hiera_jax.inference.preprocess import (
     processor_transform,
     transform_image,
 )
-from hiera_jax.models import hieradet, hieradet_neck
-from hiera_jax.models.config import HieraConfig, get_config
-from hiera_jax.models.factory import build_model, init_params
-from hiera_jax.models.hiera import HieraEncoder, HieraForImageClassification
+from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.hieradet_neck import FpnNeckConfig
-from hiera_jax.weights import hub
-from hiera_jax.weights.loading import load_model
 
 
 # ---------------------------------------------------------------------- prediction
-class _Features(HieraEncoder):
-    """The encoder alone: per-stage maps from any checkpoint (classifier, backbone or MAE)."""
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
-        _, maps = self.encode(x, None, train=False, return_intermediates=True)
-        return tuple(maps)
-
-
-class _HieraDetFeatures(nn.Module):
-    """SAM 2's trunk maps and `ImageEncoder`'s outputs (params `trunk`, `neck`), from one trunk
-    pass."""
-
-    trunk: HieraDetConfig
-    neck: FpnNeckConfig
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
-        _, maps = hieradet.HieraDet(self.trunk, name="trunk")(x, return_intermediates=True)
-        out = {f"stage{i + 1}": m for i, m in enumerate(maps)}
-        if self.neck.scalp >= len(maps):
-            raise ValueError(f"scalp={self.neck.scalp} drops all {len(maps)} levels")
-        neck = hieradet_neck.FpnNeck(self.neck, jnp.dtype(self.trunk.dtype), name="neck")
-        fpn, pos = neck(maps)
-        if self.neck.scalp > 0:
-            fpn, pos = fpn[: -self.neck.scalp], pos[: -self.neck.scalp]
-        out["vision_features"] = fpn[-1]
-        out.update({f"backbone_fpn{i}": f for i, f in enumerate(fpn)})
-        out.update({f"vision_pos_enc{i}": e for i, e in enumerate(pos)})
-        return out
-
-
-def _trunk_params(params: Any) -> Any:
-    """A HieraDet classifier's params without its head (the trunk's tree, as HieraDet takes)."""
-    return {k: v for k, v in params.items() if k != "head"} if "head" in params else params
-
-
 @functools.cache
-def _jitted_probs(config: HieraConfig | HieraDetConfig):
-    """`(params, x) -> softmax(logits)`, jitted once per config."""
-    if isinstance(config, HieraDetConfig):
-        classifier = hieradet.HieraDetForImageClassification(config)
-    else:
-        classifier = HieraForImageClassification(config)
+def _jitted_probs(config: Any):
+    """`(params, x) -> softmax(logits)`, jitted once per config (the family's classifier)."""
+    classifier = families.of_config(config).classifier(config)
     return jax.jit(lambda p, x: jax.nn.softmax(classifier.apply({"params": p}, x), axis=-1))
 
 
 @functools.cache
-def _jitted_maps(config: HieraConfig | HieraDetConfig, neck: FpnNeckConfig | None = None):
-    """`(params, x) -> per-stage maps` (a tuple; a dict for HieraDet), jitted once per config."""
-    if isinstance(config, HieraDetConfig) and neck is not None:
-        encoder = _HieraDetFeatures(config, neck)
-        return jax.jit(lambda p, x: encoder.apply({"params": p}, x))
-    if isinstance(config, HieraDetConfig):
-        trunk = hieradet.HieraDet(config)
-
-        def stage_maps(p, x):
-            _, maps = trunk.apply({"params": _trunk_params(p)}, x, return_intermediates=True)
-            return {f"stage{i + 1}": m for i, m in enumerate(maps)}
-
-        return jax.jit(stage_maps)
-    features = _Features(config)
-    return jax.jit(lambda p, x: features.apply({"params": p}, x))
+def _jitted_maps(config: Any, neck: Any = None):
+    """`(params, x) -> per-stage maps` (a tuple for Hiera; a dict for HieraDet, with SAM 2's
+    `ImageEncoder` outputs where it has a neck), jitted once per config."""
+    return jax.jit(families.of_config(config).features(config, neck))
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -187,7 +131,7 @@ class Predictor:
         self.neck = neck
         self.is_video = bool(getattr(config, "is_video", False))
         self._probs = _jitted_probs(config)
-        self._maps = _jitted_maps(config, neck) if neck is not None else _jitted_maps(config)
+        self._maps = _jitted_maps(config, neck)
         self.mesh = None
         if devices is not None and len(devices) > 1:
             self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -198,108 +142,25 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
         """Load a `save_pretrained` / converter / train.py directory, or any name
-        `hiera_jax.load_pretrained` takes (hub names, repo ids); overrides: `input_size`, `dtype`,
-        `devices`... SAM 2's HieraDet checkpoints go to `from_hieradet`."""
-        from hiera_jax.weights.formats import HIERADET_LOADER
-        from hiera_jax.weights.hieradet_loading import is_hieradet_source
-
-        if is_hieradet_source(directory):  # SAM 2's HieraDet: names, repos, directories
-            overrides.pop("source", None)
-            return cls.from_hieradet(directory, **overrides)
-        hub_args = {k: overrides.pop(k) for k in ("source", "revision", "token") if k in overrides}
-        try:
-            resolved = hub.resolve_pretrained(directory, **hub_args)
-        except ValueError as e:
-            if HIERADET_LOADER not in str(e):
-                raise
-            return cls.from_hieradet(directory, **overrides, **hub_args)  # a SAM 2 / timm file
-        directory = resolved
+        `hiera_jax.load_pretrained` takes (hub names, repo ids), of any model family (its record's
+        `load_for_inference`: SAM 2's HieraDet names, repos and files included); overrides:
+        `input_size`, `dtype`, `devices`, `batch_size`... and the family's loader's keywords
+        (HieraDet: `encoder`)."""
         batch_size = overrides.pop("batch_size", 8)
         devices = overrides.pop("devices", None)
-        config, model_type, params, checkpoint = load_model(directory, **overrides)
-        # Normalise as the model was trained (its processor, or train.py's data statistics);
-        # ImageNet's for converted official and timm weights.
-        settings = checkpoint.preprocessing or {}
-        mean = tuple(settings.get("image_mean") or IMAGENET_MEAN)
-        std = tuple(settings.get("image_std") or IMAGENET_STD)
-        transform = None
-        if settings.get("image_processor_type"):
-            transform = processor_transform(settings)
-            if transform.get("crop") != tuple(config.input_size[-2:]):
-                transform = None  # run at another size: the official pipeline for that size
-        return cls(
-            config,
-            params,
-            model_type=model_type,
-            batch_size=batch_size,
-            source=directory,
-            mean=mean,
-            std=std,
-            transform=transform,
-            devices=devices,
+        loaded = families.dispatch(
+            directory, lambda family: family.load_for_inference(directory, **dict(overrides))
         )
+        return cls._from_loaded(loaded, batch_size=batch_size, devices=devices)
 
     @classmethod
-    def from_hieradet(
-        cls,
-        name_or_path: str,
-        *,
-        encoder: bool | None = None,
-        batch_size: int = 8,
-        input_size: int | tuple[int, int] | None = None,
-        devices: Sequence[jax.Device] | None = None,
-        **overrides: Any,
-    ) -> Predictor:
-        """SAM 2's Hiera from any `hiera_jax.load_hieradet` source: a classifier where the
-        checkpoint has timm's head (a HieraDet finetune's `workdir/model`), else the trunk and,
-        where the checkpoint has SAM 2's neck (`encoder` None or True), the FPN. Images are
-        preprocessed as SAM 2 does (`SAM2Transforms`: resized to the square input, bilinear),
-        a classifier's as it was evaluated (short side to size / crop_pct, centre crop);
-        normalised with the checkpoint's timm `pretrained_cfg` mean/std, else ImageNet's (SAM 2's
-        own)."""
-        from hiera_jax.weights.directory import read_json
-        from hiera_jax.weights.hieradet_loading import load_hieradet
-
-        module, params = load_hieradet(
-            name_or_path,
-            encoder=encoder,
-            input_size=input_size,
-            classifier=None if encoder is None else False,
-            revision=overrides.pop("revision", None),
-            token=overrides.pop("token", None),
-            **{k: v for k, v in overrides.items() if k != "source"},
-        )
-        pretrained: dict[str, Any] = {}
-        meta_path = os.path.join(os.fspath(name_or_path), "config.json")
-        if os.path.isfile(meta_path):
-            pretrained = (read_json(meta_path) or {}).get("pretrained_cfg") or {}
-        mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
-        std = tuple(pretrained.get("std") or IMAGENET_STD)
-        if isinstance(module, hieradet_neck.ImageEncoder):
-            config, neck, model_type = module.trunk, module.neck, "encoder"
-        else:
-            config, neck = module.config, None
-            classifier = isinstance(module, hieradet.HieraDetForImageClassification)
-            model_type = "classification" if classifier else "backbone"
-        size = tuple(config.input_size)
-        if model_type == "classification":  # as it was evaluated: short side, centre crop
-            crop_pct = float(pretrained.get("crop_pct") or 1 / RESIZE_RATIO)
-            short = int(min(size) / crop_pct)
-            transform = dict(short_side=short, crop=size, mean=mean, std=std)
-        else:  # SAM2Transforms: the whole image resized to the square input, bilinear
-            transform = dict(resize_to=size, resample=Image.BILINEAR, crop=None, mean=mean, std=std)
-        return cls(
-            config,
-            params,
-            model_type=model_type,
-            batch_size=batch_size,
-            source=os.fspath(name_or_path),
-            mean=mean,
-            std=std,
-            transform=transform,
-            neck=neck,
-            devices=devices,
-        )
+    def from_hieradet(cls, name_or_path: str, **overrides: Any) -> Predictor:
+        """SAM 2's Hiera from any `hiera_jax.load_hieradet` source (HieraDet's
+        `load_for_inference`: the classifier, the trunk, or trunk + FPN neck)."""
+        batch_size = overrides.pop("batch_size", 8)
+        devices = overrides.pop("devices", None)
+        loaded = families.get("hieradet").load_for_inference(name_or_path, **overrides)
+        return cls._from_loaded(loaded, batch_size=batch_size, devices=devices)
 
     @classmethod
     def random(
@@ -308,31 +169,37 @@ class Predictor:
         """A randomly initialised official variant: for demos and tests, predictions mean nothing.
 
         SAM 2's names (`sam2_hiera_tiny`, ...) give its image encoder (trunk + FPN neck)."""
-        if name in hieradet.VARIANTS:
-            devices = overrides.pop("devices", None)
-            trunk = hieradet.get_config(name, **overrides)
-            encoder = hieradet_neck.ImageEncoder(trunk, FpnNeckConfig())
-            x = jnp.zeros((1, *trunk.input_size, trunk.in_chans), jnp.float32)
-            params = jax.jit(encoder.init)(jax.random.key(seed), x)["params"]
-            return cls(
-                trunk,
-                params,
-                model_type="encoder",
-                batch_size=batch_size,
-                source=f"random {name}",
-                neck=FpnNeckConfig(),
-                devices=devices,
-            )
         devices = overrides.pop("devices", None)
-        config = get_config(name, **overrides)
-        model_type = "pretraining" if name.startswith("mae_") else "classification"
-        params = init_params(build_model(config, model_type), jax.random.key(seed))
+        loaded = families.for_name(name).random_for_inference(name, seed, **overrides)
+        return cls._from_loaded(loaded, batch_size=batch_size, devices=devices)
+
+    @classmethod
+    def _from_loaded(
+        cls, loaded: families.Loaded, *, batch_size: int, devices: Sequence[jax.Device] | None
+    ) -> Predictor:
+        """A family's `Loaded`: normalised as the model was trained (its processor, train.py's
+        data statistics or the checkpoint's), ImageNet's otherwise; the image processor's
+        pipeline when it has one for the model's size, the family's transform, or the official
+        pipeline."""
+        mean = loaded.mean or IMAGENET_MEAN
+        std = loaded.std or IMAGENET_STD
+        transform = None
+        if loaded.transform is not None:
+            transform = {**loaded.transform, "mean": mean, "std": std}
+        elif loaded.preprocessing:
+            transform = processor_transform(loaded.preprocessing)
+            if transform.get("crop") != tuple(loaded.config.input_size[-2:]):
+                transform = None  # run at another size: the official pipeline for that size
         return cls(
-            config,
-            params,
-            model_type=model_type,
+            loaded.config,
+            loaded.params,
+            model_type=loaded.model_type,
             batch_size=batch_size,
-            source=f"random {name}",
+            source=loaded.source,
+            mean=mean,
+            std=std,
+            transform=transform,
+            neck=loaded.neck,
             devices=devices,
         )
 

@@ -44,7 +44,7 @@ from hiera_jax.models import tpu
 from hiera_jax.models.scan import auto_scan, use_scan
 from hiera_jax.training import chips, hlo_cost, sharding
 from hiera_jax.training import flops as flops_lib
-from hiera_jax.training.config import is_hieradet
+from hiera_jax.training.config import model_family
 from hiera_jax.training.setup import build_setup, unsharded
 
 TOPOLOGY_RE = re.compile(r"^(?P<kind>[a-z0-9]+):\d+x\d+(x\d+)?$")
@@ -254,7 +254,7 @@ def fit_check(
     gpu = is_gpu_topology(topology)
     platform = "gpu" if gpu else "tpu"
     mesh = sharding.create_mesh(config.mesh_shape, devices)
-    if config.model.get("scan_blocks") is None and not is_hieradet(config):
+    if config.model.get("scan_blocks") is None and model_family(config).scannable:
         # Automatic means what the target picks, whatever backend this host traces with.
         config = config.copy_and_resolve_references()
         config.model.scan_blocks = auto_scan(platform)

@@ -113,8 +113,13 @@ def last_good_text(
 
 
 class Checkpointer:
-    """Orbax's manager with failures turned into one `CheckpointError` that names the step that
-    could not be written and the last good checkpoint, and the first save of a run read back."""
+    """A run's checkpoints in `directory/<step>`: orbax's `CheckpointManager` (every process
+    writes its shards; `keep` newest kept; `async_save` writes in the background while training
+    goes on) with what a user needs on top of it. A failed write becomes one `CheckpointError`
+    that names the step that could not be written and the last good checkpoint; the first save
+    of a run is read back, so a disk that cannot hold a checkpoint is found at the first save,
+    not at the restore; half-written saves of a killed run are never loaded; a workdir whose
+    path has glob characters (`[..]`) is escaped for orbax."""
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         escape_glob_in_base_paths()

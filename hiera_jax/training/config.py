@@ -9,10 +9,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from hiera_jax.models.config import HieraConfig, get_config
-from hiera_jax.models.hieradet import VARIANTS as HIERADET_VARIANTS
-from hiera_jax.models.hieradet import HieraDetConfig
-from hiera_jax.models.hieradet import get_config as hieradet_config
+from hiera_jax import families
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -122,12 +119,12 @@ _ANY_TYPE_FIELDS = ("num_heads",)
 
 
 def model_fields() -> ml_collections.ConfigDict:
-    """`name`, every HieraConfig field and the official `head_mul` as unset, typed placeholders
-    (None = not overridden)."""
+    """`name`, every field of every family's config (HieraConfig, HieraDetConfig) and the official
+    `head_mul` as unset, typed placeholders (None = not overridden)."""
     fields = {"name": config_dict.placeholder(str), "head_mul": config_dict.placeholder(float)}
-    hiera = {f.name for f in dataclasses.fields(HieraConfig)}
-    hieradet = [f for f in dataclasses.fields(HieraDetConfig) if f.name not in hiera]
-    for field in [*dataclasses.fields(HieraConfig), *hieradet]:  # + HieraDet's window_spec, ...
+    types = [families.get(name).config_type for name in families.names()]
+    every = [f for config_type in types for f in dataclasses.fields(config_type)]
+    for field in every:  # each family's fields, the first family's type where they share a name
         if field.name in fields:
             continue
         default = field.default
@@ -144,44 +141,19 @@ def model_fields() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def is_hieradet(config: ml_collections.ConfigDict) -> bool:
-    """Whether the model is SAM 2's HieraDet: `model.name` is one of its variants (sam2_hiera_*)."""
-    return config.model.get("name") in HIERADET_VARIANTS
+def model_family(config: ml_collections.ConfigDict) -> families.Family:
+    """The family of `model.name` (Hiera's for an unset or unknown name, whose errors list names)."""
+    return families.for_name(config.model.get("name"))
 
 
-def hiera_config(config: ml_collections.ConfigDict) -> HieraConfig | HieraDetConfig:
-    """The model config a training config describes: the `name` variant, then every set field.
-
-    A `sam2_hiera_*` name gives a HieraDetConfig; a field it does not have is a one-line error.
-    """
+def model_config(config: ml_collections.ConfigDict) -> Any:
+    """The model config a training config describes: the `name` variant of its family, then every
+    set field (a field the family's config does not have is a one-line error)."""
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     kwargs: dict[str, Any] = {k: v for k, v in model.items() if v is not None}
     name = kwargs.pop("name", None)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    if name in HIERADET_VARIANTS:
-        if kwargs.pop("scan_blocks", False):
-            raise ValueError(
-                f"--config.model.scan_blocks=True: SAM 2's HieraDet ({name}) runs its blocks "
-                "unscanned (their windows and widths differ from block to block)"
-            )
-        known = {f.name for f in dataclasses.fields(HieraDetConfig)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(
-                f"--config.model.{unknown[0]} is not an option of SAM 2's HieraDet ({name}); "
-                f"its options: {', '.join(sorted(known))}"
-            )
-        return hieradet_config(name, **kwargs)
-    known = {f.name for f in dataclasses.fields(HieraConfig)} | {"head_mul"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ValueError(
-            f"--config.model.{unknown[0]} is a HieraDet option (model.name sam2_hiera_*), not "
-            f"one of Hiera's ({name or 'HieraConfig'})"
-        )
-    if name:
-        return get_config(name, **kwargs)
-    return HieraConfig(**kwargs)
+    return model_family(config).training_config(name, kwargs)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -254,7 +226,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"--config.data.{name}={tuple(config.data[name])} must be (low, high) with "
                 f"0 < low <= high{' <= 1' if upper == 1.0 else ''}"
             )
-    hiera_config(config)  # an unknown model name or an inconsistent model config
+    model_config(config)  # an unknown model name or an inconsistent model config
     if len(config.data.mean) != len(config.data.std) or any(v <= 0 for v in config.data.std):
         raise ValueError(
             f"--config.data.mean {tuple(config.data.mean)} and std {tuple(config.data.std)} "
@@ -262,26 +234,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def build_model(config: ml_collections.ConfigDict):
-    from hiera_jax.models.hiera import HieraForImageClassification
-    from hiera_jax.models.hieradet import HieraDetForImageClassification
-    from hiera_jax.models.mae import HieraForPreTraining
-
-    mcfg = hiera_config(config)
-    if isinstance(mcfg, HieraDetConfig):
-        if config.task != "classification":
-            raise ValueError(
-                f"SAM 2's HieraDet ({config.model.name}) trains as a classifier only "
-                "(task=classification): pretrain the abs-win Hiera it starts from with MAE "
-                "(configs/in1k_mae_abswin.py, configs/digits_mae_abswin.py) and pass that run "
-                "as init_from"
-            )
-        return HieraDetForImageClassification(mcfg)
-    if config.task == "mae":
-        return HieraForPreTraining(mcfg)
-    if config.task == "classification":
-        return HieraForImageClassification(mcfg)
-    raise ValueError(f"config.task must be 'mae' or 'classification', got {config.task!r}")
+def build_model(config: ml_collections.ConfigDict, mcfg: Any = None):
+    """The module train.py trains for `config` (`mcfg`: its model config, if resolved already)."""
+    mcfg = model_config(config) if mcfg is None else mcfg
+    return families.of_config(mcfg).training_model(mcfg, config.task)
 
 
 # ============================================================================ command-line checks

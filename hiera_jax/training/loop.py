@@ -25,12 +25,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from hiera_jax.models.hieradet import HieraDetConfig
+from hiera_jax import families
 from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
 from hiera_jax.training import data as data_lib
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training.checkpoint import Checkpointer, last_good_text
-from hiera_jax.training.config import hiera_config, validate_config
+from hiera_jax.training.config import model_config, validate_config
 from hiera_jax.training.metrics import MetricLogger
 from hiera_jax.training.peers import PeersLost, PeerWatch
 from hiera_jax.training.preemption import StopSignal
@@ -42,10 +42,6 @@ from hiera_jax.training.setup import (
 )
 from hiera_jax.training.steps import eval_step, reconstruct, train_step
 from hiera_jax.training.workdir_lock import WorkdirInUse, WorkdirLock
-from hiera_jax.weights import hub
-from hiera_jax.weights.directory import save_pretrained
-from hiera_jax.weights.hieradet_loading import save_hieradet
-from hiera_jax.weights.loading import load_pretrained
 
 __all__ = ["train_and_evaluate", "train_step", "model_flops_per_step", "load_encoder"]
 
@@ -65,23 +61,22 @@ def local_path(path: str, what: str) -> str:
     return path
 
 
-def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
+def load_encoder(
+    path: str, params: Any, family: families.Family | None = None
+) -> tuple[dict, list[str]]:
     """Encoder leaves of a model directory, a training workdir holding `model/`, or any pretrained
     name the hub resolves (`facebook/hiera-base-224-mae-hf`, `mae_hiera_base_224`, an official
-    `.pth` URL), shape-checked. For a HieraDet model (`params` has `pos_embed_window`): an abs-win
-    Hiera's encoder or any `load_hieradet` source's trunk (`_hieradet_encoder`).
+    `.pth` URL), shape-checked; what the model's family takes (its record's `encoder_params`:
+    SAM 2's HieraDet also takes an abs-win Hiera's encoder or any `load_hieradet` source;
+    None: Hiera's).
 
     Returns ({flat path: np.ndarray} for every encoder leaf of `params`, names left at init).
     """
     text = str(path)
     if not text.startswith(("http://", "https://")):
         text = local_path(text, "init_from")  # gs:// and the like: mount it first
-    if "pos_embed_window" in params:  # SAM 2's HieraDet
-        source, directory = _hieradet_encoder(text)
-    else:
-        directory = _model_directory(os.path.abspath(hub.resolve_pretrained(text)))
-        _, source = load_pretrained(directory)
-        source = flax.traverse_util.flatten_dict(jax.device_get(source), sep="/")
+    family = family or families.get(families.DEFAULT)
+    source, directory = family.encoder_params(text)
     target = flax.traverse_util.flatten_dict(params, sep="/")
     loaded, mismatched, kept = {}, [], []
     for name, leaf in target.items():
@@ -99,50 +94,6 @@ def load_encoder(path: str, params: Any) -> tuple[dict, list[str]]:
             f"the encoder in {directory} does not fit this model: " + "; ".join(mismatched[:20])
         )
     return loaded, kept
-
-
-def _model_directory(found: str, required: bool = True) -> str | None:
-    """`found` or `found/model` (a finished workdir), whichever holds config.json."""
-    candidates = [found, os.path.join(found, "model")]
-    directory = next(
-        (c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))), None
-    )
-    if directory is None and required:
-        raise FileNotFoundError(
-            f"init_from={found} is neither a model directory (config.json + model.safetensors, "
-            "from save_pretrained or convert/convert_pytorch.py), a finished training workdir "
-            "holding model/ (it is written when a run ends), nor a pretrained name"
-        )
-    return directory
-
-
-def _hieradet_encoder(text: str) -> tuple[dict, str]:
-    """({flat path: array}, where) of a HieraDet trunk for `init_from`: an abs-win Hiera (an MAE
-    run of configs/*_mae_abswin.py, or any Hiera directory or name; its `pos_embed_win` is
-    HieraDet's `pos_embed_window`, every other tensor has the same path), or SAM 2's trunk
-    (`load_hieradet`: a HieraDet finetune's workdir, a SAM 2 / timm / transformers checkpoint or
-    name)."""
-    from hiera_jax.weights.directory import is_model_directory
-    from hiera_jax.weights.hieradet_loading import load_hieradet
-
-    directory = (
-        _model_directory(os.path.abspath(text), required=False) if os.path.exists(text) else None
-    )
-    if directory is not None and not is_model_directory(directory):
-        _, trunk = load_hieradet(directory, encoder=False)
-        return flax.traverse_util.flatten_dict(trunk, sep="/"), directory
-    if directory is None:
-        try:
-            _, trunk = load_hieradet(text, encoder=False)
-            return flax.traverse_util.flatten_dict(trunk, sep="/"), text
-        except ValueError as e:
-            if "is a Hiera checkpoint" not in str(e) and "not a local path nor" not in str(e):
-                raise
-        directory = _model_directory(os.path.abspath(hub.resolve_pretrained(text)))
-    _, hiera = load_pretrained(directory)
-    flat = flax.traverse_util.flatten_dict(jax.device_get(hiera), sep="/")
-    renamed = {("pos_embed_window" if k == "pos_embed_win" else k): v for k, v in flat.items()}
-    return renamed, directory
 
 
 # ============================================================================ workdir
@@ -204,9 +155,10 @@ class Input:
         return len(self.train_source) * max(1, self.repeated_aug)
 
 
-def open_input(config: ml_collections.ConfigDict) -> Input:
-    """Train and eval sources of `config.data`, checked against the model; nothing is read yet."""
-    mcfg = hiera_config(config)
+def open_input(config: ml_collections.ConfigDict, mcfg: Any = None) -> Input:
+    """Train and eval sources of `config.data`, checked against the model (`mcfg`: its config,
+    where resolved already); nothing is read yet."""
+    mcfg = model_config(config) if mcfg is None else mcfg
     train_source = sources.make_source(config.data, config.data.train_split, mcfg.input_size)
     eval_source = sources.make_source(
         config.data, config.data.eval_split, mcfg.input_size, train_source=train_source
@@ -281,7 +233,9 @@ def restore_or_init(
             return state, train_iter, latest, notes
         state = p_init(init_key)
         if config.init_from:
-            loaded, kept = load_encoder(config.init_from, setup.abstract_state["params"])
+            loaded, kept = load_encoder(
+                config.init_from, setup.abstract_state["params"], families.of_config(setup.mcfg)
+            )
             flat = flax.traverse_util.flatten_dict(state["params"], sep="/")
             flat_sh = flax.traverse_util.flatten_dict(setup.state_sh["params"], sep="/")
             for name, value in loaded.items():
@@ -577,8 +531,9 @@ def _train_in_workdir(
     return_state: bool,
     progress: bool | None,
 ) -> dict[str, Any]:
-    data = open_input(config)
-    setup = build_setup(config, mesh, data.examples_per_epoch)
+    mcfg = model_config(config)  # resolved once per run
+    data = open_input(config, mcfg)
+    setup = build_setup(config, mesh, data.examples_per_epoch, mcfg)
     check_free_space(workdir, setup)
 
     key = jax.random.key(config.seed)
@@ -684,23 +639,16 @@ def finish(
             final_params = multihost_utils.process_allgather(state["params"], tiled=True)
         else:
             final_params = jax.device_get(state["params"])
-    if export and isinstance(setup.mcfg, HieraDetConfig):  # timm's directory (load_hieradet)
-        out["model_dir"] = save_hieradet(
+    if export:  # the family's directory: transformers' layout for Hiera, timm's for HieraDet
+        out["model_dir"] = families.of_config(setup.mcfg).export(
             os.path.join(workdir, "model"),
             final_params,
             setup.mcfg,
-            architecture=config.model.name,
+            task=setup.task,
+            name=config.model.name,
             mean=tuple(config.data.mean),
             std=tuple(config.data.std),
             crop_pct=float(config.data.crop_pct),
-        )
-    elif export:
-        out["model_dir"] = save_pretrained(
-            os.path.join(workdir, "model"),
-            final_params,
-            setup.mcfg,
-            model_type="pretraining" if setup.task == "mae" else "classification",
-            preprocessing={"mean": config.data.mean, "std": config.data.std},
         )
     if return_params:
         out["params"] = final_params

@@ -18,6 +18,11 @@ def _scalar(value: Any) -> float:
 
 
 class MetricLogger:
+    """One place that writes a run's metrics: `metrics.jsonl` (one JSON record per line, the
+    record of the run that tests and plots read), TensorBoard events where tensorboardX is
+    installed, and a tqdm bar on a terminal. A resumed run first drops what the killed run wrote
+    after its checkpoint, so each step appears once. Only process 0 writes (`enabled`)."""
+
     def __init__(
         self,
         workdir: str,

@@ -25,7 +25,7 @@ from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.scan import use_scan
 from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, sharding
-from hiera_jax.training.config import build_model, hiera_config
+from hiera_jax.training.config import build_model, model_config
 from hiera_jax.training.steps import train_step
 
 log = logging.getLogger(__name__)
@@ -182,11 +182,12 @@ class TrainSetup:
 
 
 def build_setup(
-    config: ml_collections.ConfigDict, mesh: Mesh, examples_per_epoch: int
+    config: ml_collections.ConfigDict, mesh: Mesh, examples_per_epoch: int, mcfg: Any = None
 ) -> TrainSetup:
-    """Everything but data and state for `config` on `mesh`; no device memory is touched."""
-    mcfg = hiera_config(config)
-    model = build_model(config)
+    """Everything but data and state for `config` on `mesh`; no device memory is touched.
+    `mcfg`: the run's model config, where the caller resolved it already."""
+    mcfg = model_config(config) if mcfg is None else mcfg  # then everything reads setup.mcfg
+    model = build_model(config, mcfg)
     accum_steps, eval_batch = check_batching(config, mesh)
     total_steps, warmup_steps = schedule_steps(config, examples_per_epoch)
     abstract_params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))

@@ -42,7 +42,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
 
 
 def create_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """A `("data", "fsdp")` mesh with Auto axis types (linen-friendly; see JAX_NOTES §1)."""
+    """A `("data", "fsdp")` mesh with Auto axis types: linen's modules and `with_sharding_constraint`
+    work with them as they are, where Explicit axes would need every op's sharding spelled out."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})

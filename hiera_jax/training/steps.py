@@ -19,7 +19,7 @@ def train_step(
 
     With accum_steps A > 1 the batch runs as A microbatches, one after another (`lax.scan`), and
     their averaged gradient makes one update. Microbatch i holds rows i, A+i, 2A+i, ... so every
-    device keeps its own rows (JAX_NOTES 5.7). MAE draws the keep-mask for the whole batch first,
+    device keeps its own rows (a contiguous split would move rows between devices). MAE draws the keep-mask for the whole batch first,
     so each row is masked as it is with A = 1; dropout and drop path draw per microbatch.
     """
     step = state["step"]

@@ -91,6 +91,17 @@ def model_type_of_keys(keys) -> str:
 
 
 HIERADET_LOADER = "hiera_jax.weights.hieradet_loading.load_hieradet"
+
+
+class OtherFamily(ValueError):
+    """A family's loader found another family's checkpoint; `family` names that family
+    ("hiera", "hieradet"), so `hiera_jax.families.dispatch` hands it over by type, not by
+    reading the message."""
+
+    def __init__(self, message: str, family: str | None):
+        super().__init__(message)
+        self.family = family
+
 _HIERA_PATCH_KEYS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
 
 

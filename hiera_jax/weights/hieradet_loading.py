@@ -186,9 +186,10 @@ def _read(
     state_dict = dict(unwrap_state_dict(state_dict))
     if not formats.is_hieradet_keys(state_dict):
         if formats.is_hiera_keys(state_dict):
-            raise ValueError(
+            raise formats.OtherFamily(
                 f"{text} is a Hiera checkpoint, not SAM 2's HieraDet: load it with "
-                "hiera_jax.load_pretrained"
+                "hiera_jax.load_pretrained",
+                family="hiera",
             )
         raise ValueError(
             f"{text} holds no SAM 2 HieraDet trunk (no pos_embed_window table); first keys: "

@@ -652,9 +652,10 @@ def infer_variant(
     """
     state_dict = convert_lib.unwrap_state_dict(state_dict)
     if formats.is_hieradet_keys(state_dict):
-        raise ValueError(
+        raise formats.OtherFamily(
             "the checkpoint is SAM 2's Hiera (HieraDet: it has a pos_embed_window table), not "
-            f"Hiera: load it with {formats.HIERADET_LOADER}"
+            f"Hiera: load it with {formats.HIERADET_LOADER}",
+            family="hieradet",
         )
     patch = head = None
     blocks: set[int] = set()

@@ -14,7 +14,7 @@ import jax
 
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.weights import directory as directory_lib
-from hiera_jax.weights import formats, hub
+from hiera_jax.weights import hub
 
 
 def load_checkpoint(
@@ -100,46 +100,16 @@ def load_pretrained(
     converted once into `hiera_jax.weights.hub.cache_dir()`. The other keyword arguments are
     those of `load_model`.
 
-    SAM 2's Hiera (HieraDet) goes to `hieradet_loading.load_hieradet`, which reads its variant
-    from the tensors: its names (`sam2_hiera_tiny.fb_r896`, `facebook/sam2.1-hiera-tiny`), SAM 2
-    `.pt` checkpoints, timm state dicts and transformers Sam2 directories; `input_size=`,
-    `dtype=`, `encoder=` and `classifier=` are passed on.
+    Hiera's checkpoints only: SAM 2's HieraDet tensors raise `formats.OtherFamily`, which
+    `hiera_jax.families.load_pretrained` (and `hiera_jax.load_pretrained`) catch to hand them to
+    HieraDet's loader.
     """
     from hiera_jax.models.factory import build_model
 
-    def hiera():
-        config, model_type, params, _ = load_model(
-            name_or_dir, in_chans=in_chans, source=source, revision=revision, token=token, **kwargs
-        )
-        return build_model(config, model_type), params
-
-    args = dict(in_chans=in_chans, source=source, revision=revision, token=token, **kwargs)
-    return hiera_or_hieradet(name_or_dir, hiera, args)
-
-
-def hiera_or_hieradet(name_or_dir: Any, load_hiera, kwargs: dict[str, Any]):
-    """`load_hiera()`, unless `name_or_dir` is SAM 2's HieraDet (by name, or found so from the
-    tensors): then `load_hieradet(name_or_dir, **kwargs)`, which refuses Hiera-only options."""
-    from hiera_jax.weights.hieradet_loading import is_hieradet_source, load_hieradet
-
-    def hieradet():
-        args = {k: v for k, v in kwargs.items() if v is not None}
-        for name in ("in_chans", "source", "model_type"):
-            if name in args:
-                raise ValueError(
-                    f"{name}= is for Hiera checkpoints; {name_or_dir} is SAM 2's HieraDet"
-                )
-        args.pop("seed", None)
-        return load_hieradet(name_or_dir, **args)
-
-    if is_hieradet_source(name_or_dir):
-        return hieradet()
-    try:
-        return load_hiera()
-    except ValueError as e:
-        if formats.HIERADET_LOADER not in str(e):  # not HieraDet tensors behind a Hiera name
-            raise
-        return hieradet()
+    config, model_type, params, _ = load_model(
+        name_or_dir, in_chans=in_chans, source=source, revision=revision, token=token, **kwargs
+    )
+    return build_model(config, model_type), params
 
 
 def pretrained_config(name_or_path: str | os.PathLike, **hub_args: Any) -> HieraConfig:
