@@ -64,7 +64,7 @@ PARTS = [
     "optimizer update",
     "RNG and bookkeeping",
 ]
-# "mlp_half": the TPU kernel of norm2, the MLP and its residual (hiera_jax.models.fused_mlp).
+# "mlp_half": the TPU kernel of norm2, the MLP and its residual (hiera_jax.models.kernels.fused_mlp).
 BLOCK_PART = {
     "attn": "attention",
     "mlp": "MLP",

@@ -28,7 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from sections import write_section  # noqa: E402
 
-from hiera_jax.models import hieradet, hieradet_neck, tpu  # noqa: E402
+from hiera_jax.models import hieradet, hieradet_neck  # noqa: E402
+from hiera_jax.models.kernels import tpu  # noqa: E402
 from hiera_jax.training import aot, chips  # noqa: E402
 from hiera_jax.training import flops as flops_lib  # noqa: E402
 

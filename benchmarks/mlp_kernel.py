@@ -1,6 +1,6 @@
 """HBM bytes of one block's MLP half, x + mlp(norm2(x)), XLA's ops against the Pallas kernel.
 
-A probe for issue 18: the kernel (`hiera_jax.models.fused_mlp`) against the same function as
+A probe for issue 18: the kernel (`hiera_jax.models.kernels.fused_mlp`) against the same function as
 XLA's ops (`mlp_kernel="xla"`), compiled forward + backward for one chip of a v5e 2x2 (libtpu on
 this CPU, nothing runs), bf16, at Hiera-B's four stages; XLA's `bytes accessed` per image beside
 this repository's HLO estimate (`hiera_jax/training/hlo_cost.py`, kernels' operands at their
@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 from sections import write_section  # noqa: E402
 
-from hiera_jax.models import fused_mlp, tpu  # noqa: E402
+from hiera_jax.models.kernels import fused_mlp, tpu  # noqa: E402
 from hiera_jax.training import aot, hlo_cost  # noqa: E402
 
 SECTION = "mlp-kernel"  # of BENCHMARKS.md

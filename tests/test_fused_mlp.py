@@ -1,4 +1,4 @@
-"""The MLP-half kernel (hiera_jax.models.fused_mlp): x + drop(fc2(gelu(fc1(norm2(x))))).
+"""The MLP-half kernel (hiera_jax.models.kernels.fused_mlp): x + drop(fc2(gelu(fc1(norm2(x))))).
 
 Off TPU the kernel runs in Pallas' interpreter (`kernel="pallas"`, the same kernel code) and is
 checked against torch's float64 autograd and XLA's path; TPU programs are compiled here ahead of
@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from reference import rel_err
 
 import hiera_jax
-from hiera_jax.models import fused_mlp
+from hiera_jax.models.kernels import fused_mlp
 from hiera_jax.training import aot, flops, hlo_cost
 
 EPS = 1e-6

@@ -19,7 +19,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from hiera_jax.models import attention, gpu_attention  # noqa: E402
+from hiera_jax.models import attention  # noqa: E402
+from hiera_jax.models.kernels import gpu_attention  # noqa: E402
 from hiera_jax.training import aot, chips, hlo_cost  # noqa: E402
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="the GPU compiler comes with the gpu extra")
@@ -226,7 +227,7 @@ def test_flop_counts_see_through_the_gpu_kernels():
     """Model FLOPs stay XLA's ops' count; what the GPU branches compute again (cuDNN's logits
     in the backward, fc1 in the MLP kernel's backward) is counted as recompute, worked out
     from the shapes."""
-    from hiera_jax.models import fused_mlp
+    from hiera_jax.models.kernels import fused_mlp
     from hiera_jax.training import flops
 
     b, n, h, d = 2, 64, 2, 32

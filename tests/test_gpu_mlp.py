@@ -1,4 +1,4 @@
-"""The MLP half's GPU kernels (hiera_jax.models.gpu_mlp): Pallas Triton kernels, run here in
+"""The MLP half's GPU kernels (hiera_jax.models.kernels.gpu_mlp): Pallas Triton kernels, run here in
 Pallas' interpreter against torch's float64 autograd and XLA's path, and compiled for an H100
 without a GPU to check that 16-bit GPU programs take them and move fewer bytes."""
 
@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from reference import rel_err
 from test_fused_mlp import EPS, _inputs, _torch_float64
 
-from hiera_jax.models import fused_mlp, gpu_mlp
+from hiera_jax.models.kernels import fused_mlp, gpu_mlp
 from hiera_jax.training import aot, hlo_cost
 
 

@@ -1,4 +1,4 @@
-"""The dense layers' matmul (`hiera_jax.models.matmul`): `nn.Dense`'s values and gradients, any rank."""
+"""The dense layers' matmul (`hiera_jax.models.kernels.matmul`): `nn.Dense`'s values and gradients, any rank."""
 
 import flax.linen as nn
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hiera_jax.models import matmul
-from hiera_jax.models.matmul import MATMUL_NAME, Dense
+from hiera_jax.models.kernels import matmul
+from hiera_jax.models.kernels.matmul import MATMUL_NAME, Dense
 
 
 def _value_and_grads(module, x):

@@ -17,8 +17,8 @@ th.force_cpu_devices()
 
 import jax  # noqa: E402
 
-from hiera_jax.models import tpu  # noqa: E402
 from hiera_jax.models.config import HieraConfig  # noqa: E402
+from hiera_jax.models.kernels import tpu  # noqa: E402
 from hiera_jax.training import aot, flops, sharding  # noqa: E402
 from hiera_jax.training.setup import build_setup, model_flops_per_step  # noqa: E402
 

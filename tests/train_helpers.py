@@ -130,7 +130,7 @@ def tpu_compile(fn, args, shardings, device_kind="TPU v5 lite", out_shardings=No
     jit is made each call because jit's trace cache ignores the target."""
     import jax
 
-    from hiera_jax.models import tpu
+    from hiera_jax.models.kernels import tpu
 
     with tpu.compiling_for(device_kind):
         return (

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hiera_jax.models.activations import ACTIVATIONS
-from hiera_jax.models.tpu import check_kernel
+from hiera_jax.models.kernels.tpu import check_kernel
 
 Shape = tuple[int, ...]
 
@@ -158,7 +158,7 @@ class HieraConfig:
     attention_kernel: str = "auto"
     # The MLP: "auto" = one Pallas kernel on TPU (the [N, 4·C] hidden activation stays in VMEM;
     # MLPs too wide for VMEM or too few tokens excepted), XLA elsewhere; "xla"; "pallas" as above.
-    # hiera_jax.models.fused_mlp.
+    # hiera_jax.models.kernels.fused_mlp.
     mlp_kernel: str = "auto"
 
     def __init__(self, **kwargs: Any) -> None:

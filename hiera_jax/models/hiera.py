@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from hiera_jax.models import masking, pos_embed
 from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.kernels.matmul import Dense
 from hiera_jax.models.layers import HieraBlock, LayerNorm, PatchEmbed, head_init, layer_norm
-from hiera_jax.models.matmul import Dense
 from hiera_jax.models.outputs import HieraModelOutput
 from hiera_jax.models.scan import run_blocks, use_scan
 from hiera_jax.models.unroll import reroll, unroll

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hiera_jax.models import fused_mlp
 from hiera_jax.models.attention import attention, window_attention
+from hiera_jax.models.kernels import fused_mlp
+from hiera_jax.models.kernels.matmul import Dense
+from hiera_jax.models.kernels.tpu import check_kernel
 from hiera_jax.models.layers import (
     INIT_STD,
     DenseParams,
@@ -32,9 +34,7 @@ from hiera_jax.models.layers import (
     LayerScale,
     PatchEmbed,
 )
-from hiera_jax.models.matmul import Dense
 from hiera_jax.models.pos_embed import interpolation_matrix
-from hiera_jax.models.tpu import check_kernel
 
 Grid = tuple[int, int]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,7 +81,9 @@ class HieraDetConfig:
     layer_norm_eps: float = 1e-6  # timm's LayerNorm and SAM 2's both use 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention_kernel: str = "auto"  # hiera_jax.models.attention: a Pallas kernel on TPU
-    mlp_kernel: str = "auto"  # hiera_jax.models.fused_mlp: norm2 + MLP + residual, TPU kernel
+    mlp_kernel: str = (
+        "auto"  # hiera_jax.models.kernels.fused_mlp: norm2 + MLP + residual, TPU kernel
+    )
     remat: bool = False  # rematerialise each block in the backward pass (training memory)
     # HieraDetForImageClassification only (timm's `ClNormMlpClassifierHead`: mean pool, norm, fc).
     num_classes: int = 1000
@@ -539,7 +541,7 @@ class MultiScaleBlock(nn.Module):
         mlp = Mlp(hidden, dtype=self.dtype, fc2_rescale=self.init_rescale, name="mlp")
         if self.init_values is None and not self.is_initializing():
             # norm2, the MLP and the residual in one (TPU) kernel, as Hiera's blocks run them
-            # (hiera_jax.models.fused_mlp), on the map's tokens [B, H·W, C] (any order).
+            # (hiera_jax.models.kernels.fused_mlp), on the map's tokens [B, H·W, C] (any order).
             tokens = x.reshape(x.shape[0], -1, x.shape[-1])
             keep, keep_scale = drop.draw(tokens.shape, train=train)
             params = self.variables["params"]

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from hiera_jax.models import fused_mlp
 from hiera_jax.models.attention import attention
-from hiera_jax.models.matmul import Dense
+from hiera_jax.models.kernels import fused_mlp
+from hiera_jax.models.kernels.matmul import Dense
 
 LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
 
@@ -404,7 +404,7 @@ class HieraBlock(nn.Module):
             name="mlp",
         )
         if self.init_values is None and x.ndim == 3 and not self.is_initializing():
-            # norm2, the MLP and the residual in one (TPU) kernel: hiera_jax.models.fused_mlp.
+            # norm2, the MLP and the residual in one (TPU) kernel: hiera_jax.models.kernels.fused_mlp.
             with jax.named_scope("mlp_half"):  # op_name for profiles (benchmarks/hbm_traffic.py)
                 x = fused_mlp.mlp_half(
                     x,

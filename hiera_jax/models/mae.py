@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from hiera_jax.models import masking, pos_embed
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.hiera import HieraEncoder, check_noise
+from hiera_jax.models.kernels.matmul import Dense
 from hiera_jax.models.layers import HieraBlock, dense_inits, fusion_head_init
-from hiera_jax.models.matmul import Dense
 from hiera_jax.models.scan import run_blocks, use_scan
 from hiera_jax.models.unroll import undo_windowing
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hiera_jax.models.kernels.matmul import SAVE_MATMULS
 from hiera_jax.models.layers import DropPathInputs, DropPathKeys, HieraBlock
-from hiera_jax.models.matmul import SAVE_MATMULS
 
 
 def use_scan(config) -> bool:

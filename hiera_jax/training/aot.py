@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hiera_jax.models import tpu
+from hiera_jax.models.kernels import tpu
 from hiera_jax.models.scan import auto_scan, use_scan
 from hiera_jax.training import chips, hlo_cost, sharding
 from hiera_jax.training import flops as flops_lib
@@ -296,7 +296,7 @@ def fit_check(
         options.update(GPU_COMPILE_OPTIONS)
         report["compiler_options"] = dict(GPU_COMPILE_OPTIONS)
     t0 = time.time()
-    # The Pallas kernels size their VMEM to the chip compiled for (hiera_jax.models.tpu).
+    # The Pallas kernels size their VMEM to the chip compiled for (hiera_jax.models.kernels.tpu).
     with jax.set_mesh(mesh), tpu.compiling_for(kind):
         lowered = setup.jit_train_step().lower(*train_args)
         try:

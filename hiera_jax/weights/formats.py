@@ -102,6 +102,7 @@ class OtherFamily(ValueError):
         super().__init__(message)
         self.family = family
 
+
 _HIERA_PATCH_KEYS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
 
 

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hiera_jax.models import tpu
+from hiera_jax.models.kernels import tpu
 
 HIDDEN_CHUNK = 64  # columns of fc1's output a loop step computes
 # The widest C compiled (Hiera-L's last stage): at Hiera-H's 2048, Triton asked for 272 KB of

@@ -10,8 +10,8 @@ saving them and sums the weight gradients in VMEM over its grid: HBM sees x, the
 gradients and the weights once. (An MLP kernel without the norm and residual moved more: XLA
 had fused the norm into fc1 and the residual into fc2, and the kernel made it write them.)
 
-`kernel` as for attention (`hiera_jax.models.tpu.KERNELS`): "auto" = the kernel in programs
-compiled for a TPU, the Triton kernels of `hiera_jax.models.gpu_mlp` in 16-bit programs compiled
+`kernel` as for attention (`hiera_jax.models.kernels.tpu.KERNELS`): "auto" = the kernel in programs
+compiled for a TPU, the Triton kernels of `hiera_jax.models.kernels.gpu_mlp` in 16-bit programs compiled
 for an NVIDIA GPU, XLA's ops elsewhere (the float32 parity tests run there); "xla" never;
 "pallas" everywhere, interpreted off TPU. MLPs whose weights and gradients do not fit VMEM, with
 too few tokens per device to pay (the weights outweigh the activations), or with an activation
@@ -29,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from hiera_jax.models import gpu_mlp, tpu
 from hiera_jax.models.activations import ACTIVATIONS
-from hiera_jax.models.matmul import dense_dot_general
+from hiera_jax.models.kernels import gpu_mlp, tpu
+from hiera_jax.models.kernels.matmul import dense_dot_general
 
 # Activations the kernel computes (Hiera's exact GELU); others take XLA's ops.
 FUSED_ACTIVATIONS = ("gelu", "gelu_python")

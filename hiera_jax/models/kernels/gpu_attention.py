@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hiera_jax.models import tpu
+from hiera_jax.models.kernels import tpu
 
 MIN_BLOCK = 16  # Triton's smallest matmul side
 MAX_WINDOW = 128  # the [n_q, n_k] block lives in registers
