@@ -107,7 +107,7 @@ def config_name() -> str:
 def run_aot(config, workdir: str) -> None:
     """--aot: compile for the slice or GPUs, print the report, write it as JSON; exit 1 if it
     won't fit."""
-    from hiera_jax.training import aot
+    from hiera_jax.training.cost import aot
 
     try:
         report = aot.fit_check(

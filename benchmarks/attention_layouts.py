@@ -4,7 +4,7 @@ A probe for issue 18: which layout of mask-unit attention moves fewest bytes. Ea
 computes the same function (qkv projection, softmax attention per window, output projection)
 in bf16; it is compiled forward only and forward + backward for one chip of a v5e 2x2 (libtpu
 on this CPU, nothing runs), and XLA's `bytes accessed` is reported per image beside this
-repository's HLO estimate (`hiera_jax/training/hlo_cost.py`).
+repository's HLO estimate (`hiera_jax/training/cost/hlo_cost.py`).
 
 - `current`: as `MaskUnitAttention` writes it (reshape to `[B, n, w, 3, h, d]`, one transpose
   to `[3, B, w, h, n, d]`, and back).
@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from hiera_jax.models import attention  # noqa: E402
-from hiera_jax.training import aot, hlo_cost  # noqa: E402
+from hiera_jax.training.cost import aot, hlo_cost  # noqa: E402
 
 # Hiera-B at 224, batch 16: (batch, tokens per window, windows, width, heads) of a block in
 # each stage after its first (no query pooling).

@@ -6,7 +6,7 @@ and the MAE step, built exactly as `train.py` builds them (the in1k recipes' con
     python benchmarks/bench_accel.py --smoke               # seconds on a CPU (the test suite runs it)
 
 MFU = model FLOPs per step (XLA's count of the step without remat) / (median step time x devices
-x the chip's dense bf16 peak, `hiera_jax.training.chips`). `--peak` overrides the peak. Steps
+x the chip's dense bf16 peak, `hiera_jax.training.cost.chips`). `--peak` overrides the peak. Steps
 are timed after a warm-up, with `block_until_ready`, on random data already on the device.
 """
 
@@ -31,8 +31,9 @@ import numpy as np  # noqa: E402
 from sections import write_section  # noqa: E402
 
 from hiera_jax.models.scan import use_scan  # noqa: E402
-from hiera_jax.training import chips, sharding  # noqa: E402
-from hiera_jax.training import flops as flops_lib  # noqa: E402
+from hiera_jax.training import sharding  # noqa: E402
+from hiera_jax.training.cost import chips  # noqa: E402
+from hiera_jax.training.cost import flops as flops_lib  # noqa: E402
 from hiera_jax.training.setup import (  # noqa: E402
     EXECUTION_SWITCHES,
     build_setup,

@@ -181,7 +181,8 @@ def tpu_parts_rows(scan: bool, effort: float, topology: str, batch: int) -> list
     import jax
 
     from configs import in1k_mae
-    from hiera_jax.training import aot, sharding
+    from hiera_jax.training import sharding
+    from hiera_jax.training.cost import aot
     from hiera_jax.training.setup import build_setup
 
     load = os.getloadavg()[0]
@@ -234,7 +235,8 @@ def tpu_forward_row(scan: bool, effort: float, topology: str, batch: int) -> dic
 
     import hiera_jax
     from hiera_jax.models.factory import init_params
-    from hiera_jax.training import aot, sharding
+    from hiera_jax.training import sharding
+    from hiera_jax.training.cost import aot
 
     load = os.getloadavg()[0]
     devices = aot.topology_devices(topology)

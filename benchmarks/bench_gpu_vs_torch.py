@@ -26,7 +26,7 @@ the official and timm models eager, then compiled; memory is freed between confi
 MFU = model FLOPs per step / (median step time x the chip's dense bf16 peak). The FLOPs are one
 figure per case and size, used for every row of it: XLA's count of our step, as bench_accel
 counts it. So MFU compares like with like, the same work divided by each implementation's time,
-and its ratio between rows is their speed ratio. Peak from `hiera_jax.training.chips`, `--peak`
+and its ratio between rows is their speed ratio. Peak from `hiera_jax.training.cost.chips`, `--peak`
 overrides; none on a CPU (MFU "-").
 
 Both frameworks share the GPU: JAX is told not to preallocate (XLA_PYTHON_CLIENT_PREALLOCATE,
@@ -67,8 +67,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from sections import write_section  # noqa: E402
 
-from hiera_jax.training import flops as flops_lib  # noqa: E402
 from hiera_jax.training import sharding  # noqa: E402
+from hiera_jax.training.cost import flops as flops_lib  # noqa: E402
 from hiera_jax.training.setup import (  # noqa: E402
     EXECUTION_SWITCHES,
     build_setup,

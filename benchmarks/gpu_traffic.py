@@ -1,9 +1,9 @@
 """HBM traffic of Hiera's steps compiled for an H100, without a GPU: our GPU kernels against XLA's
 plain ops in the same run, a plain ViT-B/16 as the anchor, and where the bytes go by model part.
 
-Each row compiles one program deviceless (`train.py --aot`'s path, `hiera_jax.training.aot`, with
+Each row compiles one program deviceless (`train.py --aot`'s path, `hiera_jax.training.cost.aot`, with
 jax's CUDA plugin: `pip install -e ".[gpu]"`) and counts its HBM traffic from the optimized HLO
-(`hiera_jax.training.hlo_cost`: every top-level instruction's operands and result; XLA's GPU
+(`hiera_jax.training.cost.hlo_cost`: every top-level instruction's operands and result; XLA's GPU
 compiler has no cost analysis). Blocks unscanned, bfloat16 compute, float32 parameters, AdamW,
 one GPU, the recipe's model otherwise. "xla" rows set `attention_kernel` and `mlp_kernel` to
 "xla" (the program before the GPU kernels); "kernels" rows keep "auto" (cuDNN flash attention,
@@ -53,7 +53,7 @@ ROWS = [
 
 def _parts(text: str, per: int) -> dict:
     parts: dict = collections.defaultdict(collections.Counter)
-    from hiera_jax.training import hlo_cost
+    from hiera_jax.training.cost import hlo_cost
 
     for a in hlo_cost.accesses(text):
         part, direction, _ = hbm_traffic.part_of(a.op_name)
@@ -62,7 +62,7 @@ def _parts(text: str, per: int) -> dict:
 
 
 def train_row(recipe: str, per: int, kernels: str) -> dict:
-    from hiera_jax.training import aot
+    from hiera_jax.training.cost import aot
 
     config = hbm_traffic.load_config(recipe, per, 1)
     config.model.dtype = "bfloat16"
@@ -92,7 +92,7 @@ def _custom_calls(text: str) -> list[str]:
 def _compile(fn, *args) -> str:
     import jax
 
-    from hiera_jax.training import aot
+    from hiera_jax.training.cost import aot
 
     device = jax.sharding.SingleDeviceSharding(aot.topology_devices(TARGET)[0])
     shaped = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), args)
@@ -104,7 +104,7 @@ def inference_row(name: str, batch: int, kernels: str) -> dict:
     import jax.numpy as jnp
 
     import hiera_jax
-    from hiera_jax.training import flops, hlo_cost
+    from hiera_jax.training.cost import flops, hlo_cost
 
     extra = {"attention_kernel": "xla", "mlp_kernel": "xla"} if kernels == "xla" else {}
     model = hiera_jax.create_model(name, dtype="bfloat16", scan_blocks=False, **extra)
@@ -132,7 +132,7 @@ def vit_row(batch: int, kernels: str) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from hiera_jax.training import flops, hlo_cost
+    from hiera_jax.training.cost import flops, hlo_cost
 
     use = {"cudnn": kernels == "kernels"}  # off while counting FLOPs (on the CPU)
 

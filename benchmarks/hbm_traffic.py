@@ -3,7 +3,7 @@
 Compiles a recipe's train step for a TPU topology with libtpu on this CPU (as `train.py --aot`
 does; nothing runs), blocks unscanned so every block's bytes are in the program, and attributes
 the optimized HLO's top-level instructions (fusions, copies, reshapes, dots, collectives) to the
-model's parts by their `op_name` metadata (`hiera_jax.training.hlo_cost` counts each one's
+model's parts by their `op_name` metadata (`hiera_jax.training.cost.hlo_cost` counts each one's
 operand and result buffers at their padded TPU size). Forward and backward are told apart by
 JAX's `jvp(...)` / `transpose(jvp(...))` name scopes; what has neither is the optimizer update,
 the RNG and the step's bookkeeping.
@@ -35,7 +35,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is compile-only; the ho
 
 from sections import write_section  # noqa: E402
 
-from hiera_jax.training import aot, hlo_cost  # noqa: E402
+from hiera_jax.training.cost import aot, hlo_cost  # noqa: E402
 
 OUT = os.path.join(ROOT, "runs", "hbm_traffic")
 SECTION = "hbm-traffic"  # of BENCHMARKS.md

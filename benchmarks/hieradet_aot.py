@@ -30,8 +30,8 @@ from sections import write_section  # noqa: E402
 
 from hiera_jax.models import hieradet, hieradet_neck  # noqa: E402
 from hiera_jax.models.kernels import tpu  # noqa: E402
-from hiera_jax.training import aot, chips  # noqa: E402
-from hiera_jax.training import flops as flops_lib  # noqa: E402
+from hiera_jax.training.cost import aot, chips  # noqa: E402
+from hiera_jax.training.cost import flops as flops_lib  # noqa: E402
 
 SECTION = "hieradet-aot"  # of BENCHMARKS.md
 VARIANTS = ("sam2_hiera_tiny", "sam2_hiera_base_plus", "sam2_hiera_large")

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from sections import write_section  # noqa: E402
 
 from hiera_jax.models import hieradet, hieradet_neck  # noqa: E402
-from hiera_jax.weights import hieradet_convert  # noqa: E402
+from hiera_jax.weights import hieradet_convert, hieradet_hf_config  # noqa: E402
 
 SECTION = "hieradet-speed"  # of BENCHMARKS.md
 
@@ -63,7 +63,7 @@ def references(variant: str, size: int) -> dict:
         lambda p, x: hieradet.HieraDet(trunk).apply({"params": p}, x, return_intermediates=True)[1],
     )
     neck = hieradet_neck.FpnNeckConfig()
-    config = transformers.Sam2VisionConfig(**hieradet_convert.transformers_vision_config(trunk))
+    config = transformers.Sam2VisionConfig(**hieradet_hf_config.transformers_vision_config(trunk))
     model = _randomise(transformers.Sam2VisionModel(config))
     params = hieradet_convert.convert_image_encoder_state_dict(model.state_dict(), trunk, neck)
     encoder = hieradet_neck.ImageEncoder(trunk, neck)

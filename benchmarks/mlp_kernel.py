@@ -3,7 +3,7 @@
 A probe for issue 18: the kernel (`hiera_jax.models.kernels.fused_mlp`) against the same function as
 XLA's ops (`mlp_kernel="xla"`), compiled forward + backward for one chip of a v5e 2x2 (libtpu on
 this CPU, nothing runs), bf16, at Hiera-B's four stages; XLA's `bytes accessed` per image beside
-this repository's HLO estimate (`hiera_jax/training/hlo_cost.py`, kernels' operands at their
+this repository's HLO estimate (`hiera_jax/training/cost/hlo_cost.py`, kernels' operands at their
 padded size). "auto" is what a TPU program takes: below as many token rows per chip as the
 width, XLA's ops (`fused_mlp.kernel_fits`); "forced" runs the kernel there too, to show why.
 
@@ -29,7 +29,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 from sections import write_section  # noqa: E402
 
 from hiera_jax.models.kernels import fused_mlp, tpu  # noqa: E402
-from hiera_jax.training import aot, hlo_cost  # noqa: E402
+from hiera_jax.training.cost import aot, hlo_cost  # noqa: E402
 
 SECTION = "mlp-kernel"  # of BENCHMARKS.md
 # Hiera-B at 224, 16 images per chip: (batch, tokens, width) of each stage's blocks.

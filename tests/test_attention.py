@@ -18,7 +18,7 @@ from reference import rel_err
 
 import hiera_jax
 from hiera_jax.models import attention
-from hiera_jax.training import aot, flops, hlo_cost
+from hiera_jax.training.cost import aot, flops, hlo_cost
 
 # [B, w, h, n_q, d] and n_k of Hiera's attention kinds: a stage-1 mask unit, a pooled-query
 # transition (n_q = n_k / 4), a global stage with several heads, an odd window.

@@ -18,7 +18,7 @@ from reference import rel_err
 
 import hiera_jax
 from hiera_jax.models.kernels import fused_mlp
-from hiera_jax.training import aot, flops, hlo_cost
+from hiera_jax.training.cost import aot, flops, hlo_cost
 
 EPS = 1e-6
 # [B, N, C], H: a stage-1 tile of one image (N > ROWS: row tiles), several short images per

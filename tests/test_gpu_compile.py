@@ -21,7 +21,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from hiera_jax.models import attention  # noqa: E402
 from hiera_jax.models.kernels import gpu_attention  # noqa: E402
-from hiera_jax.training import aot, chips, hlo_cost  # noqa: E402
+from hiera_jax.training.cost import aot, chips, hlo_cost  # noqa: E402
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="the GPU compiler comes with the gpu extra")
 
@@ -228,7 +228,7 @@ def test_flop_counts_see_through_the_gpu_kernels():
     in the backward, fc1 in the MLP kernel's backward) is counted as recompute, worked out
     from the shapes."""
     from hiera_jax.models.kernels import fused_mlp
-    from hiera_jax.training import flops
+    from hiera_jax.training.cost import flops
 
     b, n, h, d = 2, 64, 2, 32
     for w in (4, 1):  # mask units (the Triton kernels), global attention (cuDNN)

@@ -14,7 +14,7 @@ from reference import rel_err
 from test_fused_mlp import EPS, _inputs, _torch_float64
 
 from hiera_jax.models.kernels import fused_mlp, gpu_mlp
-from hiera_jax.training import aot, hlo_cost
+from hiera_jax.training.cost import aot, hlo_cost
 
 
 def _factor(keep, keep_scale, batch):

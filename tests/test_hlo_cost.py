@@ -1,4 +1,4 @@
-"""HBM traffic read from optimized HLO (`hiera_jax.training.hlo_cost`), loops counted in full.
+"""HBM traffic read from optimized HLO (`hiera_jax.training.cost.hlo_cost`), loops counted in full.
 
 The reference is XLA's own `bytes accessed`: of a scanned program with its body counted once
 (`loops=False` must agree), and of the same program unrolled, which has no loop to undercount
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hiera_jax.training import hlo_cost
+from hiera_jax.training.cost import hlo_cost
 
 STEPS = 8
 

@@ -91,3 +91,20 @@ def test_no_module_imports_circle_back():
     # The split that ended the old hub <-> io circle: the hub writes directories, loading uses both.
     assert "hiera_jax.weights.loading" not in graph["hiera_jax.weights.hub"]
     assert "hiera_jax.weights.hub" not in graph["hiera_jax.weights.directory"]
+
+
+def test_readme_layout_names_every_module():
+    """README's "Layout" block names every module of the package, and no module that is gone."""
+    import re
+
+    readme = os.path.join(os.path.dirname(ROOT), "README.md")
+    with open(readme) as f:
+        block = f.read().split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"([a-z_0-9]+)\.py", block))
+    modules = {
+        m.rsplit(".", 1)[-1] for m, path in _modules().items() if not path.endswith("__init__.py")
+    }
+    assert not modules - named, f"README's layout does not name {sorted(modules - named)}"
+    package_part = block.split("\nconvert/", 1)[0]  # the hiera_jax/ lines
+    gone = set(re.findall(r"^ +([a-z_0-9]+)\.py", package_part, re.M)) - modules - {"__init__"}
+    assert not gone, f"README's layout names modules that are not there: {sorted(gone)}"

@@ -86,7 +86,7 @@ def test_the_lowering_platform_picks_the_path():
     pytest.importorskip("libtpu", reason="the TPU compiler comes with the tpu extra")
     from jax.sharding import SingleDeviceSharding
 
-    from hiera_jax.training import aot
+    from hiera_jax.training.cost import aot
 
     x = jnp.ones((4, 196, 96), jnp.bfloat16)
     sharding = SingleDeviceSharding(aot.topology_devices("v5e:2x2")[0])

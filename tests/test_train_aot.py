@@ -19,7 +19,8 @@ import jax  # noqa: E402
 
 from hiera_jax.models.config import HieraConfig  # noqa: E402
 from hiera_jax.models.kernels import tpu  # noqa: E402
-from hiera_jax.training import aot, flops, sharding  # noqa: E402
+from hiera_jax.training import sharding  # noqa: E402
+from hiera_jax.training.cost import aot, flops  # noqa: E402
 from hiera_jax.training.setup import build_setup, model_flops_per_step  # noqa: E402
 
 pytest.importorskip("libtpu", reason="the TPU compiler comes with the tpu extra")

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hiera_jax.training import data as data_lib  # noqa: E402
 from hiera_jax.training import optim  # noqa: E402
+from hiera_jax.training.inputs import data as data_lib  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 from hiera_jax.training.metrics import read_jsonl  # noqa: E402
 from hiera_jax.weights.loading import load_pretrained  # noqa: E402

@@ -10,7 +10,8 @@ import pytest
 import train_helpers as th
 
 from hiera_jax.models.scan import use_scan
-from hiera_jax.training import flops, sharding
+from hiera_jax.training import sharding
+from hiera_jax.training.cost import flops
 from hiera_jax.training.setup import (
     EXECUTION_SWITCHES,
     build_setup,

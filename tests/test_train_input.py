@@ -19,12 +19,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hiera_jax.training import data as data_lib  # noqa: E402
-from hiera_jax.training import (  # noqa: E402
-    pipeline,
-    sources,  # noqa: E402
-    tfdata,
-)
+from hiera_jax.training.inputs import data as data_lib  # noqa: E402
+from hiera_jax.training.inputs import pipeline, sources, tfdata  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -120,7 +116,7 @@ def test_array_record_is_read_through_grain_without_tensorflow(prepared):
         "import sys, numpy as np\n"
         "sys.path.insert(0, 'tests')\n"
         "import train_helpers as th\n"
-        "from hiera_jax.training import data, pipeline, sources\n"
+        "from hiera_jax.training.inputs import data, pipeline, sources\n"
         "cfg = th.make_config('classification').data\n"
         f"cfg.source, cfg.name, cfg.data_dir = 'tfds', 'tiny_shapes', {str(data_dir)!r}\n"
         "cfg.mean = cfg.std = (0.5, 0.5, 0.5)\n"

@@ -18,9 +18,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from hiera_jax.training import data as data_lib  # noqa: E402
-from hiera_jax.training import pipeline  # noqa: E402
 from hiera_jax.training.checkpoint import CheckpointError  # noqa: E402
+from hiera_jax.training.inputs import data as data_lib  # noqa: E402
+from hiera_jax.training.inputs import pipeline  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 from hiera_jax.training.metrics import read_jsonl  # noqa: E402
 from hiera_jax.weights.loading import load_pretrained  # noqa: E402

@@ -2,10 +2,10 @@
 
 Split by concept: `setup` (model, optimizer, shardings, the train step), `steps` (pure step
 functions), `sharding` (mesh, parameter and batch shardings), `optim` (AdamW, schedules,
-weight-decay mask, layer-wise lr decay), `data` (sources, augmentations, deterministic batches),
-`checkpoint` (orbax manager, resume, preemption), `metrics` (progress bar, JSON lines,
-TensorBoard), `visualize` (MAE reconstruction grids), `aot` (fit check for a TPU slice),
-`chips`/`flops` (peak figures, FLOP counts), `loop` (`train_and_evaluate`).
+weight-decay mask, layer-wise lr decay), `inputs` (sources, augmentations, the host and tf.data
+pipelines, batches), `checkpoint` (orbax manager, resume, preemption), `metrics` (progress bar,
+JSON lines, TensorBoard), `visualize` (MAE reconstruction grids), `cost` (FLOPs, HBM traffic,
+chips and the ahead-of-time fit check for TPU and GPU targets), `loop` (`train_and_evaluate`).
 
 `train_and_evaluate` is imported on first use, so the model-side modules (setup, steps, aot)
 load without the input pipeline's dependencies (grain, tensorflow-datasets).

@@ -26,11 +26,12 @@ import ml_collections
 import numpy as np
 
 from hiera_jax import families
-from hiera_jax.training import batching, optim, pipeline, sharding, sources, tfdata, visualize
-from hiera_jax.training import data as data_lib
-from hiera_jax.training import flops as flops_lib
+from hiera_jax.training import optim, sharding, visualize
 from hiera_jax.training.checkpoint import Checkpointer, last_good_text
 from hiera_jax.training.config import model_config, validate_config
+from hiera_jax.training.cost import flops as flops_lib
+from hiera_jax.training.inputs import batching, pipeline, sources, tfdata
+from hiera_jax.training.inputs import data as data_lib
 from hiera_jax.training.metrics import MetricLogger
 from hiera_jax.training.peers import PeersLost, PeerWatch
 from hiera_jax.training.preemption import StopSignal

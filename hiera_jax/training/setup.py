@@ -23,9 +23,9 @@ from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import init_params
 from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.scan import use_scan
-from hiera_jax.training import flops as flops_lib
 from hiera_jax.training import optim, sharding
 from hiera_jax.training.config import build_model, model_config
+from hiera_jax.training.cost import flops as flops_lib
 from hiera_jax.training.steps import train_step
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ module carries its configs (`module.trunk` / `module.neck`, or `module.config`).
 - a local file: a timm state dict (`.safetensors`, `.pth`, `.bin`) or a SAM 2 checkpoint
   (`sam2.1_hiera_*.pt`, `{"model": ...}`, read without torch by `formats.read_state_dict`);
 - a local directory: transformers' Sam2 (`config.json` + `model.safetensors`; its config decides
-  the architecture, `hieradet_convert.configs_from_transformers`) or timm's (`config.json` with
+  the architecture, `hieradet_hf_config.configs_from_transformers`) or timm's (`config.json` with
   `"architecture"` + weights).
 
 Without a transformers config the variant is read from the tensors (`hieradet_convert.
@@ -255,9 +255,9 @@ def _configs(
     hf_config = dict(hf_config) if isinstance(hf_config, Mapping) else None
     if hf_config is not None and "model_type" in hf_config:  # transformers' Sam2 config
         if hf_config["model_type"] == "sam2_hiera_det_model":
-            trunk, neck = convert.trunk_config_from_transformers(hf_config), None
+            trunk, neck = hf_config.trunk_config_from_transformers(hf_config), None
         else:
-            trunk, neck = convert.configs_from_transformers(hf_config)
+            trunk, neck = hf_config.configs_from_transformers(hf_config)
         return trunk, neck if has_neck else None
     trunk_sd = convert.timm_trunk_items(state_dict)[0]
     architecture = (hf_config or {}).get("architecture")

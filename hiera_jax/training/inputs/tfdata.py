@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from hiera_jax.training.batching import LocalPositions, finish_batch
-from hiera_jax.training.data import Transform
+from hiera_jax.training.inputs.batching import LocalPositions, finish_batch
+from hiera_jax.training.inputs.data import Transform
 
 
 def import_tensorflow():

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hiera_jax.training import chips
+from hiera_jax.training.cost import chips
 
 
 def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hiera_jax.training import tfdata
-from hiera_jax.training.data import (
+from hiera_jax.training.inputs import tfdata
+from hiera_jax.training.inputs.data import (
     DigitsSource,
     FolderSource,
     MovingDigitsSource,

@@ -19,8 +19,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from hiera_jax.training.batching import LocalPositions, check_position, finish_batch
-from hiera_jax.training.data import Transform
+from hiera_jax.training.inputs.batching import LocalPositions, check_position, finish_batch
+from hiera_jax.training.inputs.data import Transform
 
 __all__ = ["train_dataset", "eval_batches", "example_index", "check_position"]
 

@@ -42,9 +42,10 @@ import numpy as np
 
 from hiera_jax.models.kernels import tpu
 from hiera_jax.models.scan import auto_scan, use_scan
-from hiera_jax.training import chips, hlo_cost, sharding
-from hiera_jax.training import flops as flops_lib
+from hiera_jax.training import sharding
 from hiera_jax.training.config import model_family
+from hiera_jax.training.cost import chips, hlo_cost
+from hiera_jax.training.cost import flops as flops_lib
 from hiera_jax.training.setup import build_setup, unsharded
 
 TOPOLOGY_RE = re.compile(r"^(?P<kind>[a-z0-9]+):\d+x\d+(x\d+)?$")
@@ -372,7 +373,7 @@ def fit_check(
         module = hlo_cost.parse(hlo_text)
         xla_bytes = hlo_cost.bytes_accessed(module, loops=False)
         device_bytes = hlo_cost.bytes_accessed(module)
-        report["bytes_source"] = "hiera_jax.training.hlo_cost over the optimized HLO"
+        report["bytes_source"] = "hiera_jax.training.cost.hlo_cost over the optimized HLO"
     if not compiled_total and model_flops:  # no compiled count (GPU): the model's, per device
         device_flops = model_flops / mesh.size
         if mcfg.remat and not (use_scan(mcfg) or setup.accum_steps > 1):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from hiera_jax.training.data import mix_batch
+from hiera_jax.training.inputs.data import mix_batch
 
 # An endless stream: grain iterates a MapDataset up to its length.
 ENDLESS = sys.maxsize // 4
