@@ -27,7 +27,7 @@ from hiera_jax.hf import (
     load_pretrained,
 )
 from hiera_jax.hf.modeling import CLASSES, HF_FAMILY
-from hiera_jax.models.config import HieraConfig, get_config, is_pretraining_name, list_models
+from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import init_params
 from hiera_jax.models.outputs import (
     BackboneOutput,
@@ -35,6 +35,7 @@ from hiera_jax.models.outputs import (
     HieraForPreTrainingOutput,
     HieraModelOutput,
 )
+from hiera_jax.models.variants import get_config, is_pretraining_name, list_models
 from hiera_jax.weights.convert import convert_state_dict, export_state_dict
 from hiera_jax.weights.directory import save_pretrained
 from hiera_jax.weights.hub import list_pretrained

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 
 from hiera_jax.families import Family, Loaded
 from hiera_jax.families.workdir import model_directory
-from hiera_jax.models.config import HieraConfig, get_config, is_pretraining_name, list_models
+from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import build_model, init_params
 from hiera_jax.models.hiera import HieraEncoder, HieraForImageClassification
 from hiera_jax.models.mae import HieraForPreTraining
+from hiera_jax.models.variants import get_config, is_pretraining_name, list_models
 from hiera_jax.weights import hub
 from hiera_jax.weights.directory import save_pretrained
 from hiera_jax.weights.loading import load_model, load_pretrained

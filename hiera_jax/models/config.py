@@ -1,13 +1,14 @@
-"""Hiera configuration in two vocabularies, and the registry of official variants.
+"""Hiera configuration in two vocabularies: its fields, their validation, and (de)serialisation.
 
 `HieraConfig` stores one canonical form whose field names are the keyword arguments of the official
 `Hiera` / `MaskedAutoencoderHiera` constructors (`stages`, `q_pool`, `dim_mul`, ...), so a config
 reads like the PyTorch call that built a checkpoint. It is also built from, and written as, the
 Hugging Face `transformers.HieraConfig` (`depths`, `num_query_pool`, `embed_dim_multiplier`, ...):
 both spellings of a field land in the same field, `to_dict()` writes transformers' `config.json`,
-and the Hugging Face names read back as properties. Everything the modules need that follows from
-the fields (per-block widths, windows, unroll schedules) is derived here once, in plain Python, so
-the modules only see static shapes.
+and the Hugging Face names read back as properties (`hf_names.TransformersNames`). Everything the
+modules need that follows from the fields (per-block widths, windows, unroll schedules) is derived
+once, in plain Python, by `geometry.HieraGeometry`, so the modules only see static shapes. The
+official variants are `variants.py`'s.
 
 Two things differ between the two codebases, not only in name:
 
@@ -26,75 +27,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hiera_jax.models.activations import ACTIVATIONS
+from hiera_jax.models.geometry import BLOCK_RULES, HieraGeometry, Shape
+from hiera_jax.models.hf_names import (
+    HF_ALIASES,
+    HF_DERIVED_INPUTS,
+    HF_EXTRAS_KEY,
+    HF_METADATA_KEYS,
+    OFFICIAL_INPUTS,
+    TransformersNames,
+)
 from hiera_jax.models.kernels.tpu import check_kernel
-
-Shape = tuple[int, ...]
-
-# ---------------------------------------------------------------------- vocabularies
-# transformers' HieraConfig name -> the canonical (official) field it sets.
-HF_ALIASES: dict[str, str] = {
-    "image_size": "input_size",
-    "num_channels": "in_chans",
-    "depths": "stages",
-    "num_query_pool": "q_pool",
-    "query_stride": "q_stride",
-    "masked_unit_size": "mask_unit_size",
-    "masked_unit_attention": "mask_unit_attn",
-    "embed_dim_multiplier": "dim_mul",
-    "patch_size": "patch_kernel",
-    "decoder_hidden_size": "decoder_embed_dim",
-    "num_labels": "num_classes",
-}
-# Keys of transformers' config.json files that describe the file or PyTorch, not the model:
-# accepted and ignored (`dtype` / `torch_dtype` there is the storage dtype of the weights).
-HF_METADATA_KEYS = frozenset(
-    {
-        "transformers_version", "architectures", "model_type", "_name_or_path", "name_or_path",
-        "dtype", "torch_dtype", "hidden_size", "stage_names", "_commit_hash", "use_bfloat16",
-        "torchscript", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings",
-        "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-        "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task", "tokenizer_class",
-        "prefix", "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id",
-        "decoder_start_token_id", "task_specific_params", "max_length", "min_length",
-        "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-        "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-        "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-        "num_return_sequences", "output_scores", "return_dict_in_generate",
-        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-        "_attn_implementation_autoset", "_attn_implementation_internal", "auto_map",
-        "per_layer_config", "tie_last_hidden_states",
-    }
-)  # fmt: skip
-# transformers-only inputs that map onto canonical fields by a rule, not a rename.
-HF_DERIVED_INPUTS = ("id2label", "label2id", "out_features", "out_indices")
-# Official-constructor inputs expanded into canonical fields (per-stage heads).
-OFFICIAL_INPUTS = ("head_mul",)
-HF_EXTRAS_KEY = "hiera_jax"  # our fields transformers has no name for, inside config.json
-BLOCK_RULES = ("official", "transformers")
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-    """Static description of one encoder block, as the constructor loop computes it."""
-
-    dim: int
-    dim_out: int
-    heads: int
-    q_stride: int  # flattened q-pool stride (4 for 2x2), 1 = no pooling
-    window_size: int  # flattened mask-unit size after pooling
-    use_mask_unit_attn: bool
-    drop_path: float
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class HieraConfig:
+class HieraConfig(HieraGeometry, TransformersNames):
     """Hyper-parameters of a Hiera model: official field names, transformers' accepted too.
 
     `HieraConfig(stages=(1, 2, 7, 2), num_heads=1)` and
@@ -318,267 +269,6 @@ class HieraConfig:
             )
         if self.out_stage_indices is not None:
             _check_out_indices(self.out_stage_indices, len(self.stages) + 1)
-
-    # ------------------------------------------------------------------ derived shapes
-    @property
-    def is_video(self) -> bool:
-        return len(self.input_size) == 3
-
-    @property
-    def tokens_spatial_shape(self) -> Shape:
-        return tuple(i // s for i, s in zip(self.input_size, self.patch_stride))
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.tokens_spatial_shape)
-
-    @property
-    def mask_spatial_shape(self) -> Shape:
-        return tuple(t // m for t, m in zip(self.tokens_spatial_shape, self.mask_unit_size))
-
-    @property
-    def num_mask_units(self) -> int:
-        return math.prod(self.mask_spatial_shape)
-
-    @property
-    def num_kept_mask_units(self) -> int:
-        """Kept mask units per example; the same rounding as official `get_random_mask`."""
-        return int(self.num_mask_units * (1 - self.mask_ratio))
-
-    @property
-    def depth(self) -> int:
-        return sum(self.stages)
-
-    @property
-    def stage_ends(self) -> tuple[int, ...]:
-        return tuple(sum(self.stages[:i]) - 1 for i in range(1, len(self.stages) + 1))
-
-    @property
-    def unroll_schedule(self) -> tuple[Shape, ...]:
-        return (tuple(self.q_stride),) * (len(self.stages) - 1)
-
-    @property
-    def block_specs(self) -> tuple[BlockSpec, ...]:
-        """Per-block widths, heads, pooling and windows, by this config's `block_rule`."""
-        return self._block_specs(self.block_rule)
-
-    def _block_specs(self, rule: str) -> tuple[BlockSpec, ...]:
-        flat_mu_size = math.prod(self.mask_unit_size)
-        flat_q_stride = math.prod(self.q_stride)
-        stage_ends = self.stage_ends
-        q_pool_blocks = {end + 1 for end in stage_ends[: self.q_pool]}
-        depth = self.depth
-        # Linear from 0 to drop_path_rate over the blocks (the torch.linspace rule of both).
-        rates = [self.drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        widths = [self.embed_dim]
-        for stage in range(1, len(self.stages)):
-            if rule == "official":  # int(embed_dim * dim_mul) at each transition
-                widths.append(int(widths[-1] * self.dim_mul))
-            else:  # transformers: int(embed_dim * embed_dim_multiplier ** stage)
-                widths.append(int(self.embed_dim * self.dim_mul**stage))
-        specs, stage, dim, pooled_mu = [], 0, self.embed_dim, flat_mu_size
-        for i in range(depth):
-            first = i - 1 in stage_ends  # the first block of a stage after the first
-            if first:
-                stage += 1
-            if rule == "official":
-                # The official loop reads the attention switch before moving to the next stage.
-                use_mask_unit_attn = self.mask_unit_attn[stage - 1 if first else stage]
-                if i in q_pool_blocks:
-                    pooled_mu //= flat_q_stride
-                window = pooled_mu
-            else:
-                previous = self.mask_unit_attn[max(stage - 1, 0)]
-                use_mask_unit_attn = self.mask_unit_attn[stage] or ((first or i == 0) and previous)
-                window = int(flat_mu_size * flat_q_stride**-stage)
-            specs.append(
-                BlockSpec(
-                    dim=dim,
-                    dim_out=widths[stage],
-                    heads=self.num_heads[stage],
-                    q_stride=flat_q_stride if i in q_pool_blocks else 1,
-                    window_size=window,
-                    use_mask_unit_attn=use_mask_unit_attn,
-                    drop_path=rates[i],
-                )
-            )
-            dim = widths[stage]
-        return tuple(specs)
-
-    def _rules_agree(self) -> bool:
-        """Whether the official and transformers rules build the same blocks for this config."""
-
-        def shape(specs):  # an unused window size makes no difference
-            return [
-                dataclasses.replace(s, window_size=s.window_size if s.use_mask_unit_attn else 0)
-                for s in specs
-            ]
-
-        return shape(self._block_specs("official")) == shape(self._block_specs("transformers"))
-
-    @property
-    def block_runs(self) -> tuple[tuple[int, int], ...]:
-        """[start, stop) runs of consecutive blocks of one stage that differ only in drop path.
-
-        A stage's first block may change width, pool queries or switch attention (the switch
-        lags one block); the blocks after it are the same block. `scan_blocks` runs each run of
-        two or more blocks as one scan. Every block is in exactly one run, in order.
-        """
-        specs = self.block_specs
-        stage_ends = set(self.stage_ends)
-
-        def shape(spec: BlockSpec) -> BlockSpec:
-            return dataclasses.replace(spec, drop_path=0.0)
-
-        runs, start = [], 0
-        for i in range(1, len(specs) + 1):
-            if i == len(specs) or i - 1 in stage_ends or shape(specs[i]) != shape(specs[start]):
-                runs.append((start, i))
-                start = i
-        return tuple(runs)
-
-    @property
-    def stage_dims(self) -> tuple[int, ...]:
-        specs = self.block_specs
-        return tuple(specs[end].dim_out for end in self.stage_ends)
-
-    @property
-    def num_features(self) -> int:
-        return self.stage_dims[-1]
-
-    def reroll_plan(self, stage: int) -> tuple[tuple[Shape, ...], Shape]:
-        """(strides still unrolled, token grid) at the end of `stage`, as official `Reroll`."""
-        consumed = min(stage, self.q_pool)
-        schedule = self.unroll_schedule[consumed:]
-        size = self.tokens_spatial_shape
-        for strides in self.unroll_schedule[:consumed]:
-            size = tuple(n // s for n, s in zip(size, strides))
-        return schedule, size
-
-    def check_masking_supported(self) -> None:
-        """ValueError unless mask units are exactly the unrolled windows, as masking requires.
-
-        After unrolling, token n belongs to window n % (#tokens / q_stride**(len(stages)-1));
-        dropping mask units by that index (the official recipe) is only right when those
-        windows are the mask units. Every official model satisfies this (8 = 2**3).
-        """
-        window = tuple(s ** (len(self.stages) - 1) for s in self.q_stride)
-        if tuple(self.mask_unit_size) != window:
-            raise ValueError(
-                f"masking needs mask_unit_size == q_stride ** (len(stages) - 1) = {window}, "
-                f"got {tuple(self.mask_unit_size)}: with {len(self.stages)} stages the unrolled "
-                f"windows are {window} tokens"
-            )
-
-    # MAE shapes ------------------------------------------------------------------
-    @property
-    def mask_unit_spatial_shape_final(self) -> Shape:
-        return tuple(m // s**self.q_pool for m, s in zip(self.mask_unit_size, self.q_stride))
-
-    @property
-    def tokens_spatial_shape_final(self) -> Shape:
-        return tuple(t // s**self.q_pool for t, s in zip(self.tokens_spatial_shape, self.q_stride))
-
-    @property
-    def pred_stride(self) -> int:
-        """Pixel size of one MAE prediction token."""
-        return self.patch_stride[-1] * self.q_stride[-1] ** self.q_pool
-
-    @property
-    def pred_dim(self) -> int:
-        return self.pred_stride ** min(2, len(self.q_stride)) * self.in_chans
-
-    # ------------------------------------------------------------------ transformers' names
-    @property
-    def model_type(self) -> str:
-        return "hiera"
-
-    @property
-    def image_size(self) -> list[int]:
-        return list(self.input_size)
-
-    @property
-    def num_channels(self) -> int:
-        return self.in_chans
-
-    @property
-    def depths(self) -> list[int]:
-        return list(self.stages)
-
-    @property
-    def num_query_pool(self) -> int:
-        return self.q_pool
-
-    @property
-    def query_stride(self) -> list[int]:
-        return list(self.q_stride)
-
-    @property
-    def masked_unit_size(self) -> list[int]:
-        return list(self.mask_unit_size)
-
-    @property
-    def masked_unit_attention(self) -> list[bool]:
-        return list(self.mask_unit_attn)
-
-    @property
-    def embed_dim_multiplier(self) -> float:
-        return self.dim_mul
-
-    @property
-    def patch_size(self) -> list[int]:
-        return list(self.patch_kernel)
-
-    @property
-    def decoder_hidden_size(self) -> int:
-        return self.decoder_embed_dim
-
-    @property
-    def num_labels(self) -> int:
-        return self.num_classes
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        """Class index -> name: the names given, else transformers' `LABEL_{i}`."""
-        names = self.class_names or tuple(f"LABEL_{i}" for i in range(self.num_classes))
-        return dict(enumerate(names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in self.id2label.items()}
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_features
-
-    @property
-    def stage_names(self) -> list[str]:
-        """`stem` (the embeddings) then `stage1` ... `stageN`: the backbone's output names."""
-        return ["stem"] + [f"stage{i}" for i in range(1, len(self.stages) + 1)]
-
-    @property
-    def out_indices(self) -> list[int]:
-        indices = self.out_stage_indices
-        return list(indices) if indices is not None else [len(self.stages)]
-
-    @property
-    def out_features(self) -> list[str]:
-        return [self.stage_names[i] for i in self.out_indices]
-
-    def is_transformers_compatible(self) -> str | None:
-        """None if transformers' HieraConfig describes this exact model, else why not."""
-        if self.is_video:
-            return "transformers has no video Hiera"
-        if self.sep_pos_embed or self.abs_win_pos_embed:
-            return "transformers' Hiera has one absolute position table (no sep/abswin tables)"
-        if self.init_values is not None or not self.use_expand_proj:
-            return "transformers' Hiera has no layer scale and always widens with a projection"
-        if self.block_rule == "official" and not self._rules_agree():
-            return (
-                "transformers computes this config's attention windows differently (its "
-                "block_rule is 'transformers'; this model follows the official code)"
-            )
-        return None
 
     # ------------------------------------------------------------------ (de)serialisation
     def replace(self, **changes: Any) -> HieraConfig:
@@ -912,92 +602,3 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-# ---------------------------------------------------------------------- variants
-_IMAGE = {
-    "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
-    "small": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
-    "base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
-    "base_plus": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3)),
-    "large": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4)),
-    "huge": dict(embed_dim=256, num_heads=4, stages=(2, 6, 36, 4)),
-}
-_VIDEO_INPUT = dict(
-    num_classes=400,  # Kinetics-400
-    input_size=(16, 224, 224),
-    q_stride=(1, 2, 2),
-    mask_unit_size=(1, 8, 8),
-    patch_kernel=(3, 7, 7),
-    patch_stride=(2, 4, 4),
-    patch_padding=(1, 3, 3),
-    sep_pos_embed=True,
-    mask_ratio=0.9,
-)
-_MAE = dict(q_pool=2)  # the official MAE models pool twice, the classifiers three times
-
-
-def _build_variants() -> dict[str, dict[str, Any]]:
-    variants: dict[str, dict[str, Any]] = {}
-    for size, kw in _IMAGE.items():
-        variants[f"hiera_{size}_224"] = dict(kw)
-        variants[f"mae_hiera_{size}_224"] = dict(kw, **_MAE)
-    for size in ("base", "base_plus", "large", "huge"):
-        variants[f"hiera_{size}_16x224"] = dict(_IMAGE[size], **_VIDEO_INPUT)
-        variants[f"mae_hiera_{size}_16x224"] = dict(_IMAGE[size], **_VIDEO_INPUT, **_MAE)
-    return variants
-
-
-VARIANTS: dict[str, dict[str, Any]] = _build_variants()
-
-# Variants that only timm defines (`timm.models.hiera`), with timm's kwargs and input size.
-# Kept apart from VARIANTS (the official models): no official checkpoint or module exists.
-TIMM_VARIANTS: dict[str, dict[str, Any]] = {
-    "hiera_small_abswin_256": dict(
-        _IMAGE["small"],
-        input_size=(256, 256),
-        abs_win_pos_embed=True,
-        global_pos_size=(16, 16),
-        init_values=1e-5,
-        weight_init="jax",
-        use_expand_proj=False,
-    ),
-    "hiera_base_abswin_256": dict(
-        _IMAGE["base"],
-        input_size=(256, 256),
-        abs_win_pos_embed=True,
-        init_values=1e-5,
-        weight_init="jax",
-    ),
-}
-
-
-def list_models(include_timm: bool = False) -> list[str]:
-    """Names of every official variant, classification (`hiera_*`) and MAE (`mae_hiera_*`).
-
-    `include_timm=True` adds the timm-only variants (`hiera_{small,base}_abswin_256`).
-    """
-    return sorted({**VARIANTS, **TIMM_VARIANTS} if include_timm else VARIANTS)
-
-
-def is_pretraining_name(name: str) -> bool:
-    return name.startswith("mae_")
-
-
-def get_config(name: str, **overrides: Any) -> HieraConfig:
-    """The config of an official variant, with explicit keyword overrides applied on top.
-
-    Overrides may use either vocabulary (`num_query_pool=1` or `q_pool=1`).
-    """
-    variants = {**VARIANTS, **TIMM_VARIANTS}
-    if name not in variants:
-        known = ", ".join(list_models(include_timm=True))
-        raise ValueError(f"unknown model name {name!r}; known models: {known}")
-    base = dict(variants[name])
-    for key in overrides:  # an override under either name replaces the variant's value
-        base.pop(HF_ALIASES.get(key, key), None)
-    return HieraConfig(**base, **overrides)
-
-
-def resolve_config(name_or_config: str | HieraConfig, **overrides: Any) -> HieraConfig:
-    if isinstance(name_or_config, HieraConfig):
-        return name_or_config.replace(**overrides) if overrides else name_or_config
-    return get_config(name_or_config, **overrides)

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from hiera_jax.models.backbone import HieraBackbone
-from hiera_jax.models.config import HieraConfig, is_pretraining_name
+from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.hiera import HieraForImageClassification, HieraModel
 from hiera_jax.models.mae import HieraForPreTraining
+from hiera_jax.models.variants import is_pretraining_name
 
 # What a checkpoint holds: a classifier, an MAE (with decoder), the encoder alone (HieraModel), or
 # the encoder with per-stage norms for feature maps (HieraBackbone, transformers' AutoBackbone).

@@ -20,8 +20,9 @@ import flax
 import jax
 import numpy as np
 
-from hiera_jax.models.config import HieraConfig, resolve_config
+from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import abstract_params, model_type_for
+from hiera_jax.models.variants import resolve_config
 
 SOURCES = ("official", "timm", "hf")
 _INDEXED_MODULES = ("blocks", "decoder_blocks", "multi_scale_fusion_heads")

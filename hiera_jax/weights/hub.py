@@ -51,7 +51,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from hiera_jax.models.config import TIMM_VARIANTS, VARIANTS, get_config
+from hiera_jax.models.variants import TIMM_VARIANTS, VARIANTS, get_config
 from hiera_jax.weights import convert as convert_lib
 from hiera_jax.weights import directory as directory_lib
 from hiera_jax.weights import formats
