@@ -600,5 +600,3 @@ def _freeze(value: Any) -> Any:
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
