@@ -92,7 +92,7 @@ def train_runner(config, batch: int):
             "image": jax.device_put(np.random.randn(*shape).astype(np.float32), setup.batch_sh)
         }
         if setup.with_labels:
-            labels = np.eye(setup.mcfg.num_classes, dtype=np.float32)[np.arange(batch) % 10]
+            labels = np.eye(setup.model_config.num_classes, dtype=np.float32)[np.arange(batch) % 10]
             batch_data["label"] = jax.device_put(labels, setup.batch_sh)
     holder = {"state": state}
 
@@ -115,9 +115,9 @@ def bench_train(
         "case": "finetune step" if task == "classification" else "MAE step",
         "model": config.model.name,
         "batch": batch,
-        "dtype": setup.mcfg.dtype,
-        "remat": setup.mcfg.remat,
-        "scan_blocks": use_scan(setup.mcfg),
+        "dtype": setup.model_config.dtype,
+        "remat": setup.model_config.remat,
+        "scan_blocks": use_scan(setup.model_config),
         "seconds": seconds,
         "flops": model_flops,
     }

@@ -110,7 +110,9 @@ def cpu_step_times(task: str, batch: int, steps: int, dtype: str) -> dict:
         rng = np.random.default_rng(0)
         data = {"image": rng.standard_normal(args[1]["image"].shape, np.float32)}
         if "label" in args[1]:
-            data["label"] = np.eye(setup.mcfg.num_classes, dtype=np.float32)[np.arange(batch) % 10]
+            data["label"] = np.eye(setup.model_config.num_classes, dtype=np.float32)[
+                np.arange(batch) % 10
+            ]
         data = {k: jax.device_put(v, setup.batch_sh) for k, v in data.items()}
         runs[scan] = [compiled, state, data, key, []]
     for i in range(steps + 1):  # round 0 is a warm-up
@@ -213,7 +215,7 @@ def tpu_parts_rows(scan: bool, effort: float, topology: str, batch: int) -> list
                     "step": name,
                     "model": "mae_hiera_base_224",
                     "batch": batch,
-                    "dtype": setup.mcfg.dtype,
+                    "dtype": setup.model_config.dtype,
                     "scan_blocks": scan,
                     "effort": effort,
                     "compile_s": time.time() - t0,

@@ -161,9 +161,9 @@ def measure(recipe: str, per_device: int, topology: str, effort: float) -> dict:
 
 
 def _stages(config) -> list[int]:
-    from hiera_jax.training.config import model_config
+    from hiera_jax.training.config import resolve_model_config
 
-    return list(model_config(config).stages)
+    return list(resolve_model_config(config).stages)
 
 
 def _mb(x: float, per: int) -> str:

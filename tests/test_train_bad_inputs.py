@@ -113,7 +113,7 @@ def test_model_name_from_the_command_line_on_every_config():
         kind = "mae_" if "mae" in path else ""
         suffix = "16x224" if "k400" in path else "224"
         config.model.name = f"{kind}hiera_huge_{suffix}"
-        model = config_lib.model_config(config)
+        model = config_lib.resolve_model_config(config)
         assert model.embed_dim == 256  # huge's width
         assert model.dtype == "bfloat16" and model.drop_path_rate == config.model.drop_path_rate
 

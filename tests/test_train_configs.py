@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from hiera_jax.training.config import model_config  # noqa: E402
+from hiera_jax.training.config import resolve_model_config  # noqa: E402
 from hiera_jax.training.loop import train_and_evaluate  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(th.REPO, "configs", "*.py")))
@@ -41,7 +41,7 @@ def test_config_builds(path):
     name = os.path.basename(path)[:-3]
     for arg in SIZES.get(name, [None]):
         config = module.get_config(arg)
-        model = model_config(config)  # validates shapes
+        model = resolve_model_config(config)  # validates shapes
         assert config.task in ("mae", "classification")
         assert config.batch_size > 0 and config.optim.lr > 0
         assert (config.num_epochs > 0) or (config.total_steps > 0)

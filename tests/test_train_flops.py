@@ -57,12 +57,12 @@ def test_train_step_counts_about_three_forwards(remat):
     config = th.make_config("mae", th.overrides(model__remat=remat))
     mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
     setup = build_setup(config, mesh, examples_per_epoch=1000)
-    assert setup.is_plain_step == (not remat and not use_scan(setup.mcfg))
+    assert setup.is_plain_step == (not remat and not use_scan(setup.model_config))
     with jax.set_mesh(mesh):
         step_flops = model_flops_per_step(setup, setup.abstract_train_args())
     # The forward counted unscanned too: XLA counts a scanned body once.
-    off = {f: False for f in EXECUTION_SWITCHES if hasattr(setup.mcfg, f)}
-    model = setup.model.clone(config=setup.mcfg.replace(**off))
+    off = {f: False for f in EXECUTION_SWITCHES if hasattr(setup.model_config, f)}
+    model = setup.model.clone(config=setup.model_config.replace(**off))
     image = jax.ShapeDtypeStruct(
         (config.batch_size, *model.config.input_size, model.config.in_chans), "float32"
     )
@@ -88,7 +88,7 @@ def test_jaxpr_count_matches_xla_on_the_matmuls_and_sees_through_scans(task):
     xla = flops.count_flops(plain, *args)
     counted = flops.jaxpr_flops(plain, *args)
     assert 0.85 * xla < counted <= xla, (counted, xla)
-    scanned_model = setup.model.clone(config=setup.mcfg.replace(scan_blocks=True))
+    scanned_model = setup.model.clone(config=setup.model_config.replace(scan_blocks=True))
     scanned = functools.partial(plain.func, **{**plain.keywords, "model": scanned_model})
     assert flops.jaxpr_flops(scanned, *args) == pytest.approx(counted, rel=1e-6)
 

@@ -419,8 +419,8 @@ class HieraModel(HieraPreTrainedModel):
         def forward(params, x, noise, mask_key, dropout_key):
             x = call.channels_last(x)
             if mask_key is not None:
-                run = hiera_lib.input_config(self.config, x, call.interpolate)
-                noise = masking.random_noise(mask_key, x.shape[0], run.num_mask_units)
+                sized_config = hiera_lib.input_config(self.config, x, call.interpolate)
+                noise = masking.random_noise(mask_key, x.shape[0], sized_config.num_mask_units)
             return self.module.apply(
                 {"params": params}, x, noise=noise, rngs=_rngs(dropout_key), **call.module_kwargs()
             )

@@ -73,7 +73,7 @@ class HieraBackbone(HieraEncoder):
             return_intermediates=False,
             output_hidden_states=True,
             output_attentions=output_attentions,
-            run=self.input_config(x, interpolate_pos_encoding),
+            sized_config=self.input_config(x, interpolate_pos_encoding),
         )
         reshaped = states["reshaped_hidden_states"]  # stem, stage1, ..., stageN
         norms = StageNorms(

@@ -128,19 +128,20 @@ class HieraEncoder(nn.Module):
         """The config whose shapes this call runs at (`input_config`)."""
         return input_config(self.config, x, interpolate_pos_encoding)
 
-    def pos_embed(self, run: HieraConfig) -> jnp.ndarray:
-        """The position embedding [1, N, C] for the token grid of `run` (resampled if it differs)."""
+    def pos_embed(self, sized_config: HieraConfig) -> jnp.ndarray:
+        """The position embedding [1, N, C] for the token grid of `sized_config` (resampled if it
+        differs)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)  # official trunc_normal_(std=0.02)
         dim = cfg.embed_dim
-        grid, run_grid = cfg.tokens_spatial_shape, run.tokens_spatial_shape
+        grid, sized_grid = cfg.tokens_spatial_shape, sized_config.tokens_spatial_shape
         if cfg.sep_pos_embed:
             frames, *spatial = grid
             spatial_embed = self.param("pos_embed_spatial", init, (1, spatial[0] * spatial[1], dim))
             temporal_embed = self.param("pos_embed_temporal", init, (1, frames, dim))
-            spatial_embed = pos_embed.resize_grid(spatial_embed, grid[1:], run_grid[1:], xp=jnp)
-            temporal_embed = pos_embed.resize_grid(temporal_embed, grid[:1], run_grid[:1], xp=jnp)
-            frames, num_spatial = run_grid[0], run_grid[1] * run_grid[2]
+            spatial_embed = pos_embed.resize_grid(spatial_embed, grid[1:], sized_grid[1:], xp=jnp)
+            temporal_embed = pos_embed.resize_grid(temporal_embed, grid[:1], sized_grid[:1], xp=jnp)
+            frames, num_spatial = sized_grid[0], sized_grid[1] * sized_grid[2]
             # token index t·H·W + h·W + w: spatial tiled over T, temporal repeated H·W times.
             return jnp.tile(spatial_embed, (1, frames, 1)) + jnp.repeat(
                 temporal_embed, num_spatial, axis=1
@@ -150,9 +151,9 @@ class HieraEncoder(nn.Module):
             # call (constant matrices), so the same parameters serve any input size.
             global_table = self.param("pos_embed", init, (1, *cfg.global_pos_size, dim))
             window_table = self.param("pos_embed_win", init, (1, *cfg.mask_unit_size, dim))
-            return pos_embed.abswin_pos_embed(global_table, window_table, run_grid, xp=jnp)
+            return pos_embed.abswin_pos_embed(global_table, window_table, sized_grid, xp=jnp)
         table = self.param("pos_embed", init, (1, cfg.num_tokens, dim))
-        return pos_embed.resize_grid(table, grid, run_grid, xp=jnp)
+        return pos_embed.resize_grid(table, grid, sized_grid, xp=jnp)
 
     def encode(
         self,
@@ -177,25 +178,27 @@ class HieraEncoder(nn.Module):
         return_intermediates: bool,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-        run: HieraConfig | None = None,
+        sized_config: HieraConfig | None = None,
     ) -> tuple[jnp.ndarray, list[jnp.ndarray], dict[str, tuple[jnp.ndarray, ...]]]:
         """`encode`, plus the Hugging Face style states that were asked for.
 
         The dict holds `hidden_states` and `reshaped_hidden_states` (with `output_hidden_states`)
-        and `attentions` (with `output_attentions`); see `HieraModelOutput`. `run` is the config
-        of this call's input size (`input_config`); None = the model's.
+        and `attentions` (with `output_attentions`); see `HieraModelOutput`. `sized_config` is the
+        config of this call's input size (`input_config`); None = the model's.
         """
         cfg = self.config
-        run = cfg if run is None else run
+        sized_config = cfg if sized_config is None else sized_config
         masked = mask is not None
-        check_input(run, x)
-        keep = run.num_kept_mask_units
+        check_input(sized_config, x)
+        keep = sized_config.num_kept_mask_units
         pixel_mask = None
         if masked:
-            run.check_masking_supported()
-            masking.check_mask(mask, x.shape[0], run.num_mask_units, keep)
+            sized_config.check_masking_supported()
+            masking.check_mask(mask, x.shape[0], sized_config.num_mask_units, keep)
             mask = mask.astype(bool)
-            pixel_mask = masking.mask_to_pixels(mask, run.mask_spatial_shape, run.input_size)
+            pixel_mask = masking.mask_to_pixels(
+                mask, sized_config.mask_spatial_shape, sized_config.input_size
+            )
         dtype = self.compute_dtype
         x = PatchEmbed(
             cfg.embed_dim,
@@ -208,15 +211,15 @@ class HieraEncoder(nn.Module):
             init_std=cfg.initializer_range,
             name="patch_embed",
         )(x.astype(dtype), pixel_mask)
-        x = x + self.pos_embed(run).astype(x.dtype)
-        x = unroll(x, run.tokens_spatial_shape, run.unroll_schedule)
+        x = x + self.pos_embed(sized_config).astype(x.dtype)
+        x = unroll(x, sized_config.tokens_spatial_shape, sized_config.unroll_schedule)
         if masked:
             x = masking.select_kept_tokens(x, mask, keep)
             # A traced mask with the wrong keep count cannot raise: poison the output instead.
             x = x * masking.count_guard(mask, keep).astype(x.dtype)
 
         def rerolled(tokens: jnp.ndarray, stage: int) -> jnp.ndarray:
-            schedule, size = run.reroll_plan(stage)
+            schedule, size = sized_config.reroll_plan(stage)
             return reroll(tokens, size, schedule, masked=masked)
 
         hidden, reshaped, attentions = [], [], []
@@ -293,10 +296,10 @@ class HieraEncoder(nn.Module):
         return x, intermediates, states
 
 
-def check_noise(noise: jnp.ndarray, batch: int, run: HieraConfig) -> jnp.ndarray:
+def check_noise(noise: jnp.ndarray, batch: int, sized_config: HieraConfig) -> jnp.ndarray:
     """Hugging Face's `noise` [B, #MUs] (floats; the lowest-noise units are kept), checked."""
     noise = jnp.asarray(noise)
-    expected = (batch, run.num_mask_units)
+    expected = (batch, sized_config.num_mask_units)
     if tuple(noise.shape) != expected:
         raise ValueError(
             f"noise must have shape [batch, num_mask_units] = {expected}, got {tuple(noise.shape)}"
@@ -331,13 +334,13 @@ class HieraModel(HieraEncoder):
         output_attentions: bool = False,
         interpolate_pos_encoding: bool = False,
     ) -> HieraModelOutput:
-        run = self.input_config(x, interpolate_pos_encoding)
+        sized_config = self.input_config(x, interpolate_pos_encoding)
         ids_restore = None
         if noise is not None:
             if mask is not None:
                 raise ValueError("pass either mask or noise, not both")
-            noise = check_noise(noise, x.shape[0], run)
-            mask = masking.mask_from_noise(noise, run.num_kept_mask_units)
+            noise = check_noise(noise, x.shape[0], sized_config)
+            mask = masking.mask_from_noise(noise, sized_config.num_kept_mask_units)
             ids_restore = masking.ids_restore(noise)
         tokens, maps, states = self.encode_with_states(
             x,
@@ -346,7 +349,7 @@ class HieraModel(HieraEncoder):
             return_intermediates=return_intermediates,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            run=run,
+            sized_config=sized_config,
         )
         if mask is not None:
             mask = jnp.asarray(mask).astype(bool)
@@ -394,7 +397,7 @@ class HieraForImageClassification(HieraEncoder):
             return_intermediates=return_features,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            run=self.input_config(x, interpolate_pos_encoding),
+            sized_config=self.input_config(x, interpolate_pos_encoding),
         )
         pooled = self.final_norm()(tokens.mean(axis=1))
         pooled = nn.Dropout(cfg.head_dropout)(pooled, deterministic=not train)

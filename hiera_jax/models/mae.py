@@ -107,13 +107,14 @@ class HieraForPreTraining(HieraEncoder):
         interpolate_pos_encoding: bool = False,
     ):
         cfg = self.config
-        run = self.input_config(x, interpolate_pos_encoding)  # shapes of this input's size
+        sized_config = self.input_config(x, interpolate_pos_encoding)  # shapes of this input's size
         dtype = self.compute_dtype
-        keep = run.num_kept_mask_units
-        run.check_masking_supported()
+        keep = sized_config.num_kept_mask_units
+        sized_config.check_masking_supported()
         if keep < 1:
             raise ValueError(
-                f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of {run.num_mask_units}"
+                f"mask_ratio={cfg.mask_ratio} keeps no mask unit out of "
+                f"{sized_config.num_mask_units}"
             )
         if mask is not None and noise is not None:
             raise ValueError("pass either mask or noise to HieraForPreTraining, not both")
@@ -123,9 +124,11 @@ class HieraForPreTraining(HieraEncoder):
                     "HieraForPreTraining needs a keep-mask: pass mask=..., noise=... or "
                     "rngs={'mask': key}"
                 )
-            noise = masking.random_noise(self.make_rng("mask"), x.shape[0], run.num_mask_units)
+            noise = masking.random_noise(
+                self.make_rng("mask"), x.shape[0], sized_config.num_mask_units
+            )
         if noise is not None:
-            noise = check_noise(noise, x.shape[0], run)
+            noise = check_noise(noise, x.shape[0], sized_config)
             mask = masking.mask_from_noise(noise, keep)
             ids_restore = masking.ids_restore(noise)
         else:
@@ -140,7 +143,7 @@ class HieraForPreTraining(HieraEncoder):
             return_intermediates=True,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            run=run,
+            sized_config=sized_config,
         )
         # Resolution is constant after the last q-pool: fuse the stages before it and the last.
         maps = maps[: cfg.q_pool] + maps[-1:]
@@ -162,7 +165,7 @@ class HieraForPreTraining(HieraEncoder):
             (1, 1, cfg.decoder_embed_dim),
         )
         tokens = masking.scatter_kept_units(latent, mask, mask_token.reshape(-1))
-        grid_final = run.tokens_spatial_shape_final
+        grid_final = sized_config.tokens_spatial_shape_final
         tokens = undo_windowing(tokens, grid_final, mu_final)
         tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])  # raster order
         visible = jnp.broadcast_to(
@@ -206,7 +209,7 @@ class HieraForPreTraining(HieraEncoder):
         ).astype(jnp.float32)  # [B, N_pred, pred_dim]
 
         # ---------------------------------------------------------------- loss
-        labels_all = pixel_labels(x.astype(jnp.float32), run)
+        labels_all = pixel_labels(x.astype(jnp.float32), sized_config)
         if cfg.normalize_pixel_loss:
             labels_all = normalize_targets(labels_all)
         num_masked = visible.shape[1] - keep * math.prod(mu_final)

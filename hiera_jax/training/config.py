@@ -146,7 +146,7 @@ def model_family(config: ml_collections.ConfigDict) -> families.Family:
     return families.for_name(config.model.get("name"))
 
 
-def model_config(config: ml_collections.ConfigDict) -> Any:
+def resolve_model_config(config: ml_collections.ConfigDict) -> Any:
     """The model config a training config describes: the `name` variant of its family, then every
     set field (a field the family's config does not have is a one-line error)."""
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
@@ -226,7 +226,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"--config.data.{name}={tuple(config.data[name])} must be (low, high) with "
                 f"0 < low <= high{' <= 1' if upper == 1.0 else ''}"
             )
-    model_config(config)  # an unknown model name or an inconsistent model config
+    resolve_model_config(config)  # an unknown model name or an inconsistent model config
     if len(config.data.mean) != len(config.data.std) or any(v <= 0 for v in config.data.std):
         raise ValueError(
             f"--config.data.mean {tuple(config.data.mean)} and std {tuple(config.data.std)} "
@@ -234,10 +234,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def build_model(config: ml_collections.ConfigDict, mcfg: Any = None):
-    """The module train.py trains for `config` (`mcfg`: its model config, if resolved already)."""
-    mcfg = model_config(config) if mcfg is None else mcfg
-    return families.of_config(mcfg).training_model(mcfg, config.task)
+def build_model(config: ml_collections.ConfigDict, model_config: Any = None):
+    """The module train.py trains for `config` (`model_config`: its model config, if resolved
+    already)."""
+    model_config = resolve_model_config(config) if model_config is None else model_config
+    return families.of_config(model_config).training_model(model_config, config.task)
 
 
 # ============================================================================ command-line checks

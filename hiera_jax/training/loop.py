@@ -28,7 +28,7 @@ import numpy as np
 from hiera_jax import families
 from hiera_jax.training import optim, sharding, visualize
 from hiera_jax.training.checkpoint import Checkpointer, last_good_text
-from hiera_jax.training.config import model_config, validate_config
+from hiera_jax.training.config import resolve_model_config, validate_config
 from hiera_jax.training.cost import flops as flops_lib
 from hiera_jax.training.inputs import batching, pipeline, sources, tfdata
 from hiera_jax.training.inputs import data as data_lib
@@ -156,17 +156,23 @@ class Input:
         return len(self.train_source) * max(1, self.repeated_aug)
 
 
-def open_input(config: ml_collections.ConfigDict, mcfg: Any = None) -> Input:
-    """Train and eval sources of `config.data`, checked against the model (`mcfg`: its config,
-    where resolved already); nothing is read yet."""
-    mcfg = model_config(config) if mcfg is None else mcfg
-    train_source = sources.make_source(config.data, config.data.train_split, mcfg.input_size)
-    eval_source = sources.make_source(
-        config.data, config.data.eval_split, mcfg.input_size, train_source=train_source
+def open_input(config: ml_collections.ConfigDict, model_config: Any = None) -> Input:
+    """Train and eval sources of `config.data`, checked against the model (`model_config`: its
+    config, where resolved already); nothing is read yet."""
+    model_config = resolve_model_config(config) if model_config is None else model_config
+    train_source = sources.make_source(
+        config.data, config.data.train_split, model_config.input_size
     )
-    if train_source.channels != mcfg.in_chans:
-        log.info("data has %d channels, model %d: converting", train_source.channels, mcfg.in_chans)
-    num_classes = mcfg.num_classes
+    eval_source = sources.make_source(
+        config.data, config.data.eval_split, model_config.input_size, train_source=train_source
+    )
+    if train_source.channels != model_config.in_chans:
+        log.info(
+            "data has %d channels, model %d: converting",
+            train_source.channels,
+            model_config.in_chans,
+        )
+    num_classes = model_config.num_classes
     dataset_classes = getattr(train_source, "num_classes", num_classes)
     if config.task == "classification" and dataset_classes != num_classes:
         raise ValueError(
@@ -183,7 +189,9 @@ def open_input(config: ml_collections.ConfigDict, mcfg: Any = None) -> Input:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    train_transform = data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=True)
+    train_transform = data_lib.Transform(
+        config.data, model_config.input_size, model_config.in_chans, train=True
+    )
 
     def make_train_iter(start_step: int = 0):
         """A training input iterator at `start_step` (each batch is a function of its step)."""
@@ -200,7 +208,9 @@ def open_input(config: ml_collections.ConfigDict, mcfg: Any = None) -> Input:
     return Input(
         train_source=train_source,
         eval_source=eval_source,
-        eval_transform=data_lib.Transform(config.data, mcfg.input_size, mcfg.in_chans, train=False),
+        eval_transform=data_lib.Transform(
+            config.data, model_config.input_size, model_config.in_chans, train=False
+        ),
         use_tf=use_tf,
         make_train_iter=make_train_iter,
         repeated_aug=int(config.data.repeated_aug),
@@ -221,7 +231,10 @@ def restore_or_init(
         if latest is not None:
             settings = config.to_dict()
             changed = ckpt.check_same_run(
-                latest, task=setup.task, model=dataclasses.asdict(setup.mcfg), config=settings
+                latest,
+                task=setup.task,
+                model=dataclasses.asdict(setup.model_config),
+                config=settings,
             )
             state, _ = ckpt.restore(latest, setup.abstract_sharded_state(), config=settings)
             notes.append(f"resumed from {ckpt.directory}/{latest}")
@@ -235,7 +248,9 @@ def restore_or_init(
         state = p_init(init_key)
         if config.init_from:
             loaded, kept = load_encoder(
-                config.init_from, setup.abstract_state["params"], families.of_config(setup.mcfg)
+                config.init_from,
+                setup.abstract_state["params"],
+                families.of_config(setup.model_config),
             )
             flat = flax.traverse_util.flatten_dict(state["params"], sep="/")
             flat_sh = flax.traverse_util.flatten_dict(setup.state_sh["params"], sep="/")
@@ -309,7 +324,7 @@ def make_evaluator(
                         vis_images[:n_vis],
                         pred[:n_vis],
                         visible[:n_vis],
-                        setup.mcfg,
+                        setup.model_config,
                         config.data.mean,
                         config.data.std,
                     )
@@ -532,9 +547,9 @@ def _train_in_workdir(
     return_state: bool,
     progress: bool | None,
 ) -> dict[str, Any]:
-    mcfg = model_config(config)  # resolved once per run
-    data = open_input(config, mcfg)
-    setup = build_setup(config, mesh, data.examples_per_epoch, mcfg)
+    model_config = resolve_model_config(config)  # resolved once per run
+    data = open_input(config, model_config)
+    setup = build_setup(config, mesh, data.examples_per_epoch, model_config)
     check_free_space(workdir, setup)
 
     key = jax.random.key(config.seed)
@@ -552,8 +567,12 @@ def _train_in_workdir(
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    mcfg = setup.mcfg
-    meta_base = {"task": setup.task, "model": dataclasses.asdict(mcfg), "config": config.to_json()}
+    model_config = setup.model_config
+    meta_base = {
+        "task": setup.task,
+        "model": dataclasses.asdict(model_config),
+        "config": config.to_json(),
+    }
     train_iter = None
     logger = None
     try:
@@ -641,10 +660,10 @@ def finish(
         else:
             final_params = jax.device_get(state["params"])
     if export:  # the family's directory: transformers' layout for Hiera, timm's for HieraDet
-        out["model_dir"] = families.of_config(setup.mcfg).export(
+        out["model_dir"] = families.of_config(setup.model_config).export(
             os.path.join(workdir, "model"),
             final_params,
-            setup.mcfg,
+            setup.model_config,
             task=setup.task,
             name=config.model.name,
             mean=tuple(config.data.mean),

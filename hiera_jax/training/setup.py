@@ -24,7 +24,7 @@ from hiera_jax.models.factory import init_params
 from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.scan import use_scan
 from hiera_jax.training import optim, sharding
-from hiera_jax.training.config import build_model, model_config
+from hiera_jax.training.config import build_model, resolve_model_config
 from hiera_jax.training.cost import flops as flops_lib
 from hiera_jax.training.steps import train_step
 
@@ -70,7 +70,7 @@ class TrainSetup:
     """Model, optimizer, shardings and the step function of one run on one mesh."""
 
     config: ml_collections.ConfigDict
-    mcfg: HieraConfig | HieraDetConfig
+    model_config: HieraConfig | HieraDetConfig
     model: Any  # HieraForPreTraining, HieraForImageClassification, HieraDetForImageClassification
     mesh: Mesh
     accum_steps: int
@@ -131,10 +131,10 @@ class TrainSetup:
 
     def abstract_train_args(self, key: jax.Array | None = None) -> tuple:
         """(state, batch, key) of the train step as shapes, sharded as the loop passes them."""
-        mcfg, batch = self.mcfg, self.config.batch_size
-        shapes = {"image": (batch, *mcfg.input_size, mcfg.in_chans)}
+        model_config, batch = self.model_config, self.config.batch_size
+        shapes = {"image": (batch, *model_config.input_size, model_config.in_chans)}
         if self.with_labels:
-            shapes["label"] = (batch, mcfg.num_classes)
+            shapes["label"] = (batch, model_config.num_classes)
         key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key  # nothing runs
         return (
             self.abstract_sharded_state(),
@@ -158,12 +158,12 @@ class TrainSetup:
     def is_plain_step(self) -> bool:
         """True when the jitted step has no execution switch on and no accumulation (XLA's count
         of it is the model FLOPs)."""
-        switches = bool(self.mcfg.remat) or use_scan(self.mcfg)
+        switches = bool(self.model_config.remat) or use_scan(self.model_config)
         return not switches and self.accum_steps == 1
 
     def plain_step_fn(self):
         """The step without execution switches and accumulation: what model FLOPs are counted on."""
-        off = {f: False for f in EXECUTION_SWITCHES if hasattr(self.mcfg, f)}
+        off = {f: False for f in EXECUTION_SWITCHES if hasattr(self.model_config, f)}
         return self._whole_batch_step(**off)
 
     def unlooped_step_fn(self):
@@ -175,19 +175,21 @@ class TrainSetup:
     def _whole_batch_step(self, **model_fields):
         """The step on the whole batch at once, its model's config fields replaced (those it has:
         HieraDet has no scan_blocks)."""
-        model_fields = {k: v for k, v in model_fields.items() if hasattr(self.mcfg, k)}
-        model = self.model.clone(config=self.mcfg.replace(**model_fields))
+        model_fields = {k: v for k, v in model_fields.items() if hasattr(self.model_config, k)}
+        model = self.model.clone(config=self.model_config.replace(**model_fields))
         keywords = {**self.step_fn.keywords, "model": model, "accum_steps": 1}
         return functools.partial(self.step_fn.func, **keywords)
 
 
 def build_setup(
-    config: ml_collections.ConfigDict, mesh: Mesh, examples_per_epoch: int, mcfg: Any = None
+    config: ml_collections.ConfigDict, mesh: Mesh, examples_per_epoch: int, model_config: Any = None
 ) -> TrainSetup:
     """Everything but data and state for `config` on `mesh`; no device memory is touched.
-    `mcfg`: the run's model config, where the caller resolved it already."""
-    mcfg = model_config(config) if mcfg is None else mcfg  # then everything reads setup.mcfg
-    model = build_model(config, mcfg)
+    `model_config`: the run's model config, where the caller resolved it already."""
+    model_config = (
+        resolve_model_config(config) if model_config is None else model_config
+    )  # then everything reads setup.model_config
+    model = build_model(config, model_config)
     accum_steps, eval_batch = check_batching(config, mesh)
     total_steps, warmup_steps = schedule_steps(config, examples_per_epoch)
     abstract_params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
@@ -198,7 +200,7 @@ def build_setup(
         peak_lr=peak_lr,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
-        depth=mcfg.depth,
+        depth=model_config.depth,
     )
     step_fn = functools.partial(
         train_step,
@@ -207,12 +209,12 @@ def build_setup(
         lr_fn=lr_fn,
         task=config.task,
         label_smoothing=float(config.label_smoothing),
-        num_classes=mcfg.num_classes,
+        num_classes=model_config.num_classes,
         accum_steps=accum_steps,
     )
     setup = TrainSetup(
         config=config,
-        mcfg=mcfg,
+        model_config=model_config,
         model=model,
         mesh=mesh,
         accum_steps=accum_steps,

@@ -260,7 +260,7 @@ def fit_check(
         config = config.copy_and_resolve_references()
         config.model.scan_blocks = auto_scan(platform)
     setup = build_setup(config, mesh, NOMINAL_STEPS_PER_EPOCH * int(config.batch_size))
-    mcfg = setup.mcfg
+    model_config = setup.model_config
     per_device_batch = config.batch_size // mesh.size
     report: dict[str, Any] = {
         "topology": topology,
@@ -274,9 +274,9 @@ def fit_check(
         "batch_size": int(config.batch_size),
         "per_device_batch": per_device_batch,
         "grad_accum_steps": setup.accum_steps,
-        "remat": bool(mcfg.remat),
-        "scan_blocks": use_scan(mcfg),
-        "dtype": str(mcfg.dtype),
+        "remat": bool(model_config.remat),
+        "scan_blocks": use_scan(model_config),
+        "dtype": str(model_config.dtype),
         "compiler_effort": effort,
         "hbm_per_device_bytes": chip.hbm_bytes if chip else None,
         # On a GPU, JAX's memory pool is this share of it (XLA_PYTHON_CLIENT_MEM_FRACTION).
@@ -365,7 +365,7 @@ def fit_check(
     compiled_total = flops_lib.global_flops(cost, mesh.size) or 0.0
     device_flops = compiled_total / mesh.size
     hlo_text = compiled.as_text() or ""
-    looped = use_scan(mcfg) or setup.accum_steps > 1
+    looped = use_scan(model_config) or setup.accum_steps > 1
     if "bytes accessed" in cost:
         xla_bytes = float(cost["bytes accessed"])
         device_bytes = looped_bytes(hlo_text, xla_bytes) if looped else xla_bytes
@@ -376,7 +376,7 @@ def fit_check(
         report["bytes_source"] = "hiera_jax.training.cost.hlo_cost over the optimized HLO"
     if not compiled_total and model_flops:  # no compiled count (GPU): the model's, per device
         device_flops = model_flops / mesh.size
-        if mcfg.remat and not (use_scan(mcfg) or setup.accum_steps > 1):
+        if model_config.remat and not (use_scan(model_config) or setup.accum_steps > 1):
             # What remat computes again: the same step lowered for the CPU counts it.
             executed = flops_lib.count_flops(
                 setup.unlooped_step_fn(), *unsharded(train_args), platform="cpu"
@@ -407,7 +407,7 @@ def fit_check(
                 flops_lib.count_flops(
                     setup.unlooped_step_fn(), *unsharded(train_args), platform="cpu"
                 )
-                if mcfg.remat
+                if model_config.remat
                 else model_flops
             )
             if executed:
