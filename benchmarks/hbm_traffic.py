@@ -14,7 +14,7 @@ the RNG and the step's bookkeeping.
     python benchmarks/hbm_traffic.py --write-only             # the table from saved rows
 
 The parts' sum is this module's estimate; the table gives XLA's own total beside it (the two
-agree to a few percent on unscanned steps; tests/test_hlo_cost.py checks the counting).
+agree to a few percent on unscanned steps; tests/training/test_hlo_cost.py checks the counting).
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ import os
 import shutil
 import tempfile
 
-import train_helpers as th
+from helpers import train as th
 
 # The dev extra installs libtpu (for the ahead-of-time TPU compiles); without JAX_PLATFORMS=cpu
 # JAX would try to start a TPU runtime in every process and log libtpu's warnings. Compile-only
 # TPU devices (`jax.experimental.topologies`) still work. Also the suite's CPU compile level
-# (train_helpers.FAST_COMPILE).
+# (helpers.train.FAST_COMPILE).
 th.force_cpu_devices()
 # One JAX compilation cache for every train.py the tests start (train.py's
 # --config.compilation_cache_dir): runs of the same tiny program compile it once per session,

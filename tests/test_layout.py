@@ -108,3 +108,18 @@ def test_readme_layout_names_every_module():
     package_part = block.split("\nconvert/", 1)[0]  # the hiera_jax/ lines
     gone = set(re.findall(r"^ +([a-z_0-9]+)\.py", package_part, re.M)) - modules - {"__init__"}
     assert not gone, f"README's layout names modules that are not there: {sorted(gone)}"
+
+
+def test_family_modules_are_reached_through_the_registry_only():
+    """Training, inference, the Hugging Face layer and the top level make no family decision of
+    their own: only `hiera_jax.families` (and the families' files) import HieraDet's modules."""
+    modules = _modules()
+    family_modules = {m for m in modules if m.rsplit(".", 1)[-1].startswith("hieradet")}
+    wrong = []
+    for module, path in modules.items():
+        if module.startswith("hiera_jax.families") or module in family_modules:
+            continue
+        if _package(module) in (None, "models", "weights") and module != "hiera_jax":
+            continue  # the lower floors: the families' own files and what they share
+        wrong += [f"{module} imports {t}" for t in _imports(path, module) if t in family_modules]
+    assert not wrong, wrong

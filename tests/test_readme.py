@@ -52,7 +52,7 @@ def docs_repos(tmp_path_factory):
     (config.json, model.safetensors, BitImageProcessor's preprocessor_config.json)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from reference import randomise_norms
+    from helpers.reference import randomise_norms
 
     root = tmp_path_factory.mktemp("docs_repos")
     tiny = dict(depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8])
@@ -92,9 +92,9 @@ def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, mo
     import huggingface_hub.constants
     import numpy as np
     import torch
-    from hub_helpers import write_hf_cache
+    from helpers.hub import write_hf_cache
+    from helpers.reference import rel_err
     from PIL import Image
-    from reference import rel_err
 
     home = tmp_path / "hf_home"
     for repo, folder in docs_repos.items():

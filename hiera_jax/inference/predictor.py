@@ -37,9 +37,6 @@ from hiera_jax.inference.preprocess import (
     processor_transform,
     transform_image,
 )
-from hiera_jax.models.config import HieraConfig
-from hiera_jax.models.hieradet import HieraDetConfig
-from hiera_jax.models.hieradet_neck import FpnNeckConfig
 
 
 # ---------------------------------------------------------------------- prediction
@@ -95,7 +92,7 @@ class Predictor:
 
     def __init__(
         self,
-        config: HieraConfig | HieraDetConfig,
+        config: Any,  # the family's config (HieraConfig, HieraDetConfig)
         params: Any,
         *,
         model_type: str = "classification",
@@ -106,7 +103,7 @@ class Predictor:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         transform: dict[str, Any] | None = None,
-        neck: FpnNeckConfig | None = None,
+        neck: Any = None,  # SAM 2's FpnNeckConfig, for its ImageEncoder outputs
         devices: Sequence[jax.Device] | None = None,
     ):
         """`transform`: `transform_image` keywords for images (`processor_transform` of an image

@@ -19,9 +19,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import init_params
-from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.scan import use_scan
 from hiera_jax.training import optim, sharding
 from hiera_jax.training.config import build_model, resolve_model_config
@@ -70,7 +68,7 @@ class TrainSetup:
     """Model, optimizer, shardings and the step function of one run on one mesh."""
 
     config: ml_collections.ConfigDict
-    model_config: HieraConfig | HieraDetConfig
+    model_config: Any  # the family's config: HieraConfig, HieraDetConfig
     model: Any  # HieraForPreTraining, HieraForImageClassification, HieraDetForImageClassification
     mesh: Mesh
     accum_steps: int

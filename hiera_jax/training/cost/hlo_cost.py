@@ -13,7 +13,7 @@ stacked weights and activations).
 Buffers are counted at their padded size where the layout is tiled (TPU: `T(8,128)` pads the two
 minor physical dimensions to 8 and 128), which is what moves through HBM; `logical=True` counts
 the unpadded shapes. The estimate is checked against XLA's own count of unscanned programs in
-tests/test_hlo_cost.py and BENCHMARKS.md ("Where the bytes go").
+tests/training/test_hlo_cost.py and BENCHMARKS.md ("Where the bytes go").
 """
 
 from __future__ import annotations

@@ -1,0 +1,107 @@
+"""The model-family registry (`hiera_jax.families`): every name, config and checkpoint finds its
+family's record, and a loader that finds another family's tensors hands them over by type."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hiera_jax
+from hiera_jax import families
+from hiera_jax.models import hieradet
+from hiera_jax.models.config import HieraConfig
+from hiera_jax.models.hieradet import HieraDetConfig
+from hiera_jax.weights.formats import OtherFamily
+
+
+def test_every_variant_name_finds_its_family_and_config_type():
+    seen = set()
+    for name in families.names():
+        family = families.get(name)
+        for variant in family.variants():
+            assert variant not in seen, f"{variant} is in two families"
+            seen.add(variant)
+            assert families.for_name(variant) is family
+            config = family.get_config(variant)
+            assert isinstance(config, family.config_type)
+            assert families.of_config(config) is family
+    assert set(families.all_variants()) == seen
+    assert "hiera_tiny_224" in seen and "sam2_hiera_tiny" in seen
+    # Unknown names go to Hiera's record, whose errors list the names.
+    assert families.for_name("no_such_model").name == families.DEFAULT
+    with pytest.raises(ValueError, match="unknown model name"):
+        families.for_name("no_such_model").get_config("no_such_model")
+    with pytest.raises(TypeError, match="not a model config"):
+        families.of_config(object())
+
+
+def test_sources_are_recognised_by_name_repo_and_directory(tmp_path):
+    assert families.for_source("sam2_hiera_tiny.fb_r896").name == "hieradet"
+    assert families.for_source("facebook/sam2.1-hiera-tiny").name == "hieradet"
+    assert families.for_source("hiera_tiny_224").name == "hiera"
+    assert families.for_source("facebook/hiera-tiny-224-in1k-hf").name == "hiera"
+    timm_dir = tmp_path / "timm"
+    timm_dir.mkdir()
+    (timm_dir / "config.json").write_text('{"architecture": "sam2_hiera_tiny"}')
+    assert families.for_source(str(timm_dir)).name == "hieradet"
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text('{"model_type": "hiera"}')
+    assert families.for_source(str(hf_dir)).name == "hiera"
+
+
+def test_dispatch_hands_over_to_the_family_the_loader_names():
+    calls = []
+
+    def call(family):
+        calls.append(family.name)
+        if family.name == "hiera":
+            raise OtherFamily("these are HieraDet tensors", family="hieradet")
+        return family.name
+
+    assert families.dispatch("model.pt", call) == "hieradet"
+    assert calls == ["hiera", "hieradet"]
+
+    def refuses(family):  # an OtherFamily naming no family, or its own, is the error itself
+        raise OtherFamily("not a checkpoint", family=None)
+
+    with pytest.raises(OtherFamily, match="not a checkpoint"):
+        families.dispatch("model.pt", refuses)
+
+    def other_error(family):
+        raise ValueError("broken file")
+
+    with pytest.raises(ValueError, match="broken file"):
+        families.dispatch("model.pt", other_error)
+
+
+def test_records_build_what_create_model_and_training_ask_for():
+    tiny = families.get("hieradet").create("sam2_hiera_tiny", input_size=(64, 64))
+    assert type(tiny) is hieradet.HieraDet
+    classifier = hiera_jax.create_model("sam2_hiera_tiny", num_classes=5, input_size=(64, 64))
+    assert type(classifier) is hieradet.HieraDetForImageClassification
+    assert isinstance(
+        hiera_jax.create_model("hiera_tiny_224"), hiera_jax.HieraForImageClassification
+    )
+    det = families.get("hieradet")
+    with pytest.raises(ValueError, match="trains as a classifier only"):
+        det.training_model(det.get_config("sam2_hiera_tiny"), "mae")
+    with pytest.raises(ValueError, match="not an option of SAM 2's HieraDet"):
+        det.training_config("sam2_hiera_tiny", {"decoder_depth": 2})
+    with pytest.raises(ValueError, match="not an option of Hiera"):
+        families.get("hiera").training_config("hiera_tiny_224", {"window_spec": (8, 4, 14, 7)})
+    assert not det.scannable and families.get("hiera").scannable
+    assert isinstance(det.get_config("sam2_hiera_tiny"), HieraDetConfig)
+    assert isinstance(families.get("hiera").get_config("hiera_tiny_224"), HieraConfig)
+
+
+def test_feature_functions_of_each_family_give_every_stage():
+    config = hieradet.get_config("sam2_hiera_tiny", input_size=(64, 64))
+    loaded = families.get("hieradet").random_for_inference("sam2_hiera_tiny", input_size=(64, 64))
+    x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    out = jax.jit(families.get("hieradet").features(config, loaded.neck))(loaded.params, x)
+    assert [k for k in out if k.startswith("stage")] == ["stage1", "stage2", "stage3", "stage4"]
+    assert out["vision_features"].shape[:3] == (1, 4, 4)
+    trunk_only = families.get("hieradet").features(config, None)
+    maps = jax.jit(trunk_only)(loaded.params["trunk"], x)
+    np.testing.assert_array_equal(np.asarray(maps["stage4"]), np.asarray(out["stage4"]))
