@@ -35,8 +35,11 @@ from hiera_jax.models.activations import ACTIVATIONS
 from hiera_jax.models.geometry import BLOCK_RULES, HieraGeometry, Shape
 from hiera_jax.models.hf_names import (
     HF_ALIASES,
+    HF_ATTRIBUTE_DEFAULTS,
     HF_DERIVED_INPUTS,
     HF_EXTRAS_KEY,
+    HF_FILE_KEYS,
+    HF_KEPT_ATTRIBUTES,
     HF_METADATA_KEYS,
     OFFICIAL_INPUTS,
     TransformersNames,
@@ -113,6 +116,11 @@ class HieraConfig(HieraGeometry, TransformersNames):
     mlp_kernel: str = "auto"
 
     def __init__(self, **kwargs: Any) -> None:
+        # transformers' common attributes (`architectures`, token ids, ...): kept beside the
+        # fields, out of equality and hashing (they do not change the model), read back by
+        # `__getattr__` and written by `to_dict`.
+        kept = {k: _json_copy(kwargs[k]) for k in HF_KEPT_ATTRIBUTES - set(_FIELDS) if k in kwargs}
+        object.__setattr__(self, "_hf_attributes", kept)
         values = _canonical_kwargs(kwargs)
         size = values.get("input_size")
         if isinstance(size, int) and not isinstance(size, bool):
@@ -270,6 +278,17 @@ class HieraConfig(HieraGeometry, TransformersNames):
         if self.out_stage_indices is not None:
             _check_out_indices(self.out_stage_indices, len(self.stages) + 1)
 
+    def __getattr__(self, name: str) -> Any:
+        """transformers' common attributes: given ones, else their defaults (`architectures`...);
+        any other unknown name is an AttributeError, as for any object."""
+        if not name.startswith("__"):
+            kept = self.__dict__.get("_hf_attributes", {})
+            if name in kept:
+                return kept[name]
+            if name in HF_ATTRIBUTE_DEFAULTS:
+                return HF_ATTRIBUTE_DEFAULTS[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # ------------------------------------------------------------------ (de)serialisation
     def replace(self, **changes: Any) -> HieraConfig:
         """A copy with `changes` (either vocabulary) applied; the block rule is kept unless given.
@@ -297,7 +316,8 @@ class HieraConfig(HieraGeometry, TransformersNames):
             values.pop("out_stage_indices")
         for key in canonical & set(values):
             values.pop(key)
-        return type(self)(**values, **changes)
+        kept = {k: v for k, v in self._hf_attributes.items() if k not in changes}
+        return type(self)(**kept, **values, **changes)
 
     def _head_multiplier(self) -> float | None:
         """The factor the heads grow by per stage, if they follow the official rule."""
@@ -349,6 +369,7 @@ class HieraConfig(HieraGeometry, TransformersNames):
             "output_attentions": self.output_attentions,
             "return_dict": self.return_dict,
         }
+        out.update({k: _json_copy(v) for k, v in self._hf_attributes.items()})
         out[HF_EXTRAS_KEY] = {name: _jsonable(getattr(self, name)) for name in _EXTRA_FIELDS}
         return out
 
@@ -372,7 +393,9 @@ class HieraConfig(HieraGeometry, TransformersNames):
             extras = values.pop(HF_EXTRAS_KEY, None) or {}
             if not isinstance(extras, Mapping):
                 raise ValueError(f"config.json's {HF_EXTRAS_KEY!r} entry must be an object")
-            values = {k: v for k, v in values.items() if k not in HF_METADATA_KEYS}  # dtype too
+            # The file's own keys go (`dtype` there is the weights' storage type); transformers'
+            # common attributes stay.
+            values = {k: v for k, v in values.items() if k not in HF_FILE_KEYS}
             if not {"id2label", "num_labels", "num_classes"} & set(values):
                 values["num_labels"] = 2  # transformers' default, which its files leave out
             values.update(extras)
@@ -380,6 +403,26 @@ class HieraConfig(HieraGeometry, TransformersNames):
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """config.json's text, as transformers' `to_json_string` (`use_diff` is accepted: the
+        file always holds every field, which transformers reads the same)."""
+        del use_diff
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write `to_json_string()` to a file, as transformers' `to_json_file`."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff=use_diff))
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> HieraConfig:
+        """A config from a config.json file (`from_dict` of its contents)."""
+        with open(json_file, encoding="utf-8") as f:
+            values = json.load(f)
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{os.fspath(json_file)} does not hold a JSON object")
+        return cls.from_dict(values)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write `config.json` (transformers' form) into `directory`."""
@@ -600,3 +643,8 @@ def _freeze(value: Any) -> Any:
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def _json_copy(value: Any) -> Any:
+    """A copy of a JSON-like value that the config owns (a caller's list or dict stays theirs)."""
+    return json.loads(json.dumps(value))

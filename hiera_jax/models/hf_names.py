@@ -8,6 +8,8 @@ and the properties that read a config under transformers' names (`depths`, `num_
 
 from __future__ import annotations
 
+from typing import Any
+
 # transformers' HieraConfig name -> the canonical (official) field it sets.
 HF_ALIASES: dict[str, str] = {
     "image_size": "input_size",
@@ -43,6 +45,24 @@ HF_METADATA_KEYS = frozenset(
         "per_layer_config", "tie_last_hidden_states",
     }
 )  # fmt: skip
+# Of those, the ones that describe the file, PyTorch or a derived value: read and dropped. The
+# others (`architectures`, `finetuning_task`, token ids, `task_specific_params`, ...) are
+# `PretrainedConfig`'s common attributes: kept when given, read back as attributes and written to
+# config.json, as transformers keeps them.
+HF_FILE_KEYS = frozenset(
+    {
+        "transformers_version", "model_type", "_name_or_path", "name_or_path", "dtype",
+        "torch_dtype", "hidden_size", "stage_names", "_commit_hash",
+        "_attn_implementation_autoset", "_attn_implementation_internal",
+    }
+)  # fmt: skip
+HF_KEPT_ATTRIBUTES = HF_METADATA_KEYS - HF_FILE_KEYS
+# The common attributes every transformers config has, with their defaults (5.23's to_dict).
+HF_ATTRIBUTE_DEFAULTS: dict[str, Any] = {
+    "architectures": None,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+}
 # transformers-only inputs that map onto canonical fields by a rule, not a rename.
 HF_DERIVED_INPUTS = ("id2label", "label2id", "out_features", "out_indices")
 # Official-constructor inputs expanded into canonical fields (per-stage heads).

@@ -360,23 +360,25 @@ def params_for(
     *,
     key: jax.Array | None = None,
     ignore_mismatched_sizes: bool = False,
-) -> tuple[dict, list[str]]:
+) -> tuple[dict, list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
     """Params of the `model_type` model of `config` (default: the checkpoint's) from a checkpoint,
     as transformers loads one class from another's weights: what both have is copied, what the
     checkpoint lacks (a head, a decoder, a norm) is initialised from `key`, the rest is dropped.
 
-    Returns (params, paths newly initialised). A tensor of another shape is an error, unless
-    `ignore_mismatched_sizes` (then it is initialised too, e.g. a head for another class count).
+    Returns (params, paths the checkpoint lacks, (path, checkpoint shape, model shape) of the
+    tensors whose shape differs), both newly initialised. A tensor of another shape is an error,
+    unless `ignore_mismatched_sizes` (then it is initialised anew, e.g. a head for another class
+    count), as transformers reports `missing_keys` and `mismatched_keys`.
     """
     config = config or checkpoint.config
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if model_type == checkpoint.model_type and config == checkpoint.config:
-        return checkpoint.params, []
+        return checkpoint.params, [], []
     source = flax.traverse_util.flatten_dict(checkpoint.params)
     target = flax.traverse_util.flatten_dict(abstract_params(config, model_type))
     fresh = None
-    out, initialised, mismatched = {}, [], []
+    out, missing, resized, mismatched = {}, [], [], []
     for path, leaf in target.items():
         value = source.get(path)
         if value is not None and tuple(value.shape) == tuple(leaf.shape):
@@ -393,14 +395,17 @@ def params_for(
                 init_params(model, key if key is not None else jax.random.key(0))
             )
         out[path] = np.asarray(fresh[path])
-        initialised.append("/".join(path))
+        if value is None:
+            missing.append("/".join(path))
+        else:
+            resized.append(("/".join(path), tuple(value.shape), tuple(leaf.shape)))
     if mismatched:
         raise ValueError(
             f"the checkpoint's tensors do not fit the {ARCHITECTURES[model_type]} asked for: "
             f"{'; '.join(mismatched[:10])}; pass ignore_mismatched_sizes=True to initialise "
             "them anew"
         )
-    return flax.traverse_util.unflatten_dict(out), initialised
+    return flax.traverse_util.unflatten_dict(out), missing, resized
 
 
 # ---------------------------------------------------------------------- the module API

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from hiera_jax.models.config import EXECUTION_FIELDS, HieraConfig
+from hiera_jax.models.hf_names import HF_KEPT_ATTRIBUTES
 from hiera_jax.weights import torch_pickle
 
 # A directory's weights, in the order they are looked for (see hiera_jax.weights.directory).
@@ -127,7 +128,7 @@ def config_differences(found: HieraConfig, expected: HieraConfig) -> list[str]:
     ours, theirs = found.to_dict(), expected.to_dict()
     skip = {"id2label", "label2id", "out_features", "out_indices", "output_hidden_states",
             "output_attentions", "return_dict", "problem_type", "drop_path_rate", "mask_ratio",
-            "stage_names", "hidden_size"}  # fmt: skip
+            "stage_names", "hidden_size", *HF_KEPT_ATTRIBUTES}  # fmt: skip
     wrong = [
         f"{key}: checkpoint {ours[key]} vs model {theirs[key]}"
         for key in theirs

@@ -58,25 +58,41 @@ def load_model(
     target = config or checkpoint.config
     if overrides:
         target = target.replace(**overrides)
-    params, initialised = directory_lib.params_for(
+    params, missing, resized = directory_lib.params_for(
         checkpoint,
         model_type,
         target,
         key=jax.random.key(seed),
         ignore_mismatched_sizes=ignore_mismatched_sizes,
     )
-    if initialised:
-        cls = directory_lib.ARCHITECTURES[model_type]
-        shown = ", ".join(initialised[:12]) + (" ..." if len(initialised) > 12 else "")
-        warnings.warn(
-            f"some weights of {cls} were not in the checkpoint {os.fspath(name_or_path)} and are "
-            f"newly initialised: {shown}; train the model before using it",
-            stacklevel=3,
-        )
+    if missing or resized:
+        warnings.warn(_initialised_report(model_type, name_or_path, missing, resized), stacklevel=3)
     moved = directory_lib.Checkpoint(target, model_type, params, checkpoint.preprocessing)
     extra = {} if input_size is None else {"input_size": input_size}
     target, params = directory_lib.adapt_checkpoint(moved, in_chans=in_chans, **extra)
     return target, model_type, params, checkpoint
+
+
+def _initialised_report(model_type: str, name_or_path: Any, missing, resized) -> str:
+    """What transformers' loading report says: the tensors the checkpoint lacks, and those it
+    holds at another shape (with both shapes), all newly initialised."""
+    cls = directory_lib.ARCHITECTURES[model_type]
+    parts = []
+    if resized:
+        shown = "; ".join(f"{p}: checkpoint {a} vs model {b}" for p, a, b in resized[:12])
+        more = " ..." if len(resized) > 12 else ""
+        parts.append(
+            f"some weights of {cls} were not initialised from the checkpoint "
+            f"{os.fspath(name_or_path)} because the shapes did not match, and are newly "
+            f"initialised: {shown}{more}"
+        )
+    if missing:
+        shown = ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else "")
+        parts.append(
+            f"some weights of {cls} were not in the checkpoint {os.fspath(name_or_path)} and "
+            f"are newly initialised: {shown}"
+        )
+    return "; ".join(parts) + "; train the model before using it"
 
 
 def load_pretrained(

@@ -1,5 +1,7 @@
 """The variant registry and config validation."""
 
+import json
+
 import pytest
 
 import hiera_jax
@@ -82,3 +84,54 @@ def test_block_specs_follow_the_official_constructor():
         assert (spec.dim, spec.dim_out, spec.heads) == (block.dim, block.dim_out, attn.heads)
         assert (spec.q_stride, spec.window_size) == (attn.q_stride, attn.window_size)
         assert spec.use_mask_unit_attn == attn.use_mask_unit_attn
+
+
+def test_transformers_common_attributes_are_kept_and_written(tmp_path):
+    """`PretrainedConfig`'s common keyword arguments survive, as transformers keeps them: read
+    back as attributes, written by `to_json_file` / `save_pretrained`, read by transformers."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(
+        architectures=["HieraForImageClassification"],
+        finetuning_task="imagenet",
+        tie_word_embeddings=False,
+        is_decoder=False,
+        add_cross_attention=False,
+        chunk_size_feed_forward=0,
+        tokenizer_class=None,
+        prefix="p",
+        bos_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        sep_token_id=3,
+        decoder_start_token_id=4,
+        task_specific_params={"classify": {"top_k": 5}},
+    )
+    ours = HieraConfig(depths=[1, 2, 7, 2], num_labels=3, **common)
+    theirs = transformers.HieraConfig(depths=[1, 2, 7, 2], num_labels=3, **common)
+    for key, value in common.items():
+        assert getattr(ours, key) == value == getattr(theirs, key), key
+    # Defaults of the attributes every transformers config has; others are absent, as there.
+    plain = HieraConfig()
+    for key in ("architectures", "chunk_size_feed_forward", "is_encoder_decoder"):
+        assert getattr(plain, key) == getattr(transformers.HieraConfig(), key), key
+    for key in ("finetuning_task", "pad_token_id"):
+        assert not hasattr(plain, key) and not hasattr(transformers.HieraConfig(), key), key
+    # They describe the file, not the model: equal models compare equal.
+    assert ours == HieraConfig(depths=[1, 2, 7, 2], num_labels=3)
+    assert ours.replace(num_labels=5).finetuning_task == "imagenet"
+    # Written by us, read by transformers; written by transformers, read by us.
+    path = tmp_path / "ours.json"
+    ours.to_json_file(path)
+    read = transformers.HieraConfig.from_json_file(str(path))
+    for key, value in common.items():
+        assert getattr(read, key) == value, key
+    assert read.num_labels == 3 and list(read.depths) == [1, 2, 7, 2]
+    theirs.to_json_file(str(tmp_path / "theirs.json"))
+    back = HieraConfig.from_json_file(tmp_path / "theirs.json")
+    for key, value in common.items():
+        assert getattr(back, key) == value, key
+    assert back == ours
+    assert json.loads(ours.to_json_string()) == ours.to_dict()
+    # A caller's dict stays theirs.
+    common["task_specific_params"]["classify"]["top_k"] = 1
+    assert ours.task_specific_params == {"classify": {"top_k": 5}}
