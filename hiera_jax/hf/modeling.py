@@ -557,9 +557,22 @@ class HieraBackbone(HieraPreTrainedModel):
     computes other maps (see `hiera_jax.models.backbone`)."""
 
     model_type = "feature_backbone"
+    backbone_type = "transformers"  # transformers' BackboneType.TRANSFORMERS (not a timm backbone)
+    has_attentions = True  # `forward_with_filtered_kwargs` passes output_attentions on
 
     def _build_module(self, config: HieraConfig) -> nn.Module:
         return backbone_lib.HieraBackbone(config)
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        """Channels of every stage by name, selected or not (transformers' BackboneMixin)."""
+        return dict(zip(self.stage_names, self.num_features))
+
+    def forward_with_filtered_kwargs(self, *args: Any, **kwargs: Any):
+        """The call, as transformers' `BackboneMixin.forward_with_filtered_kwargs` makes it."""
+        if not self.has_attentions:
+            kwargs.pop("output_attentions", None)
+        return self(*args, **kwargs)
 
     @property
     def stage_names(self) -> list[str]:
@@ -581,7 +594,7 @@ class HieraBackbone(HieraPreTrainedModel):
     @property
     def channels(self) -> list[int]:
         """Channels of each output map."""
-        return [self.num_features[i] for i in self.config.out_indices]
+        return [self.out_feature_channels[name] for name in self.out_features]
 
     def __call__(
         self,
