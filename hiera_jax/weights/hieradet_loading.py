@@ -44,6 +44,7 @@ from hiera_jax.models.hieradet import (
 from hiera_jax.models.hieradet_neck import FpnNeckConfig, ImageEncoder
 from hiera_jax.weights import formats, hub
 from hiera_jax.weights import hieradet_convert as convert
+from hiera_jax.weights import hieradet_hf_config as transformers_configs
 from hiera_jax.weights.convert import unwrap_state_dict
 from hiera_jax.weights.directory import read_json
 
@@ -255,9 +256,9 @@ def _configs(
     hf_config = dict(hf_config) if isinstance(hf_config, Mapping) else None
     if hf_config is not None and "model_type" in hf_config:  # transformers' Sam2 config
         if hf_config["model_type"] == "sam2_hiera_det_model":
-            trunk, neck = hf_config.trunk_config_from_transformers(hf_config), None
+            trunk, neck = transformers_configs.trunk_config_from_transformers(hf_config), None
         else:
-            trunk, neck = hf_config.configs_from_transformers(hf_config)
+            trunk, neck = transformers_configs.configs_from_transformers(hf_config)
         return trunk, neck if has_neck else None
     trunk_sd = convert.timm_trunk_items(state_dict)[0]
     architecture = (hf_config or {}).get("architecture")

@@ -19,7 +19,7 @@ from helpers.reference import random_input, randomise_hieradet, rel_err, to_torc
 
 from hiera_jax.models import hieradet, hieradet_neck
 from hiera_jax.weights import hieradet_convert as convert
-from hiera_jax.weights import hieradet_hf_config as hf_config
+from hiera_jax.weights import hieradet_hf_config as transformers_configs
 
 pytestmark = pytest.mark.reference
 TOL = 1e-4
@@ -99,7 +99,7 @@ def tiny():
     name, fields, size, _ = CASES[0]
     model = _hf_model(_hf_config(fields))
     sd = model.state_dict()
-    trunk, neck = hf_config.configs_from_transformers(model.config)
+    trunk, neck = transformers_configs.configs_from_transformers(model.config)
     trunk = trunk.replace(input_size=size)
     return model, sd, trunk, neck, convert.convert_image_encoder_state_dict(sd, trunk, neck)
 
@@ -111,7 +111,7 @@ def test_vision_model_matches_transformers(tiny, record_parity, name, fields, si
     else:
         model = _hf_model(_hf_config(fields), seed=1)
         sd = model.state_dict()
-        trunk, neck = hf_config.configs_from_transformers(model.config)
+        trunk, neck = transformers_configs.configs_from_transformers(model.config)
         trunk = trunk.replace(input_size=size)
         params = convert.convert_image_encoder_state_dict(sd, trunk, neck)
     assert trunk == hieradet.get_config(name, input_size=size)
@@ -180,7 +180,9 @@ def test_export_round_trips_and_loads_into_transformers(tiny):
     for key, value in sd.items():
         np.testing.assert_array_equal(exported[key], value.numpy(), err_msg=key)
     # A fresh model from the exported config, filled by strict loading, runs as the original.
-    config = transformers.Sam2VisionConfig(**hf_config.transformers_vision_config(trunk, neck))
+    config = transformers.Sam2VisionConfig(
+        **transformers_configs.transformers_vision_config(trunk, neck)
+    )
     fresh = _hf_model(config, device="meta")
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, assign=True)
     fresh.eval()
@@ -203,12 +205,12 @@ def test_export_round_trips_and_loads_into_transformers(tiny):
 def test_config_mapping():
     # Our copies of transformers' defaults (for config.json files written as differences).
     hf_trunk = transformers.Sam2HieraDetConfig().to_dict()
-    assert {k: hf_trunk[k] for k in hf_config.TRANSFORMERS_TRUNK_DEFAULTS} == (
-        hf_config.TRANSFORMERS_TRUNK_DEFAULTS
+    assert {k: hf_trunk[k] for k in transformers_configs.TRANSFORMERS_TRUNK_DEFAULTS} == (
+        transformers_configs.TRANSFORMERS_TRUNK_DEFAULTS
     )
     hf_vision = transformers.Sam2VisionConfig().to_dict()
-    assert {k: hf_vision[k] for k in hf_config.TRANSFORMERS_VISION_DEFAULTS} == (
-        hf_config.TRANSFORMERS_VISION_DEFAULTS
+    assert {k: hf_vision[k] for k in transformers_configs.TRANSFORMERS_VISION_DEFAULTS} == (
+        transformers_configs.TRANSFORMERS_VISION_DEFAULTS
     )
     tiny = (hieradet.VARIANTS["sam2_hiera_tiny"], hieradet_neck.FpnNeckConfig())
     full = transformers.Sam2Config()
@@ -222,15 +224,21 @@ def test_config_mapping():
         {"fpn_hidden_size": 256},  # a bare vision dict: transformers' defaults fill the rest
         {},
     ):
-        assert hf_config.configs_from_transformers(config) == tiny, config
-    assert hf_config.trunk_config_from_transformers(transformers.Sam2HieraDetConfig()) == tiny[0]
-    assert hf_config.trunk_config_from_transformers({"blocks_per_stage": [1, 2, 7, 2]}) == tiny[0]
-    base_plus = hf_config.configs_from_transformers(BASE_PLUS)
+        assert transformers_configs.configs_from_transformers(config) == tiny, config
+    assert (
+        transformers_configs.trunk_config_from_transformers(transformers.Sam2HieraDetConfig())
+        == tiny[0]
+    )
+    assert (
+        transformers_configs.trunk_config_from_transformers({"blocks_per_stage": [1, 2, 7, 2]})
+        == tiny[0]
+    )
+    base_plus = transformers_configs.configs_from_transformers(BASE_PLUS)
     assert base_plus == (hieradet.VARIANTS["sam2_hiera_base_plus"], tiny[1])
     # Ours -> transformers: tiny's is transformers' own default config; every variant builds a
     # model whose blocks are ours and whose tensors fit our converter, and maps back to itself.
     written = transformers.Sam2VisionConfig(
-        **hf_config.transformers_vision_config("sam2_hiera_tiny")
+        **transformers_configs.transformers_vision_config("sam2_hiera_tiny")
     )
     ignore = ("backbone_config", "_name_or_path", "transformers_version")
     assert {k: v for k, v in written.to_dict().items() if k not in ignore} == {
@@ -241,9 +249,14 @@ def test_config_mapping():
         k: v for k, v in hf_vision["backbone_config"].items() if k not in ignore
     }
     for name, variant in hieradet.VARIANTS.items():
-        config = transformers.Sam2VisionConfig(**hf_config.transformers_vision_config(variant))
-        assert hf_config.configs_from_transformers(config) == (variant, tiny[1]), name
-        assert hf_config.configs_from_transformers(config.to_dict()) == (variant, tiny[1]), name
+        config = transformers.Sam2VisionConfig(
+            **transformers_configs.transformers_vision_config(variant)
+        )
+        assert transformers_configs.configs_from_transformers(config) == (variant, tiny[1]), name
+        assert transformers_configs.configs_from_transformers(config.to_dict()) == (
+            variant,
+            tiny[1],
+        ), name
         model = _hf_model(config, device="meta")
         theirs = [
             (b.dim, b.dim_out, b.attn.num_attention_heads, b.window_size, b.query_stride)
@@ -256,11 +269,11 @@ def test_config_mapping():
         assert ours == theirs, name
         convert.check_state_dict(model.state_dict(), variant)
     custom = hieradet_neck.FpnNeckConfig(d_model=64, num_pos_feats=64, fpn_top_down_levels=None)
-    back = hf_config.configs_from_transformers(
-        hf_config.transformers_vision_config("sam2_hiera_tiny", custom)
+    back = transformers_configs.configs_from_transformers(
+        transformers_configs.transformers_vision_config("sam2_hiera_tiny", custom)
     )
     assert back == (tiny[0], dataclasses.replace(custom, fpn_top_down_levels=(0, 1, 2, 3))), back
-    assert hf_config.configs_from_transformers({"num_feature_levels": 4})[1].scalp == 0
+    assert transformers_configs.configs_from_transformers({"num_feature_levels": 4})[1].scalp == 0
 
 
 def test_bad_inputs_are_clear_value_errors(tiny):
@@ -334,7 +347,7 @@ def test_bad_inputs_are_clear_value_errors(tiny):
     ]
     for fields, message in bad_trunks:
         with pytest.raises(ValueError, match=message):
-            hf_config.configs_from_transformers({"backbone_config": fields})
+            transformers_configs.configs_from_transformers({"backbone_config": fields})
     bad = [
         ({"backbone_channel_list": [768, 384, 192, 64]}, "backbone_channel_list .* coarsest first"),
         ({"num_feature_levels": 0}, "num_feature_levels must be a positive integer"),
@@ -347,10 +360,10 @@ def test_bad_inputs_are_clear_value_errors(tiny):
     ]
     for config, message in bad:
         with pytest.raises(ValueError, match=message):
-            hf_config.configs_from_transformers(config)
+            transformers_configs.configs_from_transformers(config)
     with pytest.raises(ValueError, match="transformers' neck is 'nearest' and 'sum'"):
-        hf_config.transformers_vision_config(
+        transformers_configs.transformers_vision_config(
             trunk, dataclasses.replace(neck, fpn_interp_model="bilinear")
         )
     with pytest.raises(ValueError, match="LayerScale"):
-        hf_config.transformers_vision_config(trunk.replace(init_values=1e-5), neck)
+        transformers_configs.transformers_vision_config(trunk.replace(init_values=1e-5), neck)

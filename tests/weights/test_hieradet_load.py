@@ -24,7 +24,7 @@ from helpers.reference import random_input, randomise_hieradet, rel_err, to_torc
 import hiera_jax
 from hiera_jax.models import hieradet, hieradet_neck
 from hiera_jax.weights import hieradet_convert as convert
-from hiera_jax.weights import hieradet_hf_config as hf_config  # noqa: E402
+from hiera_jax.weights import hieradet_hf_config as transformers_configs  # noqa: E402
 from hiera_jax.weights import hub
 from hiera_jax.weights.formats import read_state_dict
 from hiera_jax.weights.hieradet_loading import (
@@ -149,7 +149,7 @@ def test_transformers_repo_loads_the_image_encoder(files, home, record_parity):
     folder, model = files["hf"]
     write_hf_cache(home, HF_REPO, folder)
     state_dict, config_json = read_state_dict(str(folder))
-    trunk, neck = hf_config.configs_from_transformers(config_json)
+    trunk, neck = transformers_configs.configs_from_transformers(config_json)
     trunk = trunk.replace(input_size=SIZE)
     expected = convert.convert_image_encoder_state_dict(state_dict, trunk, neck)
 
