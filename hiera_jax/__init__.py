@@ -26,7 +26,7 @@ from hiera_jax.hf import (
     HieraPreTrainedModel,
     load_pretrained,
 )
-from hiera_jax.hf.modeling import CLASSES, HF_FAMILY
+from hiera_jax.hf.modeling import CLASSES
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import init_params
 from hiera_jax.models.outputs import (
@@ -60,7 +60,7 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any):
     if pretrained:
         return load_pretrained(name, **overrides)
     family = families.for_name(name)
-    if family.name != HF_FAMILY:
+    if not family.transformers_classes:
         return family.create(name, **overrides)
     config = get_config(name, **overrides)
     return CLASSES["pretraining" if is_pretraining_name(name) else "classification"](config)

@@ -54,6 +54,9 @@ class Family:
     encoder_params: Callable[[str], tuple[dict, str]]  # init_from -> ({flat path: array}, where)
     export: Callable[..., str]  # train.py's workdir/model: (dir, params, config, run) -> dir
     scannable: bool  # whether blocks can run as one scanned layer (scan_blocks)
+    # Whether `hiera_jax.hf`'s transformers-style classes serve it (`create_model`,
+    # `hiera_jax.load_pretrained`); a family without them gets its Flax modules there.
+    transformers_classes: bool = False
 
 
 def _families() -> tuple[Family, ...]:

@@ -131,4 +131,5 @@ FAMILY = Family(
     encoder_params=_encoder_params,
     export=_export,
     scannable=True,
+    transformers_classes=True,
 )

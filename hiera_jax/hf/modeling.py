@@ -694,9 +694,6 @@ def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, problem: str) 
 
 
 # ---------------------------------------------------------------------- by name
-HF_FAMILY = "hiera"  # the family whose transformers classes this package implements
-
-
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -713,7 +710,7 @@ def load_pretrained(
     """
 
     def load(family: families.Family):
-        if family.name != HF_FAMILY:  # no transformers classes: the family's Flax module
+        if not family.transformers_classes:  # the family's Flax module, as its record loads it
             return family.load(name_or_path, model_type=model_type, **kwargs)
         config, found_type, params, _ = loading.load_model(
             name_or_path, model_type=model_type, **kwargs

@@ -91,6 +91,7 @@ def test_records_build_what_create_model_and_training_ask_for():
     with pytest.raises(ValueError, match="not an option of Hiera"):
         families.get("hiera").training_config("hiera_tiny_224", {"window_spec": (8, 4, 14, 7)})
     assert not det.scannable and families.get("hiera").scannable
+    assert families.get("hiera").transformers_classes and not det.transformers_classes
     assert isinstance(det.get_config("sam2_hiera_tiny"), HieraDetConfig)
     assert isinstance(families.get("hiera").get_config("hiera_tiny_224"), HieraConfig)
 
