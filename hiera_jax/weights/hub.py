@@ -273,7 +273,7 @@ def _resolve_entry(
             errors.append(err)
     others = "; ".join(f"{kind} source {sources[kind]}" for kind in kinds[1:])
     also = f" (nor could it come from its other sources: {others})" if others else ""
-    raise PretrainedNotFoundError(f"{text}: {errors[0]}{also}") from errors[0]
+    raise PretrainedNotFoundError(f"{text}: {errors[0]}{also}") from None
 
 
 def _resolve_local(path: str) -> str:
@@ -371,21 +371,21 @@ def _hf_snapshot(
         raise PretrainedNotFoundError(
             f"Hugging Face repo {repo_id} not found (or private or gated: pass token=...): "
             f"{_one_line(err)}"
-        ) from err
+        ) from None
     except hf_errors.RevisionNotFoundError as err:
         raise PretrainedNotFoundError(
             f"Hugging Face repo {repo_id} has no revision {revision!r}"
-        ) from err
+        ) from None
     except (hf_errors.LocalEntryNotFoundError, OSError, hf_errors.HfHubHTTPError) as err:
         raise PretrainedNotFoundError(
             _hf_missing_message(repo_id, revision, "config.json and model.safetensors", err)
-        ) from err
+        ) from None
     except Exception as err:  # e.g. IncompleteSnapshotError, connection errors of httpx
         if type(err).__module__.split(".")[0] not in _HTTP_MODULES:
             raise
         raise PretrainedNotFoundError(
             _hf_missing_message(repo_id, revision, "config.json and model.safetensors", err)
-        ) from err
+        ) from None
     return folder
 
 
@@ -539,7 +539,7 @@ def download_url(url: str) -> str:
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise PretrainedNotFoundError(
             f"cannot download {filename} ({_one_line(err)}): {where}"
-        ) from err
+        ) from None
     return path
 
 

@@ -210,6 +210,16 @@ def test_offline_miss_is_one_line_naming_the_file_and_place(home, tmp_path, caps
     for part in (HF_REPO, "model.safetensors", str(home / "hub"), "HF_HUB_OFFLINE=1"):
         assert part in message, (part, message)
 
+    # From Python too, one exception, not a chain of four: the line says all there is.
+    import traceback
+
+    for name in (HF_REPO, "hiera_tiny_224"):
+        with pytest.raises(hub.PretrainedNotFoundError) as info:
+            hiera_jax.load_pretrained(name)
+        shown = "".join(traceback.format_exception(info.value))
+        assert "direct cause" not in shown and "During handling" not in shown, shown[-2000:]
+        assert shown.count("Error: ") == 1, shown[-2000:]
+
     # An official-only name (video): the .pth URL and where to put the file.
     with pytest.raises(hub.PretrainedNotFoundError) as info:
         hiera_jax.load_pretrained("hiera_base_16x224")
