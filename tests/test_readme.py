@@ -156,3 +156,25 @@ def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, mo
         else:
             assert rel_err(ours["last_hidden_states"], reference.last_hidden_state.numpy()) < 1e-4
             assert printed == printed_theirs == "[1, 49, 768]\n"
+
+
+def test_folders_the_readme_writes_into_are_ignored_by_git():
+    """What README's commands write (`runs/`, the converter's `--output ckpt/...`) stays out of
+    `git status`."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    readme = _read("README.md")
+    outputs = {p.split("/")[0] for p in re.findall(r"--output (\S+)", readme)} | {"runs"}
+    for folder in sorted(outputs):
+        path = f"{folder}/anything"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+        assert ignored, f"{folder}/ (README writes there) is not in .gitignore"
+
+
+def test_aot_effort_speed_up_is_the_same_in_help_and_readme():
+    readme = re.findall(r"`--aot_effort`.{0,200}?about (\d+)x faster", _read("README.md"), re.S)
+    helptext = re.findall(r"about (\d+)x faster", _read("train.py"))
+    assert readme and helptext and set(readme) == set(helptext), (readme, helptext)

@@ -370,6 +370,8 @@ def run_steps(
     step, stopped_early = start_step, False
     first_step_seconds = None
     try:
+        if step < total_steps:  # the first step waits for the compile: say so, not silence
+            logger.print("compiling the train step (or loading it from the compilation cache) ...")
         t0, t0_step = time.time(), step
         while step < total_steps:
             local = next(train_iter)

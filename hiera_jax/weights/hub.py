@@ -372,7 +372,7 @@ def _hf_snapshot(
             f"Hugging Face repo {repo_id} not found (or private or gated: pass token=...): "
             f"{_one_line(err)}"
         ) from None
-    except hf_errors.RevisionNotFoundError as err:
+    except hf_errors.RevisionNotFoundError:
         raise PretrainedNotFoundError(
             f"Hugging Face repo {repo_id} has no revision {revision!r}"
         ) from None

@@ -130,6 +130,8 @@ def test_second_run_on_a_workdir_is_refused_and_a_killed_runs_lock_is_stale(tmp_
     )
     assert third.returncode == 0, third.stderr[-3000:]
     assert "resumed from" in third.stdout and "taking over" in third.stderr
+    # The compile is announced before it starts, not only timed after it.
+    assert third.stdout.index("compiling the train step") < third.stdout.index("first step took")
     assert not os.path.exists(workdir / "run.lock")  # released at the end
 
 
