@@ -11,6 +11,7 @@ change. Floor: above `models` and `weights`, below `inference` and `training`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -110,23 +111,39 @@ def for_source(name_or_path: Any) -> Family:
     return get(DEFAULT)
 
 
-def dispatch(name_or_path: Any, call: Callable[[Family], Any]) -> Any:
-    """`call(family)` for the family of `name_or_path`: found by `for_source`, or, when that
-    family's loader finds another family's tensors (`OtherFamily`), the family it names."""
-    family = for_source(name_or_path)
+def model_path(name_or_path: Any) -> Any:
+    """A finished train.py workdir stands for the `model/` it wrote; anything else as given."""
+    if isinstance(name_or_path, (str, os.PathLike)):
+        text = os.fspath(name_or_path)
+        inner = os.path.join(text, "model")
+        if (
+            os.path.isdir(text)
+            and not os.path.isfile(os.path.join(text, "config.json"))
+            and os.path.isfile(os.path.join(inner, "config.json"))
+        ):
+            return inner
+    return name_or_path
+
+
+def dispatch(name_or_path: Any, call: Callable[[Family, Any], Any]) -> Any:
+    """`call(family, path)` for the family of `name_or_path` (a workdir: its `model/`), found by
+    `for_source`, or, when that family's loader finds another family's tensors
+    (`OtherFamily`), the family it names."""
+    path = model_path(name_or_path)
+    family = for_source(path)
     try:
-        return call(family)
+        return call(family, path)
     except OtherFamily as e:
         if e.family is None or e.family == family.name:
             raise
-        return call(get(e.family))
+        return call(get(e.family), path)
 
 
 def load_pretrained(name_or_path: Any, **kwargs: Any) -> tuple[Any, Any]:
     """`(Flax module, params)` for any family's pretrained name, repo, URL, file or directory:
     the family's `load` (Hiera: `weights.loading.load_model`'s keywords; HieraDet:
     `load_hieradet`'s, `input_size=`, `dtype=`, `encoder=`, `classifier=`)."""
-    return dispatch(name_or_path, lambda family: family.load(name_or_path, **kwargs))
+    return dispatch(name_or_path, lambda family, path: family.load(path, **kwargs))
 
 
 __all__ = [
@@ -140,6 +157,7 @@ __all__ = [
     "for_source",
     "get",
     "load_pretrained",
+    "model_path",
     "names",
     "of_config",
 ]

@@ -709,12 +709,10 @@ def load_pretrained(
     `encoder=`, `classifier=`).
     """
 
-    def load(family: families.Family):
+    def load(family: families.Family, path: Any):
         if not family.transformers_classes:  # the family's Flax module, as its record loads it
-            return family.load(name_or_path, model_type=model_type, **kwargs)
-        config, found_type, params, _ = loading.load_model(
-            name_or_path, model_type=model_type, **kwargs
-        )
+            return family.load(path, model_type=model_type, **kwargs)
+        config, found_type, params, _ = loading.load_model(path, model_type=model_type, **kwargs)
         model = CLASSES[found_type](config, seed=kwargs.get("seed", 0))
         model._params = params
         return model, params

@@ -138,15 +138,15 @@ class Predictor:
     # construction --------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> Predictor:
-        """Load a `save_pretrained` / converter / train.py directory, or any name
-        `hiera_jax.load_pretrained` takes (hub names, repo ids), of any model family (its record's
-        `load_for_inference`: SAM 2's HieraDet names, repos and files included); overrides:
-        `input_size`, `dtype`, `devices`, `batch_size`... and the family's loader's keywords
-        (HieraDet: `encoder`)."""
+        """Load a `save_pretrained` / converter / train.py directory (or a finished workdir: its
+        `model/`), or any name `hiera_jax.load_pretrained` takes (hub names, repo ids), of any
+        model family (its record's `load_for_inference`: SAM 2's HieraDet names, repos and files
+        included); overrides: `input_size`, `dtype`, `devices`, `batch_size`... and the family's
+        loader's keywords (HieraDet: `encoder`)."""
         batch_size = overrides.pop("batch_size", 8)
         devices = overrides.pop("devices", None)
         loaded = families.dispatch(
-            directory, lambda family: family.load_for_inference(directory, **dict(overrides))
+            directory, lambda family, path: family.load_for_inference(path, **dict(overrides))
         )
         return cls._from_loaded(loaded, batch_size=batch_size, devices=devices)
 

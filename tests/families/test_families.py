@@ -53,7 +53,8 @@ def test_sources_are_recognised_by_name_repo_and_directory(tmp_path):
 def test_dispatch_hands_over_to_the_family_the_loader_names():
     calls = []
 
-    def call(family):
+    def call(family, path):
+        assert path == "model.pt"
         calls.append(family.name)
         if family.name == "hiera":
             raise OtherFamily("these are HieraDet tensors", family="hieradet")
@@ -62,13 +63,13 @@ def test_dispatch_hands_over_to_the_family_the_loader_names():
     assert families.dispatch("model.pt", call) == "hieradet"
     assert calls == ["hiera", "hieradet"]
 
-    def refuses(family):  # an OtherFamily naming no family, or its own, is the error itself
+    def refuses(family, path):  # an OtherFamily naming no family, or its own, is the error itself
         raise OtherFamily("not a checkpoint", family=None)
 
     with pytest.raises(OtherFamily, match="not a checkpoint"):
         families.dispatch("model.pt", refuses)
 
-    def other_error(family):
+    def other_error(family, path):
         raise ValueError("broken file")
 
     with pytest.raises(ValueError, match="broken file"):

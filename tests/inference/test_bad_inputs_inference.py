@@ -160,12 +160,8 @@ FILE_CASES = {
                      "image file not found: {missing}"),
     "broken_file": (lambda p, f: p.predict([f["image"], f["broken"]]), OSError,
                     "cannot read image {broken}"),
-    "workdir": (lambda p, f: inference.Predictor.from_pretrained(f["run_done"]), FileNotFoundError,
-                "{run_done} is a training workdir; the model is in {run_done}/model"),
     "unfinished_workdir": (lambda p, f: inference.Predictor.from_pretrained(f["run_unfinished"]),
                            FileNotFoundError, "the run has not finished"),
-    "load_pretrained_workdir": (lambda p, f: hiera_jax.load_pretrained(f["run_done"]),
-                                FileNotFoundError, "the model is in {run_done}/model"),
     "load_pretrained_unfinished": (lambda p, f: hiera_jax.load_pretrained(f["run_unfinished"]),
                                    FileNotFoundError, "--workdir {run_unfinished}` to resume"),
     "not_a_model_dir": (lambda p, f: inference.Predictor.from_pretrained(f["root"]),
@@ -178,6 +174,23 @@ FILE_CASES = {
     "zero_channels": (lambda p, f: hiera_jax.get_config("hiera_tiny_224", in_chans=0),
                       ValueError, "in_chans must be a positive integer"),
 }  # fmt: skip
+
+
+def test_a_finished_workdir_loads_the_model_it_wrote(files):
+    """As `init_from` does: a finished train.py workdir stands for its `model/`."""
+    from_dir = inference.Predictor.from_pretrained(files["ckpt"])
+    from_run = inference.Predictor.from_pretrained(files["run_done"])
+    assert from_run.source == os.path.join(files["run_done"], "model")
+    probs = from_run.predict([files["image"]])
+    np.testing.assert_array_equal(probs, from_dir.predict([files["image"]]))
+    _, params = hiera_jax.load_pretrained(files["run_done"])
+    _, expected = hiera_jax.load_pretrained(files["ckpt"])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The command line too.
+    from hiera_jax import predict
+
+    assert predict.main(["--checkpoint", files["run_done"], files["image"]]) == 0
 
 
 @pytest.mark.parametrize("case", list(FILE_CASES))
@@ -351,8 +364,6 @@ CLI_CASES = {
     "broken_image": (["--checkpoint", "{ckpt}", "{image}", "{broken}"],
                      "cannot read image {broken}"),
     "no_such_checkpoint": (["--checkpoint", "{missing}", "{image}"], "{missing} does not exist"),
-    "workdir": (["--checkpoint", "{run_done}", "{image}"],
-                "is a training workdir; the model is in {run_done}/model"),
     "unfinished_workdir": (["--checkpoint", "{run_unfinished}", "{image}"],
                            "the run has not finished"),
     "bad_dtype": (["--checkpoint", "{ckpt}", "--dtype", "f16", "{image}"],
