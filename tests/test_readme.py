@@ -178,3 +178,25 @@ def test_aot_effort_speed_up_is_the_same_in_help_and_readme():
     readme = re.findall(r"`--aot_effort`.{0,200}?about (\d+)x faster", _read("README.md"), re.S)
     helptext = re.findall(r"about (\d+)x faster", _read("train.py"))
     assert readme and helptext and set(readme) == set(helptext), (readme, helptext)
+
+
+def test_sam2_low_level_snippet_runs(tmp_path, monkeypatch):
+    """README's lower-level SAM 2 steps, as written, on a random transformers Sam2VisionModel
+    saved where the snippet reads it (at 256 pixels, to keep it quick)."""
+    transformers = pytest.importorskip("transformers")
+    from hiera_jax.models import hieradet, hieradet_neck
+    from hiera_jax.weights import hieradet_hf_config
+
+    trunk = hieradet.get_config("sam2_hiera_tiny", input_size=(256, 256))
+    fields = hieradet_hf_config.transformers_vision_config(trunk, hieradet_neck.FpnNeckConfig())
+    model = transformers.Sam2VisionModel(transformers.Sam2VisionConfig(**fields))
+    model.save_pretrained(str(tmp_path / "sam2_vision"))
+    section = _read("README.md").split("The lower-level steps:", 1)[1]
+    snippet = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md SAM 2 steps", "exec"), namespace)
+    features = namespace["out"]["vision_features"]
+    import numpy as np
+
+    assert features.shape == (1, 16, 16, 256) and np.isfinite(np.asarray(features)).all()
