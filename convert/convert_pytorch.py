@@ -21,7 +21,9 @@ Face repo id, a timm name, an official URL) downloads and converts them once
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +36,7 @@ from hiera_jax.models.factory import MODEL_TYPES, model_type_for  # noqa: E402
 from hiera_jax.weights import formats, hub  # noqa: E402
 from hiera_jax.weights.adapt import adapt_in_chans  # noqa: E402
 from hiera_jax.weights.convert import SOURCES, detect_source, unwrap_state_dict  # noqa: E402
+from hiera_jax.weights.directory import PREPROCESSOR_FILE  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,13 +106,32 @@ def convert(args: argparse.Namespace) -> str:
     if args.in_chans is not None:
         params, config = adapt_in_chans(params, config, args.in_chans, model_type)
     out = hiera_jax.save_pretrained(args.output, params, config, model_type=model_type)
+    kept = _keep_preprocessing(args.input, out, config.in_chans)
     count = sum(leaf.size for leaf in jax.tree.leaves(params))
     what = args.model or ("from config.json" if file_config else "read from the tensors")
     print(
         f"converted {len(state_dict)} tensors ({source} format, {count:,} parameters) into "
-        f"{model_type} model ({what}): {out}"
+        f"{model_type} model ({what}): {out}{kept}"
     )
     return out
+
+
+def _keep_preprocessing(source: str, out: str, channels: int) -> str:
+    """Copy a model directory's preprocessor_config.json (its normalisation and sizes: what
+    `predict` preprocesses with) when it fits the converted model's channels; the note to print."""
+    path = os.path.join(source, PREPROCESSOR_FILE)
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        settings = json.load(f)
+    mean = settings.get("image_mean") if isinstance(settings, dict) else None
+    if isinstance(mean, list) and len(mean) != channels:
+        return (
+            f" (its {PREPROCESSOR_FILE} normalises {len(mean)} channels, the model takes "
+            f"{channels}: not copied; the official preprocessing applies)"
+        )
+    shutil.copyfile(path, os.path.join(out, PREPROCESSOR_FILE))
+    return f" (with its {PREPROCESSOR_FILE})"
 
 
 def main(argv: list[str] | None = None) -> int:

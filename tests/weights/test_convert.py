@@ -340,3 +340,31 @@ def test_models_transformers_cannot_express_save_with_the_official_keys(tmp_path
 
     with pytest.raises(OSError, match="model.safetensors"):
         HieraForImageClassification.from_pretrained(out)
+
+
+def test_a_model_directory_converts_with_its_preprocessing(tmp_path):
+    """train.py's `model/` (1-channel digits, mean/std 0.5) through the converter keeps its
+    preprocessor_config.json, so `predict` on the output normalises as the run did."""
+    from hiera_jax import inference
+
+    config = hiera_jax.get_config("hiera_tiny_224", in_chans=1, input_size=(64, 64), num_classes=3)
+    params = hiera_jax.init_params(
+        hiera_jax.models.hiera.HieraForImageClassification(config), jax.random.key(0)
+    )
+    source = hiera_jax.save_pretrained(
+        str(tmp_path / "model"), params, config, model_type="classification",
+        preprocessing={"mean": (0.5,), "std": (0.5,)},
+    )  # fmt: skip
+    run = _run_cli("--input", source, "--output", str(tmp_path / "ckpt"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "with its preprocessor_config.json" in run.stdout
+    with open(os.path.join(source, "preprocessor_config.json")) as f:
+        expected = f.read()
+    with open(tmp_path / "ckpt" / "preprocessor_config.json") as f:
+        assert f.read() == expected
+    predictor = inference.Predictor.from_pretrained(str(tmp_path / "ckpt"))
+    assert predictor.mean == (0.5,) and predictor.std == (0.5,)
+    probs = predictor.predict([np.zeros((64, 64), np.uint8)])
+    np.testing.assert_allclose(
+        probs, inference.Predictor.from_pretrained(source).predict([np.zeros((64, 64), np.uint8)])
+    )
