@@ -101,15 +101,25 @@ def _encoder_params(text: str) -> tuple[dict, str]:
 
 
 def _export(
-    directory: str, params: Any, config: HieraConfig, *, task: str, mean, std, **_: Any
+    directory: str,
+    params: Any,
+    config: HieraConfig,
+    *,
+    task: str,
+    mean,
+    std,
+    crop_pct: float = 224 / 256,
+    **_: Any,
 ) -> str:
-    """save_pretrained's directory (transformers' layout), with the run's normalisation."""
+    """save_pretrained's directory (transformers' layout), preprocessed as the run evaluated:
+    its normalisation, the short side resized to size / crop_pct, the centre crop."""
+    short = int(round(min(config.input_size[-2:]) / float(crop_pct)))
     return save_pretrained(
         directory,
         params,
         config,
         model_type="pretraining" if task == "mae" else "classification",
-        preprocessing={"mean": mean, "std": std},
+        preprocessing={"mean": mean, "std": std, "resize_size": short},
     )
 
 

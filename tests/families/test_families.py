@@ -107,3 +107,32 @@ def test_feature_functions_of_each_family_give_every_stage():
     trunk_only = families.get("hieradet").features(config, None)
     maps = jax.jit(trunk_only)(loaded.params["trunk"], x)
     np.testing.assert_array_equal(np.asarray(maps["stage4"]), np.asarray(out["stage4"]))
+
+
+def test_exported_preprocessing_is_the_runs_evaluation(tmp_path):
+    """train.py's model/ says how the run evaluated: short side to size / crop_pct (the digits
+    recipes' crop_pct 1.0: 32, not the ImageNet 256/224 rule's 36), then the centre crop."""
+    import json
+
+    from hiera_jax.models.factory import build_model, init_params
+    from hiera_jax.training.inputs.data import center_crop_box
+
+    config = hiera_jax.get_config(
+        "hiera_tiny_224", input_size=(32, 32), in_chans=1, num_classes=10,
+        stages=(2, 2), q_pool=1, mask_unit_size=(2, 2), mask_unit_attn=(True, False),
+        num_heads=(1, 2),
+    )  # fmt: skip
+    params = init_params(build_model(config, "classification"), jax.random.key(0))
+    for crop_pct, short in ((1.0, 32), (0.875, 37)):
+        out = families.get("hiera").export(
+            str(tmp_path / str(crop_pct)), params, config, task="classification", name=None,
+            mean=(0.5,), std=(0.5,), crop_pct=crop_pct,
+        )  # fmt: skip
+        with open(f"{out}/preprocessor_config.json") as f:
+            processor = json.load(f)
+        assert processor["size"] == {"shortest_edge": short}
+        assert processor["crop_size"] == {"height": 32, "width": 32}
+        # The same crop as the evaluation transform's box (top, left, height, width) on a
+        # 48 x 64 image: the whole short side at crop_pct 1.
+        _, _, height, width = center_crop_box(48, 64, (32, 32), crop_pct)
+        assert abs(48 * 32 / short - min(height, width)) <= 1, (short, height, width)
