@@ -206,7 +206,13 @@ def _encoder_params(text: str) -> tuple[dict, str]:
         except OtherFamily as e:
             if e.family != "hiera":
                 raise
-    flat, where = hiera_family.FAMILY.encoder_params(directory or text)
+    try:
+        flat, where = hiera_family.FAMILY.encoder_params(directory or text)
+    except OtherFamily as e:  # HieraDet tensors behind a name Hiera's hub resolved (a repo)
+        if e.family != "hieradet":
+            raise
+        _, trunk = load_hieradet(text, encoder=False)
+        return flax.traverse_util.flatten_dict(trunk, sep="/"), text
     return {("pos_embed_window" if k == "pos_embed_win" else k): v for k, v in flat.items()}, where
 
 
