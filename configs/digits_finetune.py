@@ -20,7 +20,6 @@ def get_config(arg=None):
     c = base_config()
     c.task = "classification"
     c.model.update(digits_mae.digits_model(), drop_path_rate=0.1, head_init_scale=0.001)
-    c.model.class_names = tuple(str(d) for d in range(10))  # "7", not class_7 / LABEL_7
     c.init_from = "./runs/digits_mae"
     c.data.source = "digits"
     c.data.train_split = "train"

@@ -53,15 +53,6 @@ def test_config_builds(path):
 
 
 @pytest.mark.skipif(jax.device_count() < th.N_DEVICES, reason="needs 8 (simulated) devices")
-def test_the_digits_classifier_names_its_classes_by_digit():
-    """Predictions and the exported config.json say "7", not class_7 or LABEL_7."""
-    model = resolve_model_config(
-        _load(os.path.join(th.REPO, "configs", "digits_finetune.py")).get_config()
-    )
-    assert model.id2label == {i: str(i) for i in range(10)}
-    assert model.to_dict()["label2id"] == {str(i): i for i in range(10)}
-
-
 def test_bfloat16_and_remat_train(tmp_path):
     values = th.overrides(
         total_steps=3, model__dtype="bfloat16", model__remat=True, mesh_shape=(1, 2)
