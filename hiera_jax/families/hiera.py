@@ -12,8 +12,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from hiera_jax.families import Family, Loaded
-from hiera_jax.families.workdir import model_directory
+from hiera_jax.families import Family, Loaded, model_path
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import build_model, init_params
 from hiera_jax.models.hiera import HieraEncoder, HieraForImageClassification
@@ -95,7 +94,13 @@ def _training_model(config: HieraConfig, task: str) -> nn.Module:
 
 def _encoder_params(text: str) -> tuple[dict, str]:
     """A Hiera model directory, a finished workdir holding `model/`, or any name the hub takes."""
-    directory = model_directory(os.path.abspath(hub.resolve_pretrained(text)))
+    directory = model_path(os.path.abspath(hub.resolve_pretrained(text)))
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(
+            f"init_from={directory} is neither a model directory (config.json + "
+            "model.safetensors, from save_pretrained or convert/convert_pytorch.py), a finished "
+            "training workdir holding model/ (it is written when a run ends), nor a pretrained name"
+        )
     _, params = load_pretrained(directory)
     return flax.traverse_util.flatten_dict(jax.device_get(params), sep="/"), directory
 

@@ -21,14 +21,12 @@ import jax
 import jax.numpy as jnp
 from PIL import Image
 
+from hiera_jax import families
 from hiera_jax.families import Family, Loaded
-from hiera_jax.families import hiera as hiera_family
-from hiera_jax.families.workdir import model_directory
 from hiera_jax.models import hieradet, hieradet_neck
 from hiera_jax.models.hieradet import HieraDetConfig
 from hiera_jax.models.hieradet_neck import FpnNeckConfig
-from hiera_jax.weights.directory import is_model_directory, read_json
-from hiera_jax.weights.formats import OtherFamily
+from hiera_jax.weights.directory import read_json
 from hiera_jax.weights.hieradet_loading import is_hieradet_source, load_hieradet, save_hieradet
 
 # timm's default evaluation crop (224 of a 256 short side) for a classifier without its own.
@@ -189,31 +187,21 @@ def _training_model(config: HieraDetConfig, task: str) -> nn.Module:
 
 
 def _encoder_params(text: str) -> tuple[dict, str]:
-    """A HieraDet trunk for `init_from`: SAM 2's (`load_hieradet`: a HieraDet finetune's
-    workdir, a SAM 2 / timm / transformers checkpoint or name), or an abs-win Hiera's encoder (an
-    MAE run of configs/*_mae_abswin.py, or any Hiera directory or name: its `pos_embed_win` is
-    HieraDet's `pos_embed_window`, every other tensor has the same path)."""
-    directory = (
-        model_directory(os.path.abspath(text), required=False) if os.path.exists(text) else None
-    )
-    if directory is not None and not is_model_directory(directory):  # timm's layout: HieraDet
-        _, trunk = load_hieradet(directory, encoder=False)
-        return flax.traverse_util.flatten_dict(trunk, sep="/"), directory
-    if directory is None and (os.path.exists(text) or is_hieradet_source(text)):
-        try:
-            _, trunk = load_hieradet(text, encoder=False)
-            return flax.traverse_util.flatten_dict(trunk, sep="/"), text
-        except OtherFamily as e:
-            if e.family != "hiera":
-                raise
-    try:
-        flat, where = hiera_family.FAMILY.encoder_params(directory or text)
-    except OtherFamily as e:  # HieraDet tensors behind a name Hiera's hub resolved (a repo)
-        if e.family != "hieradet":
-            raise
-        _, trunk = load_hieradet(text, encoder=False)
-        return flax.traverse_util.flatten_dict(trunk, sep="/"), text
-    return {("pos_embed_window" if k == "pos_embed_win" else k): v for k, v in flat.items()}, where
+    """A HieraDet trunk for `init_from`, from whichever family `text` is (`families.dispatch`):
+    SAM 2's own (`load_hieradet`: a HieraDet finetune's workdir, a SAM 2 / timm / transformers
+    checkpoint or name), or an abs-win Hiera's encoder (an MAE run of configs/*_mae_abswin.py,
+    or any Hiera directory or name: its `pos_embed_win` is HieraDet's `pos_embed_window`, every
+    other tensor has the same path)."""
+
+    def trunk_of(family: Family, path: Any) -> tuple[dict, str]:
+        if family is FAMILY:
+            _, trunk = load_hieradet(path, encoder=False)
+            return flax.traverse_util.flatten_dict(trunk, sep="/"), os.fspath(path)
+        flat, where = family.encoder_params(path)
+        renamed = {("pos_embed_window" if k == "pos_embed_win" else k): v for k, v in flat.items()}
+        return renamed, where
+
+    return families.dispatch(text, trunk_of)
 
 
 def _export(

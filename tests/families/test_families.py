@@ -136,3 +136,52 @@ def test_exported_preprocessing_is_the_runs_evaluation(tmp_path):
         # 48 x 64 image: the whole short side at crop_pct 1.
         _, _, height, width = center_crop_box(48, 64, (32, 32), crop_pct)
         assert abs(48 * 32 / short - min(height, width)) <= 1, (short, height, width)
+
+
+def test_hieradet_init_from_takes_each_family_s_checkpoints(tmp_path, monkeypatch):
+    """HieraDet's `init_from`: a HieraDet finetune's workdir (timm's layout), a SAM 2 `.pt`
+    checkpoint (Hiera's loader finds HieraDet tensors and hands them over), and an abs-win
+    Hiera's directory (its `pos_embed_win` renamed)."""
+    torch = pytest.importorskip("torch")
+    from hiera_jax.models.factory import build_model, init_params
+    from hiera_jax.weights import hieradet_convert
+    from hiera_jax.weights.hieradet_loading import save_hieradet
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    det = families.get("hieradet")
+    trunk = hieradet.get_config("sam2_hiera_tiny", input_size=(64, 64))
+    params = jax.device_get(init_params(hieradet.HieraDet(trunk), jax.random.key(1)))
+    expected = {k: np.asarray(v) for k, v in _flat(params).items()}
+
+    save_hieradet(tmp_path / "run" / "model", params, trunk, architecture="sam2_hiera_tiny")
+    got, where = det.encoder_params(str(tmp_path / "run"))
+    assert where == str(tmp_path / "run" / "model")
+    _assert_same(got, expected)
+
+    state = hieradet_convert.export_state_dict(params, trunk, format="sam2")
+    torch.save({"model": {k: torch.tensor(v) for k, v in state.items()}}, tmp_path / "t.pt")
+    got, where = det.encoder_params(str(tmp_path / "t.pt"))
+    _assert_same(got, expected)
+
+    abswin = hiera_jax.get_config(
+        "hiera_small_abswin_256", input_size=(64, 64), stages=(1, 1, 1, 1)
+    )
+    hiera_params = init_params(build_model(abswin, "backbone"), jax.random.key(2))
+    hiera_jax.save_pretrained(str(tmp_path / "abswin"), hiera_params, abswin, model_type="backbone")
+    got, _ = det.encoder_params(str(tmp_path / "abswin"))
+    source = _flat(jax.device_get(hiera_params))
+    assert "pos_embed_window" in got and "pos_embed_win" not in got
+    np.testing.assert_array_equal(got["pos_embed_window"], np.asarray(source["pos_embed_win"]))
+
+
+def _flat(tree):
+    import flax
+
+    return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+def _assert_same(got, expected):
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
