@@ -76,6 +76,11 @@ class _Call:
         )
 
 
+# Jitted forwards by (class, module, options), least recently used first (`_forward`).
+_SHARED_FORWARDS: dict[tuple, Any] = {}
+_SHARED_FORWARDS_SIZE = 64
+
+
 def _rngs(dropout_key: jax.Array | None, **others: jax.Array | None) -> dict[str, jax.Array]:
     rngs = {"dropout": dropout_key, **others}
     return {name: key for name, key in rngs.items() if key is not None}
@@ -100,12 +105,11 @@ class HieraPreTrainedModel:
                 f"{type(self).__name__} takes a hiera_jax.HieraConfig, got {type(config).__name__}"
                 " (build one with HieraConfig(**kwargs) or HieraConfig.from_pretrained(...))"
             )
-        self.config = config
-        self.module = self._build_module(config)
+        self.config = config.frozen()  # a later change to the caller's config stays theirs
+        self.module = self._build_module(self.config)
         self.seed = seed
         self._rng = jax.random.key(seed + 1)  # mask noise / dropout when a call gives none
         self._params = None if params is None else self._checked(params)
-        self._compiled: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ module and params
     def _build_module(self, config: HieraConfig) -> nn.Module:
@@ -184,12 +188,17 @@ class HieraPreTrainedModel:
         return call, x
 
     def _forward(self, call: _Call, extra_options: tuple, fn, params: Any, *args: Any) -> Any:
-        """`fn(params, *args)`, jitted once per set of options; a tuple unless `return_dict`."""
-        key = ("forward", call.options(), extra_options)
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(fn)
+        """`fn(params, *args)`, jitted once per set of options; a tuple unless `return_dict`.
+
+        `fn` reads only the call's options and the (sealed) module, so models of one class and
+        an equal module share it: building the same model again does not compile again."""
+        key = (type(self), self.module, call.options(), extra_options)
+        jitted = _SHARED_FORWARDS.pop(key, None) or jax.jit(fn)
+        _SHARED_FORWARDS[key] = jitted  # most recently used last
+        while len(_SHARED_FORWARDS) > _SHARED_FORWARDS_SIZE:
+            _SHARED_FORWARDS.pop(next(iter(_SHARED_FORWARDS)))
         params = self.params if params is None else params
-        out = self._compiled[key](params, *args)
+        out = jitted(params, *args)
         return out if call.as_dict else out.to_tuple()
 
     def _pixels(self, pixel_values: Any) -> tuple[Any, bool]:
@@ -664,6 +673,15 @@ def check_labels(labels: Any, config: HieraConfig, problem: str, batch: int) -> 
     shape = tuple(labels.shape)
     if problem == "single_label_classification" and int(np.prod(shape)) != batch:
         raise ValueError(f"labels must hold one class index per image ({batch}), got shape {shape}")
+    if problem == "single_label_classification" and not isinstance(labels, jax.core.Tracer):
+        # torch's cross-entropy raises here; a gather out of range would give a NaN loss.
+        values = np.asarray(labels)
+        bad = values[(values != -100) & ((values < 0) | (values >= config.num_classes))]
+        if bad.size:
+            raise ValueError(
+                f"labels must be class indices in [0, {config.num_classes}) (or -100 to ignore), "
+                f"got {sorted(set(bad.tolist()))[:5]}"
+            )
     if problem == "multi_label_classification" and shape != (batch, config.num_classes):
         raise ValueError(
             f"multi-label labels must be [batch, num_labels] = {(batch, config.num_classes)}, "

@@ -26,6 +26,7 @@ Two things differ between the two codebases, not only in name:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -47,20 +48,28 @@ from hiera_jax.models.hf_names import (
 from hiera_jax.models.kernels.tpu import check_kernel
 
 
-@dataclasses.dataclass(frozen=True, init=False)
+@dataclasses.dataclass(init=False, eq=True)
 class HieraConfig(HieraGeometry, TransformersNames):
     """Hyper-parameters of a Hiera model: official field names, transformers' accepted too.
 
     `HieraConfig(stages=(1, 2, 7, 2), num_heads=1)` and
     `HieraConfig(depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8])` are the same config. An unknown
     keyword, a field given under both names, or a value the models cannot honour is a ValueError.
+
+    Attributes can be set, under either vocabulary, as on transformers' `PretrainedConfig`
+    (`config.num_labels = 10` renames the classes `LABEL_i`; `config.out_features = None` resets
+    the backbone's stages): each assignment is validated at once. A model keeps a sealed copy
+    (`frozen()`), so changing a config after building a model from it changes neither that model
+    nor its `model.config`, which refuses assignments (change `copy.deepcopy(model.config)`).
+    The defaults are transformers' (`num_labels` 2, no decoder size: an MAE built from such a
+    config gets the official 512-wide, 8-deep, 16-head decoder).
     """
 
     input_size: Shape = (224, 224)  # (H, W) for images, (T, H, W) for video; HF image_size
     in_chans: int = 3  # HF num_channels
     embed_dim: int = 96  # width of the first stage
     num_heads: Shape = (1, 2, 4, 8)  # heads per stage (official: num_heads=1, head_mul=2.0)
-    num_classes: int = 1000  # HF num_labels
+    num_classes: int = 2  # HF num_labels (transformers' default; the official variants: 1000)
     stages: Shape = (2, 3, 16, 3)  # blocks per stage; HF depths
     q_pool: int = 3  # number of stage transitions that pool queries; HF num_query_pool
     q_stride: Shape = (2, 2)  # HF query_stride
@@ -88,9 +97,11 @@ class HieraConfig(HieraGeometry, TransformersNames):
     use_expand_proj: bool = True  # False: widen by concatenating max- and avg-pooled x
     weight_init: str = ""  # "" = the official init; "jax" = timm's jax init and fix_init
     # MAE decoder (official `MaskedAutoencoderHiera` kwargs) and masking.
-    decoder_embed_dim: int = 512  # HF decoder_hidden_size
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
+    # None (transformers' default): the official decoder, 512 wide, 8 deep, 16 heads
+    # (`decoder_width`, `decoder_blocks`, `decoder_heads`).
+    decoder_embed_dim: int | None = None  # HF decoder_hidden_size
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
     mask_ratio: float = 0.6  # fraction of mask units dropped (0.6 images, 0.9 video)
     normalize_pixel_loss: bool = True  # MAE targets normalised per patch (official norm_pix)
     # Labels and outputs (transformers' id2label, problem_type, out_features / out_indices).
@@ -121,6 +132,7 @@ class HieraConfig(HieraGeometry, TransformersNames):
         # `__getattr__` and written by `to_dict`.
         kept = {k: _json_copy(kwargs[k]) for k in HF_KEPT_ATTRIBUTES - set(_FIELDS) if k in kwargs}
         object.__setattr__(self, "_hf_attributes", kept)
+        object.__setattr__(self, "_sealed", False)
         values = _canonical_kwargs(kwargs)
         size = values.get("input_size")
         if isinstance(size, int) and not isinstance(size, bool):
@@ -132,6 +144,71 @@ class HieraConfig(HieraGeometry, TransformersNames):
         self.validate()
         if self.block_rule == "transformers" and self._rules_agree():
             object.__setattr__(self, "block_rule", "official")
+        # label2id as given (transformers keeps `{"label": "0"}` as it is), if it names these
+        # classes; `label2id` reads it back, `to_dict` writes it.
+        given = kwargs.get("label2id")
+        if isinstance(given, Mapping) and given != TransformersNames.label2id.fget(self):
+            self._hf_attributes["label2id"] = _json_copy(dict(given))
+
+    # ------------------------------------------------------------------ mutability
+    def __setattr__(self, name: str, value: Any) -> None:
+        """transformers' `config.x = v`: the config with `x` changed (either vocabulary),
+        validated now; transformers' common attributes are kept as given."""
+        if self.__dict__.get("_sealed"):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot set {name!r}: this HieraConfig belongs to a built model, which keeps it "
+                "unchanged; change a copy (copy.deepcopy(model.config) or "
+                "model.config.replace(...)) and build a model from it"
+            )
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif name in _SETTABLE:
+            changed = self.replace(**{name: value})
+            self.__dict__.update(changed.__dict__)
+        elif name in HF_KEPT_ATTRIBUTES:
+            self._hf_attributes[name] = _json_copy(value)
+        else:
+            derived = isinstance(getattr(type(self), name, None), property)
+            close = difflib.get_close_matches(name, sorted({*_SETTABLE, *HF_KEPT_ATTRIBUTES}), 1)
+            raise AttributeError(
+                f"HieraConfig.{name} "
+                + (
+                    "is derived from the other fields and cannot be set"
+                    if derived
+                    else "is not a field" + (f" (did you mean {close[0]!r}?)" if close else "")
+                )
+            )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"HieraConfig fields cannot be deleted ({name!r})")
+
+    def __hash__(self) -> int:
+        # By value, as the frozen dataclass it was: the models and the compile caches key on it.
+        # Models hold sealed copies (`frozen()`), which never change.
+        return hash(tuple(getattr(self, name) for name in _FIELDS))
+
+    def frozen(self) -> HieraConfig:
+        """This config sealed against changes: itself if sealed, else a sealed copy. Models call
+        it when they are built, so a later change to the caller's config cannot reach them."""
+        return self if self._sealed else self._copy(sealed=True)
+
+    @property
+    def is_frozen(self) -> bool:
+        return self._sealed
+
+    def _copy(self, sealed: bool) -> HieraConfig:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        object.__setattr__(new, "_hf_attributes", _json_copy(self._hf_attributes))
+        object.__setattr__(new, "_sealed", sealed)
+        return new
+
+    def __copy__(self) -> HieraConfig:
+        return self._copy(sealed=False)
+
+    def __deepcopy__(self, memo: dict) -> HieraConfig:
+        """A changeable copy (the fields are immutable values), as transformers' tests make."""
+        return self._copy(sealed=False)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -152,6 +229,8 @@ class HieraConfig(HieraGeometry, TransformersNames):
         for name in ("in_chans", "embed_dim", "num_classes", "decoder_embed_dim",
                      "decoder_depth", "decoder_num_heads"):  # fmt: skip
             value = getattr(self, name)
+            if value is None and name.startswith("decoder_"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in self.patch_padding):
@@ -257,10 +336,10 @@ class HieraConfig(HieraGeometry, TransformersNames):
                     f"(block_rule={self.block_rule!r}), which do not tile its {tokens} tokens"
                 )
             tokens //= spec.q_stride
-        if self.decoder_embed_dim % self.decoder_num_heads:
+        if self.decoder_width % self.decoder_heads:
             raise ValueError(
-                f"decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
-                f"decoder_num_heads={self.decoder_num_heads}"
+                f"decoder_embed_dim={self.decoder_width} is not divisible by "
+                f"decoder_num_heads={self.decoder_heads}"
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
@@ -307,16 +386,22 @@ class HieraConfig(HieraGeometry, TransformersNames):
             if head_mul is not None:
                 values["num_heads"] = self.num_heads[0]
                 changes = {**changes, "head_mul": head_mul}
-        if {"id2label", "label2id"} & names:
+        labels = {"id2label", "label2id"} & names
+        if labels:
             values.pop("class_names")
             values.pop("num_classes")
         elif "num_classes" in canonical and "class_names" not in names:
-            values.pop("class_names")  # another class count: the old names no longer apply
+            count = changes.get("num_classes", changes.get("num_labels"))
+            if count != self.num_classes:  # another class count: the old names no longer apply
+                values.pop("class_names")
+                labels = {"num_classes"}
         if {"out_features", "out_indices"} & names:
             values.pop("out_stage_indices")
         for key in canonical & set(values):
             values.pop(key)
         kept = {k: v for k, v in self._hf_attributes.items() if k not in changes}
+        if labels or "class_names" in names:
+            kept.pop("label2id", None)  # written for the old classes
         return type(self)(**kept, **values, **changes)
 
     def _head_multiplier(self) -> float | None:
@@ -462,6 +547,9 @@ _SEQUENCE_FIELDS = tuple(
     f.name for f in dataclasses.fields(HieraConfig) if str(f.type).startswith(("Shape", "tuple"))
 )
 _OPTIONAL_FIELDS = ("class_names", "out_stage_indices")
+# What `config.x = v` changes through `replace`: fields under either name, and the inputs that map
+# onto fields by a rule (id2label, out_features, head_mul, ...).
+_SETTABLE = frozenset({*_FIELDS, *HF_ALIASES, *HF_DERIVED_INPUTS, *OFFICIAL_INPUTS})
 _HF_FIELDS = frozenset(
     {
         "input_size", "in_chans", "embed_dim", "num_heads", "num_classes", "stages", "q_pool",
@@ -491,8 +579,6 @@ def _canonical_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         and k not in HF_METADATA_KEYS
     ]
     if unknown:
-        import difflib
-
         known = sorted({*_FIELDS, *HF_ALIASES, *HF_DERIVED_INPUTS, *OFFICIAL_INPUTS})
         hints = []
         for key in unknown:

@@ -31,6 +31,19 @@ class HieraGeometry:
     """The derived shapes of a `HieraConfig` (module docstring)."""
 
     @property
+    def decoder_width(self) -> int:
+        """The MAE decoder's width: `decoder_embed_dim`, else the official 512."""
+        return 512 if self.decoder_embed_dim is None else self.decoder_embed_dim
+
+    @property
+    def decoder_blocks(self) -> int:
+        return 8 if self.decoder_depth is None else self.decoder_depth
+
+    @property
+    def decoder_heads(self) -> int:
+        return 16 if self.decoder_num_heads is None else self.decoder_num_heads
+
+    @property
     def is_video(self) -> bool:
         return len(self.input_size) == 3
 

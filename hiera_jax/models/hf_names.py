@@ -43,6 +43,8 @@ HF_METADATA_KEYS = frozenset(
         "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
         "_attn_implementation_autoset", "_attn_implementation_internal", "auto_map",
         "per_layer_config", "tie_last_hidden_states",
+        # What code that hands a model to transformers' backbone users sets on its config.
+        "use_pretrained_backbone", "use_timm_backbone",
     }
 )  # fmt: skip
 # Of those, the ones that describe the file, PyTorch or a derived value: read and dropped. The
@@ -128,8 +130,10 @@ class TransformersNames:
         return dict(enumerate(names))
 
     @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in self.id2label.items()}
+    def label2id(self) -> dict[str, Any]:
+        """Name -> class index: as given (transformers keeps `{"label": "0"}`), else built."""
+        given = self.__dict__.get("_hf_attributes", {}).get("label2id")
+        return dict(given) if given is not None else {n: i for i, n in self.id2label.items()}
 
     @property
     def hidden_size(self) -> int:

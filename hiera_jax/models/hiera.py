@@ -102,6 +102,12 @@ class HieraEncoder(nn.Module):
     config: HieraConfig
     mae_init: bool = False  # official MAE models initialise with xavier/zero instead
 
+    def __post_init__(self) -> None:
+        # A sealed copy: changing the caller's config later cannot change this model.
+        if isinstance(self.config, HieraConfig):
+            object.__setattr__(self, "config", self.config.frozen())
+        super().__post_init__()
+
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.config.dtype)

@@ -156,13 +156,13 @@ class HieraForPreTraining(HieraEncoder):
         latent = self.layer_norm("encoder_norm", zero_bias=True)(fused)  # [B, K, *mu_final, C]
 
         # ---------------------------------------------------------------- decoder
-        latent = Dense(
-            cfg.decoder_embed_dim, dtype=dtype, name="decoder_embed", **dense_inits(True)
-        )(latent)
+        latent = Dense(cfg.decoder_width, dtype=dtype, name="decoder_embed", **dense_inits(True))(
+            latent
+        )
         mask_token = self.param(
             "mask_token",
             nn.initializers.normal(cfg.initializer_range),
-            (1, 1, cfg.decoder_embed_dim),
+            (1, 1, cfg.decoder_width),
         )
         tokens = masking.scatter_kept_units(latent, mask, mask_token.reshape(-1))
         grid_final = sized_config.tokens_spatial_shape_final
@@ -177,13 +177,13 @@ class HieraForPreTraining(HieraEncoder):
         pos = self.param(
             "decoder_pos_embed",
             nn.initializers.normal(cfg.initializer_range),
-            (1, math.prod(cfg.tokens_spatial_shape_final), cfg.decoder_embed_dim),
+            (1, math.prod(cfg.tokens_spatial_shape_final), cfg.decoder_width),
         )
         pos = pos_embed.resize_grid(pos, cfg.tokens_spatial_shape_final, grid_final, xp=jnp)
         tokens = tokens + pos.astype(tokens.dtype)
         block_args = dict(
-            dim_out=cfg.decoder_embed_dim,
-            heads=cfg.decoder_num_heads,
+            dim_out=cfg.decoder_width,
+            heads=cfg.decoder_heads,
             mlp_ratio=cfg.mlp_ratio,
             mae_init=True,
             dtype=dtype,
@@ -194,7 +194,7 @@ class HieraForPreTraining(HieraEncoder):
             attention_kernel=cfg.attention_kernel,
             mlp_kernel=cfg.mlp_kernel,
         )
-        names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_depth)]
+        names = [f"decoder_blocks_{i}" for i in range(cfg.decoder_blocks)]
         if use_scan(cfg) and not self.is_initializing() and len(names) >= 2:
             # Every decoder block is the same block: one scan (init draws them one by one).
             blocks = [HieraBlock(**block_args, name=name, parent=None) for name in names]

@@ -8,13 +8,14 @@ from typing import Any
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.hf_names import HF_ALIASES
 
+_IN1K = dict(num_classes=1000)  # the official constructor's default (transformers': 2)
 _IMAGE = {
-    "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
-    "small": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
-    "base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
-    "base_plus": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3)),
-    "large": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4)),
-    "huge": dict(embed_dim=256, num_heads=4, stages=(2, 6, 36, 4)),
+    "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), **_IN1K),
+    "small": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), **_IN1K),
+    "base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3), **_IN1K),
+    "base_plus": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3), **_IN1K),
+    "large": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), **_IN1K),
+    "huge": dict(embed_dim=256, num_heads=4, stages=(2, 6, 36, 4), **_IN1K),
 }
 _VIDEO_INPUT = dict(
     num_classes=400,  # Kinetics-400
@@ -27,7 +28,8 @@ _VIDEO_INPUT = dict(
     sep_pos_embed=True,
     mask_ratio=0.9,
 )
-_MAE = dict(q_pool=2)  # the official MAE models pool twice, the classifiers three times
+# The official MAE models pool twice (the classifiers three times), with the official decoder.
+_MAE = dict(q_pool=2, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 def _build_variants() -> dict[str, dict[str, Any]]:

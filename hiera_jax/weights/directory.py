@@ -101,6 +101,12 @@ def save_pretrained(
     weights = HF_WEIGHTS if hf_form else OFFICIAL_WEIGHTS
     meta = config.to_dict()
     meta["architectures"] = [ARCHITECTURES[model_type]]
+    if model_type == "pretraining":  # the decoder's size as built (transformers needs it given)
+        meta.update(
+            decoder_hidden_size=config.decoder_width,
+            decoder_depth=config.decoder_blocks,
+            decoder_num_heads=config.decoder_heads,
+        )
     from safetensors.numpy import save_file
 
     _write(directory, weights, lambda path: save_file(state_dict, path, metadata={"format": "pt"}))

@@ -99,7 +99,12 @@ def test_config_takes_both_vocabularies_into_one_form():
         depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8], num_query_pool=2, embed_dim_multiplier=2.0
     )
     official = HieraConfig(stages=(1, 2, 7, 2), num_heads=1, head_mul=2.0, q_pool=2)
-    assert hf_words == official == hiera_jax.get_config("mae_hiera_tiny_224")
+    # The variant names its 1000 classes and the official decoder; the bare configs leave both
+    # to transformers' defaults (2 labels, no decoder size).
+    variant = hiera_jax.get_config("mae_hiera_tiny_224")
+    assert (variant.num_classes, variant.decoder_embed_dim) == (1000, 512)
+    bare = dict(num_classes=2, decoder_embed_dim=None, decoder_depth=None, decoder_num_heads=None)
+    assert hf_words == official == variant.replace(**bare)
     assert hash(hf_words) == hash(official)
     assert (hf_words.depths, hf_words.num_query_pool, hf_words.stages) == (
         [1, 2, 7, 2],
@@ -461,11 +466,22 @@ def test_calls_jit_once_and_take_params(saved, pixels):
     model = hiera_jax.HieraForImageClassification.from_pretrained(
         saved["HieraForImageClassification"][1]
     )
+    from hiera_jax.hf import modeling
+
+    modeling._SHARED_FORWARDS.clear()
     first = model(pixels)
     second = model(pixels + 1)
-    assert len(model._compiled) == 1
-    assert next(iter(model._compiled.values()))._cache_size() == 1
+    assert len(modeling._SHARED_FORWARDS) == 1
+    assert next(iter(modeling._SHARED_FORWARDS.values()))._cache_size() == 1
     assert not np.array_equal(first.logits, second.logits)
+    # Another model of the same config (a new load of the same weights) reuses the compiled
+    # forward: one entry, one compile.
+    again = hiera_jax.HieraForImageClassification.from_pretrained(
+        saved["HieraForImageClassification"][1]
+    )
+    np.testing.assert_array_equal(again(pixels).logits, first.logits)
+    assert len(modeling._SHARED_FORWARDS) == 1
+    assert next(iter(modeling._SHARED_FORWARDS.values()))._cache_size() == 1
 
     def loss(params):
         return model(pixel_values=pixels, labels=np.array([1, 2]), params=params).loss
