@@ -587,3 +587,79 @@ def test_a_built_model_keeps_its_config():
     module = Module(config)
     config.num_labels = 5
     assert module.config.num_labels == 3 and module.config.is_frozen and not config.is_frozen
+
+
+# ---------------------------------------------------------------------- more of ModelTesterMixin
+def _config_zero_init(config):
+    """ModelTesterMixin's `_config_zero_init`: every init range and std set to 1e-10."""
+    config = copy.deepcopy(config)
+    config.initializer_range = 1e-10
+    return config
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_initialization(model_class):
+    """Every parameter starts at mean 0 or 1 once the init ranges are ~0 (no stray init)."""
+    model = model_class(_config_zero_init(prepare_config_and_inputs_for_common()[0]))
+    for path, param in jax.tree_util.tree_leaves_with_path(model.params):
+        name, param = jax.tree_util.keystr(path), np.asarray(param)
+        if model_class is HieraForPreTraining and name.endswith("['kernel']") and param.ndim == 2:
+            # The official MAE's init (xavier-uniform dense kernels), where transformers draws
+            # them from initializer_range: README says so. Within xavier's bound, not ~0.
+            bound = math.sqrt(6 / sum(param.shape))
+            assert 0 < np.abs(param).max() <= bound, name
+            continue
+        module = model.params  # the dict holding this parameter
+        for key in path[:-1]:
+            module = module[key.key]
+        if model_class is HieraForPreTraining and np.ndim(module.get("kernel")) >= 3:
+            # Convolutions, which the official MAE init draws as a dense layer (the patch
+            # embedding, xavier) or leaves to PyTorch's default (fusion heads, 1 / sqrt(fan_in)).
+            shape = np.shape(module["kernel"])
+            fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
+            bound = max(1 / math.sqrt(fan_in), math.sqrt(6 / (fan_in + fan_out)))
+            assert np.abs(param).max() <= bound + 1e-7, name
+            continue
+        mean = round(float(np.mean(param)) * 1e9) / 1e9
+        assert mean in (0.0, 1.0), (name, mean)
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_model_is_small(model_class):
+    """The tester's models stay under transformers' 1M-parameter bound for common tests."""
+    model = model_class(prepare_config_and_inputs_for_common()[0])
+    assert model.num_parameters() < 1_000_000
+
+
+def test_can_use_safetensors(tmp_path):
+    config, _ = prepare_config_and_inputs_for_common()
+    model = HieraForImageClassification(config)
+    model.save_pretrained(tmp_path)
+    assert os.path.isfile(os.path.join(tmp_path, "model.safetensors"))
+    reloaded = HieraForImageClassification.from_pretrained(tmp_path)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(reloaded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mismatched_shapes_have_properly_initialized_weights(tmp_path):
+    """A head re-made at another size is initialised as the config says (here: ~0)."""
+    config = _config_zero_init(prepare_config_and_inputs_for_common()[0])
+    HieraForImageClassification(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="shapes did not match"):
+        new = HieraForImageClassification.from_pretrained(
+            tmp_path, num_labels=42, ignore_mismatched_sizes=True
+        )
+    kernel, bias = (np.asarray(new.params["head"][k]) for k in ("kernel", "bias"))
+    assert kernel.shape[-1] == 42 and np.abs(kernel).max() < 1e-6 and np.abs(bias).max() < 1e-6
+
+
+def test_correct_missing_keys(tmp_path):
+    """The base model's weights load into the classifier; the head is reported missing."""
+    config, inputs = prepare_config_and_inputs_for_common()
+    base = HieraModel(config)
+    base.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="head"):
+        model = HieraForImageClassification.from_pretrained(tmp_path)
+    got = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    np.testing.assert_allclose(got, base(**inputs, output_hidden_states=True).hidden_states[-1],
+                               atol=1e-6)  # fmt: skip
