@@ -27,6 +27,7 @@ from hiera_jax.hf import (
     load_pretrained,
 )
 from hiera_jax.hf.modeling import CLASSES
+from hiera_jax.inference.export import export_model, load_exported
 from hiera_jax.models.config import HieraConfig
 from hiera_jax.models.factory import init_params
 from hiera_jax.models.outputs import (
@@ -75,6 +76,8 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "export_model",
+    "load_exported",
     "AutoBackbone",
     "AutoConfig",
     "AutoImageProcessor",

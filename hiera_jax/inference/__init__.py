@@ -5,6 +5,7 @@ predictor = inference.Predictor.from_pretrained("facebook/hiera-tiny-224-in1k-hf
 print(predictor.top_k(["cat.jpg"], k=5))
 """
 
+from hiera_jax.inference.export import export_model, load_exported
 from hiera_jax.inference.predictor import Predictor, check_top_k, predict
 from hiera_jax.inference.preprocess import (
     FLOAT_IMAGE_RANGE,
@@ -25,6 +26,8 @@ from hiera_jax.inference.preprocess import (
 )
 
 __all__ = [
+    "export_model",
+    "load_exported",
     "FLOAT_IMAGE_RANGE",
     "GRAY_WEIGHTS",
     "IMAGE_SUFFIXES",

@@ -4,6 +4,9 @@
     python -m hiera_jax.predict --checkpoint DIR --features feats.npz cat.jpg
     python -m hiera_jax.predict --checkpoint hiera_tiny_224 cat.jpg  # published weights, by name
     python -m hiera_jax.predict --model hiera_tiny_224 cat.jpg      # random weights: demo only
+    # A jax.export artifact of the model (runs with nothing but jax), then run through it:
+    python -m hiera_jax.predict --checkpoint hiera_tiny_224 --export tiny.jaxexport
+    python -m hiera_jax.predict --checkpoint tiny.jaxexport cat.jpg
     # SAM 2's image encoder (trunk + FPN neck) by name, its features over every local device:
     python -m hiera_jax.predict --checkpoint facebook/sam2.1-hiera-tiny --features f.npz \
         --input-size 1024 --shard cat.jpg
@@ -67,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog=PROG,
         description="Hiera (JAX) predictions and feature maps for image or video files.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (or clips)")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files (or clips)")
     parser.add_argument(
         "--checkpoint",
         help="model directory (converter / save_pretrained / train.py), or a pretrained name "
@@ -102,6 +105,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--temporal-stride", type=_positive_int, default=4, help="video: frames between samples"
     )
     parser.add_argument("--features", metavar="OUT.npz", help="write per-stage feature maps here")
+    parser.add_argument(
+        "--export",
+        metavar="FILE",
+        help="write the model as a jax.export artifact (FILE, and FILE.json beside it) that "
+        "runs with nothing but jax; --checkpoint FILE then runs it",
+    )
+    parser.add_argument(
+        "--export-task",
+        choices=("classify", "features"),
+        help="what the artifact returns (default: class probabilities for a classifier, else "
+        "the per-stage feature maps)",
+    )
+    parser.add_argument(
+        "--export-platforms",
+        default="cpu,cuda,tpu",
+        help="comma-separated platforms the artifact is lowered for (default cpu,cuda,tpu)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="init seed of a random --model")
     parser.add_argument(
         "--verbose", action="store_true", help="print the traceback of an error as well"
@@ -115,6 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if not args.checkpoint and not args.model:
         parser.error("give --checkpoint DIR, or --model NAME for a random-weight demo")
+    if not args.inputs and not args.export:
+        parser.error("give the input files (or --export FILE to write the model)")
+    if args.export and (args.features or args.shard):
+        parser.error("--export writes the model only; run it with --checkpoint FILE")
     return args
 
 
@@ -132,6 +156,19 @@ def build_predictor(args: argparse.Namespace):
     overrides = {"dtype": args.dtype}
     if getattr(args, "shard", False):
         overrides["devices"] = jax.local_devices()
+    if args.checkpoint and _is_export(args.checkpoint):
+        from hiera_jax.inference.export import meta_path
+
+        if args.input_size or getattr(args, "shard", False) or args.dtype != "float32":
+            raise ValueError(
+                f"{args.checkpoint} is an exported model: its size, dtype and devices were fixed "
+                "when it was written (--input-size, --dtype and --shard do not apply)"
+            )
+        if getattr(args, "export", None):
+            raise ValueError(
+                f"{args.checkpoint} is already an export ({meta_path(args.checkpoint)})"
+            )
+        return inference.Predictor.from_exported(args.checkpoint, batch_size=args.batch_size)
     if args.checkpoint:
         if args.input_size:
             overrides["input_size"] = args.input_size
@@ -157,6 +194,27 @@ def build_predictor(args: argparse.Namespace):
         ) from err
 
 
+def _is_export(path: str) -> bool:
+    """A `jax.export` artifact written by `--export` (a file with its JSON beside it)."""
+    from hiera_jax.inference.export import meta_path
+
+    return os.path.isfile(path) and os.path.isfile(meta_path(path))
+
+
+def export(args: argparse.Namespace) -> int:
+    """`--export FILE`: the model of --checkpoint / --model as a jax.export artifact."""
+    from hiera_jax.inference.export import export_model, meta_path
+
+    predictor = build_predictor(args)
+    if not args.checkpoint:
+        _warn_random(args)
+    platforms = [p.strip() for p in args.export_platforms.split(",") if p.strip()]
+    path = export_model(predictor, path=args.export, platforms=platforms, task=args.export_task)
+    size = os.path.getsize(path) / 1e6
+    print(f"wrote {path} ({size:.1f} MB, for {', '.join(platforms)}) and {meta_path(path)}")
+    return 0
+
+
 def _warn_random(args: argparse.Namespace) -> None:
     print(
         "\n" + "!" * 78 + f"\nWARNING: no --checkpoint given: {args.model} has RANDOM weights "
@@ -168,6 +226,8 @@ def _warn_random(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The command for parsed `args`; OSError / ValueError for anything the user can fix."""
+    if args.export:
+        return export(args)
     missing = [path for path in args.inputs if not os.path.exists(path)]
     if missing:  # before loading a model
         raise FileNotFoundError(f"input file not found: {', '.join(missing)}")

@@ -13,6 +13,7 @@ official pipeline otherwise; `HieraImageProcessor` runs the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -169,6 +170,45 @@ class Predictor:
         devices = overrides.pop("devices", None)
         loaded = families.for_name(name).random_for_inference(name, seed, **overrides)
         return cls._from_loaded(loaded, batch_size=batch_size, devices=devices)
+
+    @classmethod
+    def from_exported(cls, path: str | os.PathLike, *, batch_size: int = 8) -> Predictor:
+        """A Predictor that runs a `hiera_jax.export_model` artifact, with the preprocessing,
+        class names and outputs its JSON records (the live model's); no Flax module or
+        parameters are involved. An artifact of a fixed batch size runs at that size."""
+        from hiera_jax.inference.export import load_exported
+
+        call, meta = load_exported(path)
+        *size, channels = meta["input_shape"][1:]
+        fixed = meta["input_shape"][0]
+        if not isinstance(fixed, str):
+            batch_size = int(fixed)
+        self = cls.__new__(cls)
+        labels = meta["labels"] or []
+        self.config = _ExportedShape(tuple(size), int(channels), len(labels))
+        self.params = None
+        self.model_type = meta["model_type"]
+        self.batch_size = batch_size
+        self.temporal_stride = meta["temporal_stride"]
+        self.source = os.fspath(path)
+        self.has_head = meta["task"] == "classify"
+        self.names = tuple(labels)
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        transform = meta["transform"]
+        self.transform = None if transform is None else _tuples(transform)
+        self.neck = None
+        self.is_video = len(size) == 3
+        self.mesh = None
+
+        def run(params: Any, x: Any) -> Any:
+            del params
+            n = x.shape[0]
+            if not isinstance(fixed, str) and n < fixed:  # the artifact's one batch size
+                x = jnp.concatenate([x, jnp.zeros((fixed - n, *x.shape[1:]), x.dtype)])
+            return jax.tree.map(lambda a: a[:n], call(x))
+
+        self._probs = self._maps = run
+        return self
 
     @classmethod
     def _from_loaded(
@@ -335,6 +375,29 @@ class Predictor:
         if isinstance(maps, dict):
             return maps
         return {f"stage{i + 1}": m for i, m in enumerate(maps)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExportedShape:
+    """What preprocessing reads of a config, for a Predictor over an exported artifact."""
+
+    input_size: tuple[int, ...]
+    in_chans: int
+    num_classes: int
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return len(self.input_size) == 3
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back as the tuples the transform was written from."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
 
 
 def check_top_k(k: Any) -> None:
