@@ -145,3 +145,16 @@ def test_cli_exports_then_runs_the_artifact(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--checkpoint", artifact, "--input-size", "96", str(image)])
     assert "exported model" in capsys.readouterr().err
+
+
+def test_sam2_image_encoder_outputs(tmp_path):
+    """SAM 2's encoder (trunk + FPN neck): every ImageEncoder output, as the live model's."""
+    predictor = Predictor.random("sam2_hiera_tiny", input_size=(256, 256))
+    path = hiera_jax.export_model(predictor, path=tmp_path / "sam2.jaxexport", platforms=("cpu",))
+    call, meta = load_exported(path)
+    assert {"vision_features", "backbone_fpn0", "vision_pos_enc0", "stage4"} <= set(meta["outputs"])
+    x = np.random.RandomState(4).randn(2, 256, 256, 3).astype(np.float32)
+    got, live = call(x), predictor.features(x, preprocessed=True)
+    assert sorted(live) == meta["outputs"]
+    for name in meta["outputs"]:
+        np.testing.assert_allclose(np.asarray(got[name]), live[name], rtol=1e-5, atol=1e-5)
