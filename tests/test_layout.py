@@ -93,21 +93,22 @@ def test_no_module_imports_circle_back():
     assert "hiera_jax.weights.hub" not in graph["hiera_jax.weights.directory"]
 
 
-def test_readme_layout_names_every_module():
-    """README's "Layout" block names every module of the package, and no module that is gone."""
+def test_docs_layout_names_every_module():
+    """The layout block of docs/layout.md names every module of the package, and no module that
+    is gone."""
     import re
 
-    readme = os.path.join(os.path.dirname(ROOT), "README.md")
-    with open(readme) as f:
-        block = f.read().split("## Layout", 1)[1].split("```")[1]
+    page = os.path.join(os.path.dirname(ROOT), "docs", "layout.md")
+    with open(page) as f:
+        block = f.read().split("# Layout", 1)[1].split("```")[1]
     named = set(re.findall(r"([a-z_0-9]+)\.py", block))
     modules = {
         m.rsplit(".", 1)[-1] for m, path in _modules().items() if not path.endswith("__init__.py")
     }
-    assert not modules - named, f"README's layout does not name {sorted(modules - named)}"
+    assert not modules - named, f"docs/layout.md does not name {sorted(modules - named)}"
     package_part = block.split("\nconvert/", 1)[0]  # the hiera_jax/ lines
     gone = set(re.findall(r"^ +([a-z_0-9]+)\.py", package_part, re.M)) - modules - {"__init__"}
-    assert not gone, f"README's layout names modules that are not there: {sorted(gone)}"
+    assert not gone, f"docs/layout.md names modules that are not there: {sorted(gone)}"
 
 
 def test_family_modules_are_reached_through_the_registry_only():

@@ -1,4 +1,9 @@
-"""The README is the front door: its set-up commands must be what CI runs."""
+"""The README is the front door: its set-up commands must be what CI runs, and its snippets and
+those of the docs pages that need fixtures (an offline hub, a saved model) run here.
+
+tests/test_docs.py runs the pages' other snippets and checks that every snippet of README.md and
+docs/*.md is run (by it or by a test named in the snippet's marker) or marked skipped with a reason.
+"""
 
 import os
 import re
@@ -32,11 +37,9 @@ def test_quick_start_runs():
     assert namespace["logits"].shape == (2, 1000)
 
 
-# ---------------------------------------------------------------------- the Hugging Face section
+# ---------------------------------------------------------------------- the Hugging Face page
 def _hf_section_blocks():
-    readme = _read("README.md")
-    section = readme.split("## The Hugging Face API", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    return re.findall(r"```python\n(.*?)```", _read("docs", "huggingface.md"), re.S)
 
 
 def _as_transformers(block: str) -> str:
@@ -86,14 +89,12 @@ def docs_repos(tmp_path_factory):
     return folders
 
 
-def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, monkeypatch, capsys):
-    """Every block of the README's Hugging Face section, run literally with hiera_jax and, with
-    the names swapped, with transformers, on the same offline hub cache of random weights."""
+@pytest.fixture
+def offline_hub(docs_repos, tmp_path, monkeypatch):
+    """The three repos in an offline hub cache, and cat.jpg in the working directory."""
     import huggingface_hub.constants
     import numpy as np
-    import torch
     from helpers.hub import write_hf_cache
-    from helpers.reference import rel_err
     from PIL import Image
 
     home = tmp_path / "hf_home"
@@ -116,6 +117,29 @@ def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     rng = np.random.RandomState(0)
     Image.fromarray(rng.randint(0, 256, (300, 400, 3), np.uint8)).save("cat.jpg")
+    return tmp_path
+
+
+def test_quick_start_by_name_runs(offline_hub, capsys):
+    """README's quick-start blocks that load published weights by name, as written, on the
+    offline hub cache of random weights."""
+    readme = _read("README.md")
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", quick, re.S) if "facebook/" in b]
+    assert len(blocks) == 2
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md quick start", "exec"), namespace)
+    assert capsys.readouterr().out.startswith("Predicted class: class ")
+    assert namespace["params"] is not None and len(namespace["maps"]) == 4
+
+
+def test_hugging_face_section_runs_as_transformers_does(offline_hub, capsys):
+    """Every block of docs/huggingface.md, run literally with hiera_jax and, with the names
+    swapped, with transformers, on the same offline hub cache of random weights."""
+    import numpy as np
+    import torch
+    from helpers.reference import rel_err
 
     blocks = _hf_section_blocks()
     assert len(blocks) == 5
@@ -123,9 +147,9 @@ def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, mo
         ours, theirs = {}, {}
         with warnings.catch_warnings():  # a backbone from a HieraModel repo: new norms, as theirs
             warnings.simplefilter("ignore", UserWarning)
-            exec(compile(block, "README.md (hiera_jax)", "exec"), ours)
+            exec(compile(block, "docs/huggingface.md (hiera_jax)", "exec"), ours)
         printed = capsys.readouterr().out
-        exec(compile(_as_transformers(block), "README.md (transformers)", "exec"), theirs)
+        exec(compile(_as_transformers(block), "docs/huggingface.md (transformers)", "exec"), theirs)
         printed_theirs = capsys.readouterr().out
         if "inputs" not in ours:  # the config block
             assert ours["configuration"].depths == list(theirs["configuration"].depths)
@@ -158,30 +182,37 @@ def test_hugging_face_section_runs_as_transformers_does(docs_repos, tmp_path, mo
             assert printed == printed_theirs == "[1, 49, 768]\n"
 
 
+def _pages() -> str:
+    """README.md and every docs page, one text."""
+    docs = sorted(f for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+    return "\n".join([_read("README.md")] + [_read("docs", f) for f in docs])
+
+
 def test_folders_the_readme_writes_into_are_ignored_by_git():
-    """What README's commands write (`runs/`, the converter's `--output ckpt/...`) stays out of
-    `git status`."""
+    """What the commands of README and the docs write (`runs/`, the converter's `--output
+    ckpt/...`) stays out of `git status`."""
     import shutil
     import subprocess
 
     if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
         pytest.skip("not a git checkout")
-    readme = _read("README.md")
-    outputs = {p.split("/")[0] for p in re.findall(r"--output (\S+)", readme)} | {"runs"}
+    outputs = {p.split("/")[0] for p in re.findall(r"--output (\S+)", _pages())} | {"runs"}
+    assert "ckpt" in outputs
     for folder in sorted(outputs):
         path = f"{folder}/anything"
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
-        assert ignored, f"{folder}/ (README writes there) is not in .gitignore"
+        assert ignored, f"{folder}/ (the docs write there) is not in .gitignore"
 
 
-def test_aot_effort_speed_up_is_the_same_in_help_and_readme():
-    readme = re.findall(r"`--aot_effort`.{0,200}?about (\d+)x faster", _read("README.md"), re.S)
+def test_aot_effort_speed_up_is_the_same_in_help_and_docs():
+    docs = _read("docs", "training.md")
+    readme = re.findall(r"`--aot_effort`.{0,200}?about (\d+)x faster", docs, re.S)
     helptext = re.findall(r"about (\d+)x faster", _read("train.py"))
     assert readme and helptext and set(readme) == set(helptext), (readme, helptext)
 
 
 def test_sam2_low_level_snippet_runs(tmp_path, monkeypatch):
-    """README's lower-level SAM 2 steps, as written, on a random transformers Sam2VisionModel
+    """docs/sam2.md's lower-level SAM 2 steps, as written, on a random transformers Sam2VisionModel
     saved where the snippet reads it (at 256 pixels, to keep it quick)."""
     transformers = pytest.importorskip("transformers")
     from hiera_jax.models import hieradet, hieradet_neck
@@ -191,11 +222,11 @@ def test_sam2_low_level_snippet_runs(tmp_path, monkeypatch):
     fields = hieradet_hf_config.transformers_vision_config(trunk, hieradet_neck.FpnNeckConfig())
     model = transformers.Sam2VisionModel(transformers.Sam2VisionConfig(**fields))
     model.save_pretrained(str(tmp_path / "sam2_vision"))
-    section = _read("README.md").split("The lower-level steps:", 1)[1]
+    section = _read("docs", "sam2.md").split("The lower-level steps:", 1)[1]
     snippet = re.findall(r"```python\n(.*?)```", section, re.S)[0]
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(snippet, "README.md SAM 2 steps", "exec"), namespace)
+    exec(compile(snippet, "docs/sam2.md SAM 2 steps", "exec"), namespace)
     features = namespace["out"]["vision_features"]
     import numpy as np
 
