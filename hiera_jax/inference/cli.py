@@ -157,7 +157,7 @@ def build_predictor(args: argparse.Namespace):
     if getattr(args, "shard", False):
         overrides["devices"] = jax.local_devices()
     if args.checkpoint and _is_export(args.checkpoint):
-        from hiera_jax.inference.export import meta_path
+        from hiera_jax.inference.artifact import meta_path
 
         if args.input_size or getattr(args, "shard", False) or args.dtype != "float32":
             raise ValueError(
@@ -196,14 +196,15 @@ def build_predictor(args: argparse.Namespace):
 
 def _is_export(path: str) -> bool:
     """A `jax.export` artifact written by `--export` (a file with its JSON beside it)."""
-    from hiera_jax.inference.export import meta_path
+    from hiera_jax.inference.artifact import meta_path
 
     return os.path.isfile(path) and os.path.isfile(meta_path(path))
 
 
 def export(args: argparse.Namespace) -> int:
     """`--export FILE`: the model of --checkpoint / --model as a jax.export artifact."""
-    from hiera_jax.inference.export import export_model, meta_path
+    from hiera_jax.inference.artifact import meta_path
+    from hiera_jax.inference.export import export_model
 
     predictor = build_predictor(args)
     if not args.checkpoint:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from hiera_jax import families
+from hiera_jax.inference.artifact import load_exported
 from hiera_jax.inference.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -176,8 +177,6 @@ class Predictor:
         """A Predictor that runs a `hiera_jax.export_model` artifact, with the preprocessing,
         class names and outputs its JSON records (the live model's); no Flax module or
         parameters are involved. An artifact of a fixed batch size runs at that size."""
-        from hiera_jax.inference.export import load_exported
-
         call, meta = load_exported(path)
         *size, channels = meta["input_shape"][1:]
         fixed = meta["input_shape"][0]
