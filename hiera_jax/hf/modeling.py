@@ -425,12 +425,15 @@ class HieraModel(HieraPreTrainedModel):
         if self.is_mae and noise is None:
             mask_key = mask_rng if mask_rng is not None else self._next_key()
 
+        # Locals, not self: a shared forward (`_forward`) must not keep this model's params.
+        module, config = self.module, self.config
+
         def forward(params, x, noise, mask_key, dropout_key):
             x = call.channels_last(x)
             if mask_key is not None:
-                sized_config = hiera_lib.input_config(self.config, x, call.interpolate)
+                sized_config = hiera_lib.input_config(config, x, call.interpolate)
                 noise = masking.random_noise(mask_key, x.shape[0], sized_config.num_mask_units)
-            return self.module.apply(
+            return module.apply(
                 {"params": params}, x, noise=noise, rngs=_rngs(dropout_key), **call.module_kwargs()
             )
 
@@ -475,8 +478,10 @@ class HieraForImageClassification(HieraPreTrainedModel):
             problem = classification_problem(self.config, labels)
             check_labels(labels, self.config, problem, x.shape[0])
 
+        module = self.module  # not self: a shared forward must not keep this model's params
+
         def forward(params, x, labels, dropout_key):
-            logits, extras = self.module.apply(
+            logits, extras = module.apply(
                 {"params": params},
                 call.channels_last(x),
                 return_features=True,  # always a (logits, extras) pair; XLA drops what is unused
@@ -536,8 +541,10 @@ class HieraForPreTraining(HieraPreTrainedModel):
         else:
             noise = _array(noise)
 
+        module = self.module  # not self: a shared forward must not keep this model's params
+
         def forward(params, x, noise, mask_key, dropout_key):
-            loss, _, _, _, extras = self.module.apply(
+            loss, _, _, _, extras = module.apply(
                 {"params": params},
                 call.channels_last(x),
                 noise=noise,
@@ -626,8 +633,10 @@ class HieraBackbone(HieraPreTrainedModel):
             train,
         )
 
+        module = self.module  # not self: a shared forward must not keep this model's params
+
         def forward(params, x, dropout_key):
-            out = self.module.apply(
+            out = module.apply(
                 {"params": params},
                 call.channels_last(x),
                 rngs=_rngs(dropout_key),

@@ -663,3 +663,21 @@ def test_correct_missing_keys(tmp_path):
     got = model(**inputs, output_hidden_states=True).hidden_states[-1]
     np.testing.assert_allclose(got, base(**inputs, output_hidden_states=True).hidden_states[-1],
                                atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_shared_forwards_keep_no_model_alive(model_class):
+    """Models of one config share their compiled forward; it holds the module, not the model
+    (whose params would then never be freed)."""
+    import gc
+    import weakref
+
+    config, inputs = prepare_config_and_inputs_for_common()
+    model = model_class(config)
+    kw = {"mask_rng": jax.random.key(0)} if model_class is HieraForPreTraining else {}
+    model(**inputs, **kw)
+    params = weakref.ref(jax.tree.leaves(model.params)[0])
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and params() is None
