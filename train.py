@@ -183,6 +183,9 @@ def run(config) -> None:
             if v is not None
         }
         jax.distributed.initialize(**kwargs)
+    from hiera_jax.models.backends import start_quietly
+
+    start_quietly(FLAGS.verbose)  # a CPU-only machine: the GPU/TPU plugins' noise as one line
 
     from hiera_jax.training import train_and_evaluate
 

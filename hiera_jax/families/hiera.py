@@ -114,11 +114,16 @@ def _export(
     mean,
     std,
     crop_pct: float = 224 / 256,
+    class_names: tuple[str, ...] | None = None,
     **_: Any,
 ) -> str:
     """save_pretrained's directory (transformers' layout), preprocessed as the run evaluated:
-    its normalisation, the short side resized to size / crop_pct, the centre crop."""
+    its normalisation, the short side resized to size / crop_pct, the centre crop; a classifier
+    named by the data's classes (`id2label`) where the config names none."""
     short = int(round(min(config.input_size[-2:]) / float(crop_pct)))
+    if task != "mae" and class_names and config.class_names is None:
+        if len(class_names) == config.num_classes:
+            config = config.replace(class_names=tuple(class_names))
     return save_pretrained(
         directory,
         params,

@@ -227,6 +227,9 @@ def _warn_random(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The command for parsed `args`; OSError / ValueError for anything the user can fix."""
+    from hiera_jax.models.backends import start_quietly
+
+    start_quietly(args.verbose)  # a CPU-only machine: the GPU/TPU plugins' noise as one line
     if args.export:
         return export(args)
     missing = [path for path in args.inputs if not os.path.exists(path)]

@@ -641,15 +641,29 @@ def _train_in_workdir(
         "mfu": result.history[-1].get("mfu") if result.history else None,  # last interval
     }
     summary.update(
-        finish(setup, result, workdir, return_params=return_params, return_state=return_state)
+        finish(
+            setup,
+            result,
+            workdir,
+            return_params=return_params,
+            return_state=return_state,
+            class_names=sources.class_names(data.train_source),
+        )
     )
     return summary
 
 
 def finish(
-    setup: TrainSetup, result: LoopResult, workdir: str, *, return_params: bool, return_state: bool
+    setup: TrainSetup,
+    result: LoopResult,
+    workdir: str,
+    *,
+    return_params: bool,
+    return_state: bool,
+    class_names: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Export `workdir/model` when the run completed; gather params/state the caller asked for."""
+    """Export `workdir/model` when the run completed (a classifier names its classes as the data
+    does); gather params/state the caller asked for."""
     config, state = setup.config, result.state
     out: dict[str, Any] = {}
     export = config.export_model and not result.stopped_early
@@ -671,6 +685,7 @@ def finish(
             mean=tuple(config.data.mean),
             std=tuple(config.data.std),
             crop_pct=float(config.data.crop_pct),
+            class_names=class_names,
         )
     if return_params:
         out["params"] = final_params

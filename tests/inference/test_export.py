@@ -15,6 +15,7 @@ from hiera_jax.inference import Predictor, cli
 from hiera_jax.inference.export import load_exported, meta_path
 
 SIZE = (64, 64)  # a tiny Hiera at 64x64: small artifacts, quick lowering
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # What a server runs: only jax, numpy and json. flax and hiera_jax cannot be imported.
 JAX_ONLY = textwrap.dedent(
@@ -158,3 +159,19 @@ def test_sam2_image_encoder_outputs(tmp_path):
     assert sorted(live) == meta["outputs"]
     for name in meta["outputs"]:
         np.testing.assert_allclose(np.asarray(got[name]), live[name], rtol=1e-5, atol=1e-5)
+
+
+def test_the_command_line_starts_without_the_plugins_noise(tmp_path):
+    """On a machine without GPU or TPU, the CUDA plugin's traceback and libtpu's error lines
+    (the dev extra installs both) become one note; the command's own output follows."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "hiera_jax.predict", "--model", "hiera_tiny_224", "--input-size",
+         "64", "--export", str(tmp_path / "m.jaxexport"), "--export-platforms", "cpu"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote" in done.stdout
+    for noise in ("Traceback", "TPU_WORKER_HOSTNAMES", "host bounds", "cuInit"):
+        assert noise not in done.stderr, done.stderr

@@ -71,9 +71,12 @@ def test_pretrain_then_finetune(tmp_path, mae_run):
     assert "head/kernel" in params and "head/kernel" not in source
 
     # Continue the same workdir to step 6 (resumes the finetuning checkpoint, not the MAE one).
-    values.update(total_steps=6, eval_every=0)
+    values.update(total_steps=6, eval_every=0, export_model=True)
     second = _train("classification", values, ft_dir)
     assert second["resumed_from"] == 1 and second["step"] == 6
+    # The exported classifier names its classes as the data does: the digits "0".."9".
+    meta = json.load(open(os.path.join(second["model_dir"], "config.json")))
+    assert meta["id2label"] == {str(i): str(i) for i in range(10)}
     ev = second["eval"]
     assert set(ev) == {"loss", "top1", "top5"}
     assert 0.0 <= ev["top1"] <= ev["top5"] <= 1.0

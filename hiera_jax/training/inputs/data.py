@@ -29,6 +29,7 @@ class DigitsSource:
     """
 
     num_classes = 10
+    class_names = tuple(str(d) for d in range(10))  # the digits themselves
     channels = 1
     size = 32
 
@@ -80,6 +81,7 @@ class MovingDigitsSource:
     """
 
     num_classes = 10
+    class_names = DigitsSource.class_names
     channels = 1
 
     def __init__(self, split: str, num_frames: int, size: Sequence[int]):
@@ -144,6 +146,7 @@ class TfdsSource:
         self.image_key, self.label_key = image_key, label_key
         feature = self.ds.dataset_info.features[label_key]
         self.num_classes = int(getattr(feature, "num_classes", 0) or 0)
+        self.class_names = tuple(getattr(feature, "names", None) or ()) or None
         shape = self.ds.dataset_info.features[image_key].shape
         self.channels = int(shape[-1]) if shape and shape[-1] else 3
 

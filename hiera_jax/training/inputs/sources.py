@@ -59,3 +59,12 @@ def make_source(data_config: Any, split: str, input_size: Sequence[int], train_s
             data_config.data_dir, split, channels=len(data_config.mean), classes=classes
         )
     raise ValueError(f"data.source must be digits, moving_digits, tfds or folder, got {kind!r}")
+
+
+def class_names(source: Any) -> tuple[str, ...] | None:
+    """The names of a source's classes in label order (the digits, TFDS label names, class
+    folders), or None where it has none for each of its classes."""
+    names = getattr(source, "class_names", None) or getattr(source, "classes", None)
+    if not names or len(names) != getattr(source, "num_classes", -1):
+        return None
+    return tuple(str(n) for n in names)
