@@ -1,6 +1,6 @@
 """HBM bytes of one attention layer in five formulations, compiled alone for one TPU v5e chip.
 
-A probe for issue 18: which layout of mask-unit attention moves fewest bytes. Each formulation
+A probe of HBM traffic: which layout of mask-unit attention moves fewest bytes. Each formulation
 computes the same function (qkv projection, softmax attention per window, output projection)
 in bf16; it is compiled forward only and forward + backward for one chip of a v5e 2x2 (libtpu
 on this CPU, nothing runs), and XLA's `bytes accessed` is reported per image beside this

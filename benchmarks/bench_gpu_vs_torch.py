@@ -1,4 +1,4 @@
-"""GPU side by side (issue 18): our inference, finetune step and MAE step against the official
+"""GPU side by side: our inference, finetune step and MAE step against the official
 PyTorch Hiera (`hiera-transformer`) and timm's Hiera, each under bf16 autocast, eager and with
 `torch.compile`, on the same batch and input size, in one process: images/s and MFU for all.
 

@@ -1,6 +1,6 @@
 """HBM bytes of one block's MLP half, x + mlp(norm2(x)), XLA's ops against the Pallas kernel.
 
-A probe for issue 18: the kernel (`hiera_jax.models.kernels.fused_mlp`) against the same function as
+A probe of HBM traffic: the kernel (`hiera_jax.models.kernels.fused_mlp`) against the same function as
 XLA's ops (`mlp_kernel="xla"`), compiled forward + backward for one chip of a v5e 2x2 (libtpu on
 this CPU, nothing runs), bf16, at Hiera-B's four stages; XLA's `bytes accessed` per image beside
 this repository's HLO estimate (`hiera_jax/training/cost/hlo_cost.py`, kernels' operands at their

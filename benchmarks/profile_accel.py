@@ -2,7 +2,7 @@
 
 Builds the step as `bench_accel.py` does (the in1k recipe), times it, traces a few steps and sums
 the accelerator's kernels per step by kind (GEMMs, fusions, reductions, copies and slices).
-BENCHMARKS.md ("Why the scan is slower on the GPU") has a table from it. One variant per
+docs/benchmarks-history.md ("Why the scan is slower on the GPU") has a table from it. One variant per
 process, since XLA flags are read at start-up:
 
     python benchmarks/profile_accel.py --scan off

@@ -1,6 +1,6 @@
 """Bad inputs to Predictor, the models and the predict CLI: each fails loudly with one clear line.
 
-Issue 10, "no silent wrong answers": 0-255 floats, integer model input, channels-first arrays,
+"No silent wrong answers": 0-255 floats, integer model input, channels-first arrays,
 NaN, empty batches, a bad --top-k, missing files and training workdirs given as model
 directories each raise (or exit 2) with a message that says what to do. One row per case.
 """
