@@ -190,11 +190,11 @@ class HieraConfig(HieraGeometry, TransformersNames):
     def frozen(self) -> HieraConfig:
         """This config sealed against changes: itself if sealed, else a sealed copy. Models call
         it when they are built, so a later change to the caller's config cannot reach them."""
-        return self if self._sealed else self._copy(sealed=True)
+        return self if self.is_frozen else self._copy(sealed=True)
 
     @property
     def is_frozen(self) -> bool:
-        return self._sealed
+        return bool(self.__dict__.get("_sealed", False))
 
     def _copy(self, sealed: bool) -> HieraConfig:
         new = object.__new__(type(self))
