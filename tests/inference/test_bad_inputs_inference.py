@@ -368,7 +368,8 @@ CLI_CASES = {
                            "the run has not finished"),
     "bad_dtype": (["--checkpoint", "{ckpt}", "--dtype", "f16", "{image}"],
                   "argument --dtype: invalid choice: 'f16'"),
-    "no_inputs": (["--checkpoint", "{ckpt}"], "the following arguments are required: INPUT"),
+    "no_inputs": (["--checkpoint", "{ckpt}"],
+                  "give the input files (or --export FILE to write the model)"),
 }  # fmt: skip
 
 
