@@ -21,6 +21,7 @@ Pallas kernels are compiled for one chip generation, the artifact for any.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -176,7 +177,8 @@ def _predictor(model_or_name: Any, params: Any, dtype: str | None) -> Predictor:
             "export_model takes a Predictor, a hiera_jax model (HieraForImageClassification, "
             f"HieraModel, ...) or a name or directory, got {type(model_or_name).__name__}"
         )
-    if params is not None:
+    if params is not None:  # on a copy: the caller's Predictor keeps its own weights
+        predictor = copy.copy(predictor)
         predictor.params = params
     return predictor
 
