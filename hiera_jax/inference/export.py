@@ -21,7 +21,6 @@ Pallas kernels are compiled for one chip generation, the artifact for any.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Sequence
@@ -62,7 +61,7 @@ def export_model(
     dtype (the model's by default). Returns `path`.
     """
 
-    predictor = _predictor(model_or_name, params, dtype)
+    predictor = _predictor(model_or_name)
     task = task or ("classify" if predictor.has_head else "features")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -79,9 +78,9 @@ def export_model(
     if isinstance(batch, int) and batch < 1:
         raise ValueError(f"batch must be a positive size, got {batch}")
 
-    config = portable_config(predictor.config)
+    config = portable_config(predictor.config, dtype)
     family = families.of_config(config)
-    params = predictor.params
+    params = predictor.params if params is None else params
     if task == "classify":
         classifier = family.classifier(config)
 
@@ -135,52 +134,35 @@ def export_model(
     return path
 
 
-def portable_config(config: Any) -> Any:
-    """The config with XLA's plain ops for attention and MLP (the artifact runs on any chip)."""
+def portable_config(config: Any, dtype: str | None = None) -> Any:
+    """The config with XLA's plain ops for attention and MLP (the artifact runs on any chip),
+    and `dtype` as its compute dtype if given."""
     changes = {k: "xla" for k in ("attention_kernel", "mlp_kernel") if hasattr(config, k)}
+    if dtype is not None:
+        changes["dtype"] = dtype
     return config.replace(**changes) if changes else config
 
 
-def _predictor(model_or_name: Any, params: Any, dtype: str | None) -> Predictor:
-    overrides = {} if dtype is None else {"dtype": dtype}
+def _predictor(model_or_name: Any) -> Predictor:
+    """The Predictor of what `export_model` was given (its config, params, preprocessing)."""
     if isinstance(model_or_name, Predictor):
-        predictor = model_or_name
-        if dtype is not None:
-            predictor = Predictor(
-                predictor.config.replace(dtype=dtype),
-                predictor.params,
-                model_type=predictor.model_type,
-                names=predictor.names,
-                source=predictor.source,
-                mean=predictor.mean,
-                std=predictor.std,
-                transform=predictor.transform,
-                neck=predictor.neck,
-            )
-    elif hasattr(model_or_name, "module") and hasattr(model_or_name, "config"):
+        return model_or_name
+    if hasattr(model_or_name, "module") and hasattr(model_or_name, "config"):
         model = model_or_name  # the Hugging Face-style classes
         if model.model_type not in ("classification", "backbone"):
             raise ValueError(
                 f"export_model takes a classifier or a HieraModel, not {type(model).__name__} "
                 "(its outputs are not a serving model's)"
             )
-        predictor = Predictor(
-            model.config.replace(**overrides),
-            model.params,
-            model_type=model.model_type,
-            source=type(model).__name__,
+        return Predictor(
+            model.config, model.params, model_type=model.model_type, source=type(model).__name__
         )
-    elif isinstance(model_or_name, (str, os.PathLike)):
-        predictor = Predictor.from_pretrained(os.fspath(model_or_name), **overrides)
-    else:
-        raise TypeError(
-            "export_model takes a Predictor, a hiera_jax model (HieraForImageClassification, "
-            f"HieraModel, ...) or a name or directory, got {type(model_or_name).__name__}"
-        )
-    if params is not None:  # on a copy: the caller's Predictor keeps its own weights
-        predictor = copy.copy(predictor)
-        predictor.params = params
-    return predictor
+    if isinstance(model_or_name, (str, os.PathLike)):
+        return Predictor.from_pretrained(os.fspath(model_or_name))
+    raise TypeError(
+        "export_model takes a Predictor, a hiera_jax model (HieraForImageClassification, "
+        f"HieraModel, ...) or a name or directory, got {type(model_or_name).__name__}"
+    )
 
 
 def _jsonable(value: Any) -> Any:
