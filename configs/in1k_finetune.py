@@ -5,7 +5,7 @@
     python train.py --config configs/in1k_finetune.py:base --workdir $WORKDIR \
         --config.init_from=$MAE_WORKDIR --config.data.data_dir=$TFDS_DATA_DIR
     # from the released MAE weights, converted once:
-    python convert/convert_pytorch.py --model mae_hiera_base_224 \
+    hiera-jax-convert --model mae_hiera_base_224 \
             --input mae_hiera_base_224.pth --output /tmp/mae_b && \
         python train.py --config configs/in1k_finetune.py:base --config.init_from=/tmp/mae_b ...
 

@@ -52,7 +52,7 @@ def test_packages_import_only_downward():
     for module, path in modules.items():
         own = _package(module)
         if own not in FLOORS:
-            continue  # hiera_jax/__init__.py and the hiera_jax.predict alias sit on top
+            continue  # hiera_jax/__init__.py, the predict alias and convert.py sit on top
         for target in _imports(path, module):
             other = _package(target)
             if other is None or other == own:

@@ -98,7 +98,7 @@ def _encoder_params(text: str) -> tuple[dict, str]:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(
             f"init_from={directory} is neither a model directory (config.json + "
-            "model.safetensors, from save_pretrained or convert/convert_pytorch.py), a finished "
+            "model.safetensors, from save_pretrained or hiera-jax-convert), a finished "
             "training workdir holding model/ (it is written when a run ends), nor a pretrained name"
         )
     _, params = load_pretrained(directory)

@@ -1,5 +1,7 @@
 """Command line: top-5 class names for images (or clips), and per-stage features to `.npz`.
 
+Installed as `hiera-jax-predict`; `python -m hiera_jax.predict` is the same command.
+
     python -m hiera_jax.predict --checkpoint checkpoints/hiera_tiny_224 cat.jpg dog.png
     python -m hiera_jax.predict --checkpoint DIR --features feats.npz cat.jpg
     python -m hiera_jax.predict --checkpoint hiera_tiny_224 cat.jpg  # published weights, by name
@@ -37,7 +39,12 @@ import numpy as np
 
 from hiera_jax import families
 
-PROG = "python -m hiera_jax.predict"
+# The name in usage and error lines: the one the user typed.
+PROG = (
+    "hiera-jax-predict"
+    if os.path.basename(sys.argv[0]) == "hiera-jax-predict"
+    else "python -m hiera_jax.predict"
+)
 EXIT_ERROR = 2  # bad arguments, inputs or checkpoints (as argparse's usage errors)
 
 

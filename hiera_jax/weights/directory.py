@@ -197,7 +197,7 @@ def _missing_config_message(directory: str, path: str) -> str:
         )
     return (
         f"{path} not found: {directory} is not a hiera-jax model directory "
-        "(make one with convert/convert_pytorch.py or save_pretrained)"
+        "(make one with hiera-jax-convert or save_pretrained)"
     )
 
 

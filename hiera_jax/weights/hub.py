@@ -705,7 +705,7 @@ def infer_variant(
         raise ValueError(
             f"the checkpoint (width {embed_dim}, {depth} blocks, {kind}, "
             f"{'with' if pretraining else 'no'} MAE decoder) fits no official variant "
-            f"{candidates or ''}; convert it with convert/convert_pytorch.py --model NAME"
+            f"{candidates or ''}; convert it with hiera-jax-convert --model NAME"
         )
     name = candidates[0]
     config = get_config(name)
