@@ -14,7 +14,7 @@ identical, program.
 
     pip install -e ".[train,gpu]"
     python benchmarks/gpu_traffic.py --write            # every row (about 20 minutes on 2 cores)
-    python benchmarks/gpu_traffic.py --only finetune:base --parts
+    python benchmarks/gpu_traffic.py --only finetune:base --variants kernels --write
 """
 
 from __future__ import annotations
@@ -229,32 +229,29 @@ def table(results: dict) -> str:
             f"**{after['bytes_per_image'] / 1e9:.3f}** | {ceiling(after):.0%} | "
             f"{1 - after['bytes_per_image'] / before['bytes_per_image']:.0%} |"
         )
+    split = [
+        (name, results[(name, "xla")], results[(name, "kernels")])
+        for name in ("finetune:base", "mae:base")
+        if (name, "xla") in results and (name, "kernels") in results
+    ]
+    if not split:
+        return "\n".join(lines)
     lines += [
         "",
-        "Where the bytes go, MB per image (forward / backward; other = optimizer, RNG):",
+        "Where the bytes go, MB per image, forward / backward (the optimizer and RNG: one figure):",
         "",
+        "| part | " + " | ".join(f"{n}: XLA's ops | {n}: our kernels" for n, _, _ in split) + " |",
+        "| --- |" + " ---: |" * (2 * len(split)),
     ]
-    for name in ("finetune:base", "mae:base"):
-        before, after = results.get((name, "xla")), results.get((name, "kernels"))
-        if not before or not after:
-            continue
-        lines += [
-            f"**{name}**:",
-            "",
-            "| part | XLA's ops | with our GPU kernels |",
-            "| --- | ---: | ---: |",
-        ]
-        for part in hbm_traffic.PARTS:
-            b, a = before["parts"].get(part, {}), after["parts"].get(part, {})
-            if not b and not a:
-                continue
 
-            def cell(v):
-                f, w, o = (v.get(k, 0.0) / 1e6 for k in ("forward", "backward", "other"))
-                return f"{o:.0f}" if o and not (f or w) else f"{f:.0f} / {w:.0f}"
+    def cell(v: dict) -> str:
+        f, w, o = (v.get(k, 0.0) / 1e6 for k in ("forward", "backward", "other"))
+        return f"{o:.0f}" if o and not (f or w) else f"{f:.0f} / {w:.0f}" if v else "-"
 
-            lines.append(f"| {part} | {cell(b)} | {cell(a)} |")
-        lines.append("")
+    for part in hbm_traffic.PARTS:
+        cells = [cell(r["parts"].get(part, {})) for _, b, a in split for r in (b, a)]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {part} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -263,16 +260,24 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", help="row names (default: all)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--reuse", action="store_true", help="keep rows measured before")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("xla", "kernels"),
+        default=("xla", "kernels"),
+        help="which programs of the --only rows to compile (the others are read back)",
+    )
     args = parser.parse_args(argv)
     os.makedirs(OUT, exist_ok=True)
     results = {}
     for row in ROWS:
         for kernels in ("xla", "kernels"):
             path = os.path.join(OUT, f"{row[0].replace(':', '_').replace('/', '_')}_{kernels}.json")
-            if (args.reuse or (args.only and row[0] not in args.only)) and os.path.exists(path):
+            skip = args.only and row[0] not in args.only or kernels not in args.variants
+            if (args.reuse or skip) and os.path.exists(path):
                 results[(row[0], kernels)] = json.load(open(path))
                 continue
-            if args.only and row[0] not in args.only:
+            if skip:
                 continue
             result = measure(row, kernels)
             json.dump(result, open(path, "w"), indent=1)

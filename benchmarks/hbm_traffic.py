@@ -150,6 +150,7 @@ def measure(recipe: str, per_device: int, topology: str, effort: float) -> dict:
         "remat": report["remat"],
         "effort": effort,
         "seconds": time.time() - t0,
+        "date": time.strftime("%Y-%m-%d"),
         "xla_bytes_per_device": fl["xla_bytes_accessed_per_device"],
         "model_flops_per_example": fl["model_per_example"],
         "mfu_ceiling": roof.get("mfu_ceiling"),
@@ -171,45 +172,87 @@ def _mb(x: float, per: int) -> str:
     return f"{mb:.0f}" if mb >= 10 or mb == 0 else f"{mb:.2g}"
 
 
-def table(results: list[dict]) -> str:
-    lines = []
-    for r in results:
-        per = r["per_device_batch"]
-        total = sum(sum(v.values()) for v in r["parts"].values())
-        xla = r["xla_bytes_per_device"]
-        mfu = r["mfu_ceiling"]
-        lines += [
-            f"**{r['recipe']}**, {per} per device on {r['topology']}"
-            f"{', remat (as the recipe)' if r.get('remat') else ''} (effort {r['effort']:g}): "
-            f"XLA counts **{xla / per / 1e9:.3g} GB per image** ({xla / 1e9:.3g} GB per device "
-            f"per step), these parts {total / per / 1e9:.3g}; "
-            f"{r['model_flops_per_example'] / 1e9:.3g} GFLOP per image; MFU ceiling "
-            f"{'?' if mfu is None else f'{100 * mfu:.0f}%'} ({r['bound_by']}-bound).",
-            "",
-            "| part | forward MB/image | backward MB/image | other MB/image | share |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for part in PARTS:
-            v = r["parts"].get(part)
-            if not v:
-                continue
-            f, b, o = v.get("forward", 0.0), v.get("backward", 0.0), v.get("other", 0.0)
-            share = 100 * (f + b + o) / total
+def _short(recipe: str) -> str:
+    return recipe.removeprefix("in1k_")
+
+
+def report(r: dict) -> str:
+    """One row's full figures (printed as each row is measured; the JSON keeps them too)."""
+    per = r["per_device_batch"]
+    total = sum(sum(v.values()) for v in r["parts"].values())
+    lines = [
+        f"{r['recipe']}, {per} per device on {r['topology']}: XLA counts "
+        f"{r['xla_bytes_per_device'] / per / 1e9:.3g} GB per image, these parts "
+        f"{total / per / 1e9:.3g}",
+    ]
+    for part in PARTS:
+        v = r["parts"].get(part)
+        if v:
             lines.append(
-                f"| {part} | {_mb(f, per)} | {_mb(b, per)} | {_mb(o, per)} | {share:.0f}% |"
+                f"  {part}: forward {_mb(v.get('forward', 0.0), per)}, backward "
+                f"{_mb(v.get('backward', 0.0), per)}, other {_mb(v.get('other', 0.0), per)} MB"
             )
-        stages = r["attention_by_stage"]
-        att = ", ".join(
-            f"stage {k}: {_mb(v, per)}" for k, v in sorted(stages.items(), key=lambda x: int(x[0]))
-        )
-        kinds = sorted(r["kinds"].items(), key=lambda kv: -kv[1])[:6]
-        lines += [
-            "",
-            f"Attention by stage (MB/image): {att}. By instruction: "
-            + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in kinds)
-            + ".",
-            "",
-        ]
+    kinds = sorted(r["kinds"].items(), key=lambda kv: -kv[1])[:6]
+    lines.append("  by instruction: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in kinds))
+    return "\n".join(lines)
+
+
+def table(results: list[dict]) -> str:
+    """The rows side by side: one column per recipe, one line per model part."""
+    if not results:
+        return ""
+    first = results[0]
+    head = (
+        f"Made by `python benchmarks/hbm_traffic.py --write`: the train step compiled with libtpu "
+        f"for {first['topology']} (effort {first['effort']:g}) on this repository's CPU machine, "
+        f"measured {', '.join(sorted({r.get('date', 'undated') for r in results}))}; blocks unscanned, "
+        "data parallel; XLA's total, then this script's split of it by model part in MB per "
+        "image, forward / backward (the optimizer and RNG have one figure). `--json` keeps "
+        "the split by instruction kind."
+    )
+    cols = []
+    for r in results:
+        name = _short(r["recipe"])
+        cols.append(f"{name}, {r['per_device_batch']}/chip" + (", remat" if r.get("remat") else ""))
+    lines = [head, "", "| | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(results)]
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row(
+        "**XLA: GB / image**",
+        [f"**{r['xla_bytes_per_device'] / r['per_device_batch'] / 1e9:.3g}**" for r in results],
+    )
+    row("GFLOP / image", [f"{r['model_flops_per_example'] / 1e9:.3g}" for r in results])
+    row(
+        "MFU ceiling",
+        ["?" if r["mfu_ceiling"] is None else f"{100 * r['mfu_ceiling']:.0f}%" for r in results],
+    )
+    for part in PARTS:
+        if not any(r["parts"].get(part) for r in results):
+            continue
+        cells = []
+        for r in results:
+            v, per = r["parts"].get(part), r["per_device_batch"]
+            if not v:
+                cells.append("-")
+            elif part in ("optimizer update", "RNG and bookkeeping"):
+                cells.append(_mb(sum(v.values()), per))
+            else:
+                cells.append(
+                    f"{_mb(v.get('forward', 0.0), per)} / {_mb(v.get('backward', 0.0), per)}"
+                )
+        row(part, cells)
+    row(
+        "attention by stage",
+        [
+            ", ".join(
+                _mb(v, r["per_device_batch"])
+                for _, v in sorted(r["attention_by_stage"].items(), key=lambda x: int(x[0]))
+            )
+            for r in results
+        ],
+    )
     return "\n".join(lines)
 
 
@@ -252,7 +295,7 @@ def main(argv=None) -> None:
         result = measure(recipe, per_device, args.topology, args.effort)
         json.dump(result, open(path, "w"), indent=1)
         results.append(result)
-        print(table([result]), flush=True)
+        print(report(result), flush=True)
     if missing:  # writing without them would drop their rows from the table
         raise SystemExit(
             "--write-only: no saved measurement for " + ", ".join(missing) + "; measure them "

@@ -241,7 +241,7 @@ def test_hbm_traffic_benchmark_attributes_the_bytes(tmp_path):
         assert parts.get(part, 0) > 0, (part, parts)
     assert set(result["parts"]["attention"]) == {"forward", "backward"}
     assert parts["attention"] == max(parts.values())
-    assert "| attention |" in run.stdout
+    assert "  attention: forward " in run.stdout
 
 
 @pytest.mark.parametrize("name", ["digits_mae_abswin", "digits_hieradet_finetune"])
