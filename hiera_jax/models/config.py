@@ -123,7 +123,8 @@ class HieraConfig(HieraGeometry, TransformersNames):
     attention_kernel: str = "auto"
     # The MLP: "auto" = one Pallas kernel on TPU (the [N, 4·C] hidden activation stays in VMEM;
     # MLPs too wide for VMEM or too few tokens excepted), XLA elsewhere; "xla"; "pallas" as above.
-    # hiera_jax.models.kernels.fused_mlp.
+    # hiera_jax.models.kernels.fused_mlp. It also switches the LayerNorms' GPU backward
+    # (hiera_jax.models.kernels.gpu_norm).
     mlp_kernel: str = "auto"
 
     def __init__(self, **kwargs: Any) -> None:

@@ -124,6 +124,7 @@ class HieraEncoder(nn.Module):
             eps=cfg.layer_norm_eps,
             bias=cfg.initializer_range,
             scale=cfg.layer_norm_init,
+            kernel=cfg.mlp_kernel,
         )
 
     def final_norm(self, name: str = "norm") -> LayerNorm:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from hiera_jax.models.attention import attention
-from hiera_jax.models.kernels import fused_mlp
+from hiera_jax.models.kernels import fused_mlp, gpu_norm
 from hiera_jax.models.kernels.matmul import Dense
 
 LAYER_NORM_EPS = 1e-6  # official and timm build LayerNorm(eps=1e-6); Flax's default is 1e-5
@@ -64,19 +64,22 @@ class LayerNorm(nn.Module):
     The same parameters and math as `nn.LayerNorm` (two-pass variance), written so that XLA CPU
     fuses the affine part into one elementwise pass: `nn.LayerNorm` folds `scale` into the
     per-token rsqrt and XLA then materialises `scale` broadcast to [B, N, C] for every norm.
+    `kernel`: "auto" gives 16-bit GPU programs a backward from saved statistics
+    (`kernels.gpu_norm`), "xla" keeps XLA's ops everywhere.
     """
 
     epsilon: float = LAYER_NORM_EPS
     dtype: jnp.dtype = jnp.float32
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     scale_init: nn.initializers.Initializer = nn.initializers.ones
+    kernel: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         channels = x.shape[-1]
         scale = self.param("scale", self.scale_init, (channels,))
         bias = self.param("bias", self.bias_init, (channels,))
-        return fused_mlp.normalize(x, scale, bias, self.epsilon, self.dtype)
+        return gpu_norm.layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
 
 
 def layer_norm(
@@ -87,6 +90,7 @@ def layer_norm(
     eps: float = LAYER_NORM_EPS,
     bias: float = INIT_STD,
     scale: float = 1.0,
+    kernel: str = "auto",
 ) -> LayerNorm:
     """A LayerNorm initialised to (`scale`, `bias`), or (`scale`, 0) with `zero_bias` (MAE)."""
     bias_init = nn.initializers.zeros if zero_bias else nn.initializers.constant(bias)
@@ -95,6 +99,7 @@ def layer_norm(
         bias_init=bias_init,
         scale_init=nn.initializers.constant(scale),
         dtype=dtype,
+        kernel=kernel,
         name=name,
     )
 
@@ -349,7 +354,12 @@ class HieraBlock(nn.Module):
         """
         dim = x.shape[-1]
         zero_bias_norms = self.mae_init or self.weight_init == "jax"  # torch LayerNorm (1, 0)
-        norm_args = dict(eps=self.norm_eps, bias=self.init_std, scale=self.norm_scale_init)
+        norm_args = dict(
+            eps=self.norm_eps,
+            bias=self.init_std,
+            scale=self.norm_scale_init,
+            kernel=self.mlp_kernel,  # the block's elementwise kernels follow its MLP's switch
+        )
         x_norm = layer_norm("norm1", zero_bias_norms, self.dtype, **norm_args)(x)
         if dim != self.dim_out:
             if self.use_expand_proj:
