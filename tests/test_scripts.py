@@ -70,38 +70,26 @@ def test_convert_then_predict_through_the_installed_scripts(tmp_path):
     image = str(tmp_path / "photo.png")
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (200, 240, 3), dtype=np.uint8)).save(image)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        command = [_script(name), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
 
     out = str(tmp_path / "converted")
-    run = subprocess.run(
-        [_script("hiera-jax-convert"), "--input", source, "--output", out],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "converted" in run.stdout and out in run.stdout
+    done = run("hiera-jax-convert", "--input", source, "--output", out)
+    assert done.returncode == 0, done.stderr
+    assert "converted" in done.stdout and out in done.stdout
 
-    run = subprocess.run(
-        [_script("hiera-jax-predict"), "--checkpoint", out, "--top-k", "1", image],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
+    done = run("hiera-jax-predict", "--checkpoint", out, "--top-k", "1", image)
+    assert done.returncode == 0, done.stderr
     probs = inference.Predictor(config, params).predict([image])[0]
     best = int(np.argmax(probs))
-    assert f"1. {probs[best]:.4f}" in run.stdout and f"(class {best})" in run.stdout
+    assert f"1. {probs[best]:.4f}" in done.stdout and f"(class {best})" in done.stdout
 
-    run = subprocess.run(
-        [_script("hiera-jax-predict")], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].endswith("(see hiera-jax-predict --help)")
+    done = run("hiera-jax-predict")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("(see hiera-jax-predict --help)")
 
 
 @pytest.mark.parametrize("form", ["module", "checkout script"])
