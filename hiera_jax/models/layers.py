@@ -64,8 +64,8 @@ class LayerNorm(nn.Module):
     The same parameters and math as `nn.LayerNorm` (two-pass variance), written so that XLA CPU
     fuses the affine part into one elementwise pass: `nn.LayerNorm` folds `scale` into the
     per-token rsqrt and XLA then materialises `scale` broadcast to [B, N, C] for every norm.
-    `kernel`: "auto" gives 16-bit GPU programs a backward from saved statistics
-    (`kernels.gpu_norm`), "xla" keeps XLA's ops everywhere.
+    `kernel`: "auto" gives 16-bit GPU programs a backward that writes its per-token statistics
+    first (`kernels.gpu_norm`), "xla" keeps XLA's ops everywhere.
     """
 
     epsilon: float = LAYER_NORM_EPS

@@ -1,4 +1,4 @@
-"""LayerNorm with a backward that reads its input three times on NVIDIA GPUs, not six.
+"""LayerNorm with a GPU backward that writes no float32 copy of the tokens.
 
 XLA's backward of LayerNorm recomputes the per-token mean and 1/σ inside each fusion that needs
 them, and a row reduction cannot feed the column reductions of the scale and bias gradients in
