@@ -245,8 +245,10 @@ def table(results: dict) -> str:
     ]
 
     def cell(v: dict) -> str:
+        if not v:
+            return "-"
         f, w, o = (v.get(k, 0.0) / 1e6 for k in ("forward", "backward", "other"))
-        return f"{o:.0f}" if o and not (f or w) else f"{f:.0f} / {w:.0f}" if v else "-"
+        return f"{o:.0f}" if o and not (f or w) else f"{f:.0f} / {w:.0f}"
 
     for part in hbm_traffic.PARTS:
         cells = [cell(r["parts"].get(part, {})) for _, b, a in split for r in (b, a)]

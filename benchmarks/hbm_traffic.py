@@ -172,10 +172,6 @@ def _mb(x: float, per: int) -> str:
     return f"{mb:.0f}" if mb >= 10 or mb == 0 else f"{mb:.2g}"
 
 
-def _short(recipe: str) -> str:
-    return recipe.removeprefix("in1k_")
-
-
 def report(r: dict) -> str:
     """One row's full figures (printed as each row is measured; the JSON keeps them too)."""
     per = r["per_device_batch"]
@@ -210,10 +206,11 @@ def table(results: list[dict]) -> str:
         "image, forward / backward (the optimizer and RNG have one figure). `--json` keeps "
         "the split by instruction kind."
     )
-    cols = []
-    for r in results:
-        name = _short(r["recipe"])
-        cols.append(f"{name}, {r['per_device_batch']}/chip" + (", remat" if r.get("remat") else ""))
+    cols = [
+        f"{r['recipe'].removeprefix('in1k_')}, {r['per_device_batch']}/chip"
+        + (", remat" if r.get("remat") else "")
+        for r in results
+    ]
     lines = [head, "", "| | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(results)]
 
     def row(label: str, cells: list[str]) -> None:
@@ -236,7 +233,7 @@ def table(results: list[dict]) -> str:
             v, per = r["parts"].get(part), r["per_device_batch"]
             if not v:
                 cells.append("-")
-            elif part in ("optimizer update", "RNG and bookkeeping"):
+            elif not (v.get("forward") or v.get("backward")):  # the optimizer, the RNG
                 cells.append(_mb(sum(v.values()), per))
             else:
                 cells.append(
