@@ -91,9 +91,9 @@ def escape_glob_in_base_paths() -> None:
 FIX_DISK = "Fix the disk, then run the same command to resume from it"
 
 
-def finished_steps(directory: str) -> list[int]:
+def finished_steps(directory: str | int) -> list[int]:
     """Steps whose directories are finalised on disk (orbax renames a save's tmp directory only
-    once every item is written)."""
+    once every item is written); `directory` is a path or an open directory's descriptor."""
     try:
         names = os.listdir(directory)
     except OSError:
@@ -102,14 +102,37 @@ def finished_steps(directory: str) -> list[int]:
 
 
 def last_good_text(
-    directory: str, known=(), *, before: int | None = None, advice: str = FIX_DISK
+    directory: str,
+    known=(),
+    *,
+    before: int | None = None,
+    advice: str = FIX_DISK,
+    on_disk: list[int] | None = None,
 ) -> str:
-    """The end of an error line: the last good checkpoint's step and path, and `advice`."""
-    found = set(finished_steps(directory)) | set(known)
+    """The end of an error line: the last good checkpoint's step and path, and `advice`.
+    `on_disk`: the finished steps if already listed (else `directory` is listed)."""
+    found = set(finished_steps(directory) if on_disk is None else on_disk) | set(known)
     good = sorted(s for s in found if before is None or s < before)
     if not good:
         return "there is no checkpoint to resume from yet"
     return f"the last good checkpoint is step {good[-1]} ({directory}/{good[-1]}), intact. {advice}"
+
+
+def _open_directory(path: str) -> int | None:
+    """A descriptor of the directory at `path` (None where directories cannot be opened)."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+
+
+def _identity(path: str, fd: int | None = None) -> tuple[int, int] | None:
+    """(device, inode) of the directory open as `fd`, else at `path`; None if there is none."""
+    try:
+        found = os.fstat(fd) if fd is not None else os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 class Checkpointer:
@@ -138,6 +161,12 @@ class Checkpointer:
                 os.path.join(self.directory, name),
             )
         self.partial = partial
+        # The directory itself, held open: a lost mount (or a directory removed while running)
+        # leaves its path pointing at another directory, where orbax would go on saving
+        # checkpoints that the next run cannot find. Each save checks that the path still names
+        # this directory, and the steps on it can still be listed after the path is gone.
+        self._dir_fd = _open_directory(self.directory)
+        self._identity = _identity(self.directory, self._dir_fd)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -160,10 +189,18 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def finished_steps(self) -> list[int]:
-        return finished_steps(self.directory)
+        """Finished steps in this run's checkpoint directory, even once its path is lost."""
+        return finished_steps(self.directory if self._dir_fd is None else self._dir_fd)
+
+    def directory_lost(self) -> bool:
+        """Whether the checkpoint directory's path no longer names the directory this run
+        opened (its mount went away, or it was removed or replaced)."""
+        return self._identity is not None and _identity(self.directory) != self._identity
 
     def save(self, step: int, state: Any, meta: dict, data_iterator: Any = None) -> bool:
         self.wait()  # the previous save's failure is reported as that step's
+        if self.directory_lost():
+            raise self._lost_error(step)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -184,9 +221,12 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001
             raise self._save_error(self._pending, err) from err
-        if self._pending is not None:
-            self._good.append(self._pending)
-        self._pending = None
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        if self.directory_lost():  # the save may have gone to whatever the path names now
+            raise self._lost_error(None if step in self.finished_steps() else step)
+        self._good.append(step)
 
     def abandon_pending(self) -> None:
         """The run is failing for another reason: let a running save finish (or fail) first, so
@@ -243,9 +283,26 @@ class Checkpointer:
             f"could not write the checkpoint of {where}: {reason}; {self.last_good(step)}"
         )
 
+    def _lost_error(self, step: int | None) -> CheckpointError:
+        """The directory's path is lost: `step`'s save (None: no save) did not reach it."""
+        self._failed = True
+        what = f"could not write the checkpoint of step {step} to {self.directory}/{step}: the"
+        if step is None:
+            what = "the checkpoint"
+        return CheckpointError(
+            f"{what} directory {self.directory} disappeared (a lost mount, or removed while "
+            f"running); {self.last_good(step)}"
+        )
+
     def last_good(self, before: int | None = None, advice: str = FIX_DISK) -> str:
         """Where a failed run can resume from, as the end of its error line."""
-        return last_good_text(self.directory, self._good, before=before, advice=advice)
+        return last_good_text(
+            self.directory,
+            self._good,
+            before=before,
+            advice=advice,
+            on_disk=self.finished_steps(),
+        )
 
     def restore_data(self, step: int, data_iterator: Any) -> bool:
         """Set `data_iterator` to its state saved at `step`; False if this checkpoint holds none
@@ -390,6 +447,10 @@ class Checkpointer:
             if not self._failed:
                 raise
             log.debug("closing after a failed save", exc_info=True)
+        finally:
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
 
 
 def _canonical_model(model: dict) -> dict:

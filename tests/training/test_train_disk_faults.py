@@ -152,6 +152,34 @@ def test_disk_fault_mid_run_is_one_line_and_loses_nothing(tmp_path, fault):
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_checkpoint_directory_replaced_under_the_run_is_not_written_to(tmp_path, async_save):
+    """A lost mount leaves the workdir's path naming the empty directory under it (the test
+    above); here the directory is moved away and a new one put at its path, which needs no
+    mount. The next save must fail, naming the last good step of the directory the run was
+    writing to, rather than go on saving into the new one (before the fix it did: the lost-mount
+    run above then trained on instead of stopping, whenever the mount went between two saves)."""
+    from hiera_jax.training.checkpoint import Checkpointer
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    directory = tmp_path / "checkpoints"
+    ckpt = Checkpointer(str(directory), keep=3, async_save=async_save)
+    for step in (5, 10):
+        state = {"step": jax.numpy.int32(step), "params": {"w": jax.numpy.ones((4, 4))}}
+        ckpt.save(step, jax.device_put(state, device), {"step": step})
+    ckpt.wait()
+    directory.rename(tmp_path / "elsewhere")
+    directory.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save(15, jax.device_put(state, device), {"step": 15})
+    ckpt.close()
+    text = str(err.value)
+    assert "step 15" in text and "disappeared" in text, text
+    assert f"last good checkpoint is step 10 ({directory}/10)" in text, text
+    assert os.listdir(directory) == []  # nothing went into the directory now at the path
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["10", "5"]
+
+
 # ============================================================================ resume settings
 def test_changed_optimizer_settings_are_named_not_called_corrupt(tmp_path):
     th.tiny_run(tmp_path, total_steps=2)
