@@ -64,8 +64,8 @@ class LayerNorm(nn.Module):
     The same parameters and math as `nn.LayerNorm` (two-pass variance), written so that XLA CPU
     fuses the affine part into one elementwise pass: `nn.LayerNorm` folds `scale` into the
     per-token rsqrt and XLA then materialises `scale` broadcast to [B, N, C] for every norm.
-    `kernel`: "auto" gives 16-bit GPU programs a backward that writes its per-token statistics
-    first (`kernels.gpu_norm`), "xla" keeps XLA's ops everywhere.
+    `kernel`: "auto" gives 16-bit GPU programs a Triton backward (`kernels.gpu_norm`), "xla"
+    keeps XLA's ops everywhere.
     """
 
     epsilon: float = LAYER_NORM_EPS
@@ -75,11 +75,15 @@ class LayerNorm(nn.Module):
     kernel: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, with_input: bool = False):
+        """norm(x); `with_input`: (x, norm(x)) for a pre-norm block's residual stream, whose
+        gradient the GPU backward then adds to dx in the same pass."""
         channels = x.shape[-1]
         scale = self.param("scale", self.scale_init, (channels,))
         bias = self.param("bias", self.bias_init, (channels,))
-        return gpu_norm.layer_norm(x, scale, bias, self.epsilon, self.dtype, self.kernel)
+        return gpu_norm.layer_norm(
+            x, scale, bias, self.epsilon, self.dtype, self.kernel, with_input=with_input
+        )
 
 
 def layer_norm(
@@ -360,7 +364,11 @@ class HieraBlock(nn.Module):
             scale=self.norm_scale_init,
             kernel=self.mlp_kernel,  # the block's elementwise kernels follow its MLP's switch
         )
-        x_norm = layer_norm("norm1", zero_bias_norms, self.dtype, **norm_args)(x)
+        norm1 = layer_norm("norm1", zero_bias_norms, self.dtype, **norm_args)
+        if dim == self.dim_out:  # x is the residual stream: its gradient joins norm1's dx
+            x, x_norm = norm1(x, with_input=True)
+        else:
+            x_norm = norm1(x)
         if dim != self.dim_out:
             if self.use_expand_proj:
                 proj_init = dense_inits(self.mae_init, self.weight_init, std=self.init_std)

@@ -115,11 +115,14 @@ def _gpu_text(dtype, kernel="auto"):
 def test_gpu_programs_take_the_kernels_in_16_bits_and_move_fewer_bytes():
     pytest.importorskip("jax_plugins.xla_cuda12", reason="the GPU compiler: the gpu extra")
     ours = _gpu_text(jnp.bfloat16)
-    assert "hiera_mlp_half_fwd" in ours and "hiera_mlp_half_bwd" in ours
-    assert ours.count('custom_call_target="__gpu$xla.gpu.triton"') == 2
+    for name in ("hiera_mlp_half_fwd", "hiera_mlp_half_bwd", "hiera_mlp_half_wgrad"):
+        assert name in ours
+    assert ours.count('custom_call_target="__gpu$xla.gpu.triton"') == 3
+    # The weight gradients come from the kernel, not from cuBLAS over a written activation.
     xla = _gpu_text(jnp.bfloat16, kernel="xla")
+    assert "__cublas" not in ours and "__cublas" in xla
     assert "hiera_mlp_half" not in xla
-    assert hlo_cost.bytes_accessed(ours) < 0.5 * hlo_cost.bytes_accessed(xla)
+    assert hlo_cost.bytes_accessed(ours) < 0.25 * hlo_cost.bytes_accessed(xla)
     assert "hiera_mlp_half" not in _gpu_text(jnp.float32)  # float32: XLA's path
 
 

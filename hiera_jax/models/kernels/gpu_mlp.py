@@ -8,10 +8,15 @@ more arrays of that size. It was 37% of a Hiera-B finetune step's GPU traffic (B
 - the forward is one kernel per tile of rows: the norm, fc1, the GELU, fc2, the drop path and
   the residual, with the hidden activation in registers, chunk by chunk: HBM sees x, the output
   and the weights;
-- the backward is one kernel per tile of rows that recomputes the norm, fc1 and the GELU and
-  writes dx, the activation gradient and the activation (bf16 [rows, 4·C] each) and the norm's
-  output, and then two cuBLAS GEMMs for the weight gradients (a row-parallel kernel could only
-  sum them with atomics). The vector gradients come back as per-tile partial sums.
+- the backward is two kernels that both recompute the norm, fc1 and the GELU from x and dout,
+  so that no [rows, 4·C] array is written and read back (the cuBLAS weight gradients that this
+  replaced needed the activation and its gradient in HBM: 118 of the base finetune step's 503
+  MB per image went to the MLP's backward, 32 now). One kernel per tile of rows writes dx,
+  and the vector gradients as per-tile partial sums; the other, one program per (split of the
+  rows, group of hidden columns), sums both weight gradients of its columns over its rows in
+  f32 registers and writes them as per-split partial sums. The price is FLOPs: fc1 is computed
+  three times (the forward and each backward kernel) and dy w2ᵀ twice, 9 GEMMs of the MLP's
+  size where XLA's ops run 6, which a step bound by HBM traffic (BENCHMARKS.md) can afford.
 
 Triton's blocks are powers of two: C is taken in chunks of the largest power of two up to 128
 that divides it (Hiera-B: 32, 64, 128, 128), the hidden axis in chunks of 64. The exact GELU's
@@ -37,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from hiera_jax.models.kernels import tpu
 
 HIDDEN_CHUNK = 64  # columns of fc1's output a loop step computes
+GPU_SMS = 132  # an H100 SXM's: the weight-gradient kernel's programs fill them
 # The widest C compiled (Hiera-L's last stage): at Hiera-H's 2048, Triton asked for 272 KB of
 # shared memory, more than a Hopper SM has (H100 and H200 targets, compiled here).
 MAX_DIM = 1152
@@ -114,9 +120,9 @@ def _dot(a, b, contract=((1,), (0,))):
     return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _norm(x_ref, chunks: int, c: int, eps: float):
+def _norm(x_ref, chunks: int, c: int, eps: float, rows=slice(None)):
     """LayerNorm of the tile's rows in f32, chunk by chunk: (x chunks, x̂ chunks, 1/σ)."""
-    xs = [x_ref[:, pl.ds(k * c, c)].astype(jnp.float32) for k in range(chunks)]
+    xs = [x_ref[rows, pl.ds(k * c, c)].astype(jnp.float32) for k in range(chunks)]
     dim = chunks * c
     mean = sum(v.sum(axis=1, keepdims=True) for v in xs) / dim
     centred = [v - mean for v in xs]
@@ -159,8 +165,7 @@ def _forward_kernel(
 
 def _backward_kernel(
     x_ref, do_ref, f_ref, g_ref, be_ref, w1_ref, b1_ref, w2_ref,  # inputs
-    dx_ref, xn_ref, dy_ref, act_ref, dpre_ref,  # row outputs
-    dg_ref, dbe_ref, db1_ref, db2_ref,  # this tile's partial sums
+    dx_ref, dg_ref, dbe_ref, db1_ref, db2_ref,  # dx, and this tile's partial sums
     *, c, eps,
 ):  # fmt: skip
     chunks = x_ref.shape[1] // c
@@ -172,22 +177,12 @@ def _backward_kernel(
     dy32 = [d * factor for d in douts]  # through the drop path
     dy = [d.astype(dtype) for d in dy32]
     for k in range(chunks):
-        xn_ref[:, pl.ds(k * c, c)] = xn[k]
-        dy_ref[:, pl.ds(k * c, c)] = dy[k]
         db2_ref[pl.ds(k * c, c)] = dy32[k].sum(axis=0)
 
     def step(j, dxn):
         cols = pl.ds(pl.multiple_of(j * HIDDEN_CHUNK, HIDDEN_CHUNK), HIDDEN_CHUNK)
-        pre = b1_ref[cols][None, :].astype(jnp.float32)
-        dact = jnp.zeros((x_ref.shape[0], HIDDEN_CHUNK), jnp.float32)
-        for k in range(chunks):
-            pre = pre + _dot(xn[k], w1_ref[pl.ds(k * c, c), cols])
-            dact = dact + _dot(dy[k], w2_ref[cols, pl.ds(k * c, c)], ((1,), (1,)))  # dy w2ᵀ
-        act, slope = _gelu_and_slope(pre)
-        dpre32 = dact * slope
+        _, dpre32 = _hidden(xn, dy, w1_ref, b1_ref, w2_ref, cols, c)
         dpre = dpre32.astype(dtype)
-        act_ref[:, cols] = act.astype(dtype)
-        dpre_ref[:, cols] = dpre
         db1_ref[cols] = dpre32.sum(axis=0)
         return tuple(
             d + _dot(dpre, w1_ref[pl.ds(k * c, c), cols], ((1,), (1,)))  # dpre w1ᵀ
@@ -208,13 +203,64 @@ def _backward_kernel(
         dbe_ref[pl.ds(k * c, c)] = dxn[k].sum(axis=0)
 
 
-def _cost(rows: int, dim: int, hidden: int, matmuls: int, arrays: int) -> pl.CostEstimate:
-    """`matmuls` [rows, C] x [C, H] products (forward 2; backward 3: fc1 again, dy w2ᵀ, dpre
-    w1ᵀ) and roughly `arrays` bf16 [rows, C] arrays moved, for XLA's and our FLOP counts."""
+def _hidden(xn, dy, w1_ref, b1_ref, w2_ref, cols, c: int):
+    """fc1's output columns `cols` through the GELU, and their gradient before it, f32:
+    (gelu(xn w1 + b1), (dy w2ᵀ)·gelu'(...))."""
+    pre = b1_ref[cols][None, :].astype(jnp.float32)
+    dact = jnp.zeros((xn[0].shape[0], pre.shape[1]), jnp.float32)
+    for k in range(len(xn)):
+        pre = pre + _dot(xn[k], w1_ref[pl.ds(k * c, c), cols])
+        dact = dact + _dot(dy[k], w2_ref[cols, pl.ds(k * c, c)], ((1,), (1,)))  # dy w2ᵀ
+    act, slope = _gelu_and_slope(pre)
+    return act, dact * slope
+
+
+def _weight_kernel(
+    x_ref, do_ref, f_ref, g_ref, be_ref, w1_ref, b1_ref, w2_ref,  # inputs
+    dw1_ref, dw2_ref,  # this split's sums for this program's hidden columns
+    *, c, eps, tile,
+):  # fmt: skip
+    """dw1 = xnᵀ dpre and dw2 = actᵀ dy over the split's rows, tile by tile, for the hidden
+    columns of w1_ref / w2_ref: the activations are recomputed from x and dout, never read."""
+    chunks = x_ref.shape[1] // c
+    dtype = w1_ref.dtype
+    cols = pl.ds(0, w1_ref.shape[1])
+
+    def step(r, acc):
+        rows = pl.ds(pl.multiple_of(r * tile, tile), tile)
+        _, xhat, _ = _norm(x_ref, chunks, c, eps, rows)
+        xn = _affine(xhat, g_ref, be_ref, c, dtype)
+        factor = f_ref[rows][:, None]
+        dy = [
+            (do_ref[rows, pl.ds(k * c, c)].astype(jnp.float32) * factor).astype(dtype)
+            for k in range(chunks)
+        ]
+        act, dpre = _hidden(xn, dy, w1_ref, b1_ref, w2_ref, cols, c)
+        act, dpre = act.astype(dtype), dpre.astype(dtype)
+        dw1 = tuple(a + _dot(xn[k], dpre, ((0,), (0,))) for k, a in enumerate(acc[0]))
+        dw2 = tuple(a + _dot(act, dy[k], ((0,), (0,))) for k, a in enumerate(acc[1]))
+        return dw1, dw2
+
+    hc = w1_ref.shape[1]
+    zeros = (
+        tuple(jnp.zeros((c, hc), jnp.float32) for _ in range(chunks)),
+        tuple(jnp.zeros((hc, c), jnp.float32) for _ in range(chunks)),
+    )
+    dw1, dw2 = lax.fori_loop(0, x_ref.shape[0] // tile, step, zeros)
+    for k in range(chunks):
+        dw1_ref[pl.ds(k * c, c), :] = dw1[k]
+        dw2_ref[:, pl.ds(k * c, c)] = dw2[k]
+
+
+def _cost(rows: int, dim: int, hidden: int, matmuls: int, arrays: float) -> pl.CostEstimate:
+    """`matmuls` [rows, C] x [C, H] products (forward 2; backward: the row kernel 3 (fc1
+    again, dy w2ᵀ, dpre w1ᵀ), the weight kernel 4 (fc1 and dy w2ᵀ again, both weight
+    gradients)) and roughly `arrays` bf16 [rows, C] arrays moved, for XLA's and our FLOP
+    counts."""
     return pl.CostEstimate(
         flops=2 * rows * dim * hidden * matmuls,
         transcendentals=rows * hidden,
-        bytes_accessed=2 * rows * dim * arrays + 4 * dim * hidden,
+        bytes_accessed=int(2 * rows * dim * arrays) + 4 * dim * hidden,
     )
 
 
@@ -243,12 +289,33 @@ def _forward_call(x2, factor, p, eps: float, interpret: bool):
     )(x2, factor, *p)
 
 
+def _weight_columns(dim: int) -> int:
+    """Hidden columns per weight-gradient program: its two f32 accumulators, [C, n] and [n, C],
+    stay near 12K values (registers), so fewer columns for wider MLPs (16 at least: Triton's
+    smallest matmul side; C above 384 holds more)."""
+    n = HIDDEN_CHUNK
+    while n > 16 and n * dim > 6144:
+        n //= 2  # a power of two, so it divides the hidden width (a multiple of 64)
+    return n
+
+
+def _row_splits(tiles: int, programs_per_split: int) -> int:
+    """Splits of the rows for the weight-gradient kernel: enough programs to fill an H100's 132
+    SMs, the fewest splits that do (each split writes its own f32 partial sums of the
+    weights); a divisor of the number of row tiles."""
+    target = max(1, -(-GPU_SMS // programs_per_split))
+    return max(s for s in range(1, min(tiles, target) + 1) if tiles % s == 0)
+
+
 def _backward_call(x2, dout, factor, p, eps: float, interpret: bool):
+    """Two kernels: a row kernel (dx and the vector gradients) and a weight-gradient kernel
+    over (row split, hidden columns). Both recompute fc1 and the GELU from x, so no activation
+    4·C wide is written to HBM and read back: x and dout are each read twice, and the weight
+    kernel writes f32 partial sums per row split."""
     rows, dim = x2.shape
     hidden = p[2].shape[1]
     c, tile = _dim_chunk(dim), _row_tile(rows, dim)
     tiles = rows // tile
-    dtype = p[2].dtype
 
     def row(width):
         return pl.BlockSpec((tile, width), lambda i: (i, 0))
@@ -260,30 +327,51 @@ def _backward_call(x2, dout, factor, p, eps: float, interpret: bool):
         return pl.BlockSpec((None, width), lambda i: (i, 0))
 
     no_bias = tuple(p)[:-1]  # b2 only enters the forward
-    outs = pl.pallas_call(
+    dx, dg, dbe, db1, db2 = pl.pallas_call(
         functools.partial(_backward_kernel, c=c, eps=eps),
         grid=(tiles,),
         in_specs=[row(dim), row(dim), pl.BlockSpec((tile,), lambda i: (i,))]
         + [whole(a) for a in no_bias],
-        out_specs=[row(dim), row(dim), row(dim), row(hidden), row(hidden)]
-        + [partial_sum(w) for w in (dim, dim, hidden, dim)],
-        out_shape=[
-            jax.ShapeDtypeStruct((rows, dim), x2.dtype),  # dx
-            jax.ShapeDtypeStruct((rows, dim), dtype),  # the norm's output
-            jax.ShapeDtypeStruct((rows, dim), dtype),  # dy = dout through the drop path
-            jax.ShapeDtypeStruct((rows, hidden), dtype),  # gelu(fc1)
-            jax.ShapeDtypeStruct((rows, hidden), dtype),  # its gradient before the GELU
-        ]
+        out_specs=[row(dim)] + [partial_sum(w) for w in (dim, dim, hidden, dim)],
+        out_shape=[jax.ShapeDtypeStruct((rows, dim), x2.dtype)]
         + [jax.ShapeDtypeStruct((tiles, w), jnp.float32) for w in (dim, dim, hidden, dim)],
         compiler_params=_params(c, tile, dim),
-        cost_estimate=_cost(rows, dim, hidden, 3, 5 + 8),  # + act and dpre, 4·C wide
+        cost_estimate=_cost(rows, dim, hidden, 3, 3),
         interpret=interpret,
         name="hiera_mlp_half_bwd",
     )(x2, dout, factor, *no_bias)
-    dx, xn, dy, act, dpre, dg, dbe, db1, db2 = outs
-    dw1 = _dot(xn, dpre, ((0,), (0,)))  # xnᵀ dpre: cuBLAS
-    dw2 = _dot(act, dy, ((0,), (0,)))  # actᵀ dy
-    grads = (dg.sum(0), dbe.sum(0), dw1, db1.sum(0), dw2, db2.sum(0))
+
+    n = _weight_columns(dim)
+    splits = _row_splits(tiles, hidden // n)
+    split = rows // splits
+    w1, b1, w2 = no_bias[2:]
+    dw1, dw2 = pl.pallas_call(
+        functools.partial(_weight_kernel, c=c, eps=eps, tile=tile),
+        grid=(splits, hidden // n),
+        in_specs=[
+            pl.BlockSpec((split, dim), lambda s, j: (s, 0)),
+            pl.BlockSpec((split, dim), lambda s, j: (s, 0)),
+            pl.BlockSpec((split,), lambda s, j: (s,)),
+            pl.BlockSpec((dim,), lambda s, j: (0,)),
+            pl.BlockSpec((dim,), lambda s, j: (0,)),
+            pl.BlockSpec((dim, n), lambda s, j: (0, j)),
+            pl.BlockSpec((n,), lambda s, j: (j,)),
+            pl.BlockSpec((n, dim), lambda s, j: (j, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, dim, n), lambda s, j: (s, 0, j)),
+            pl.BlockSpec((None, n, dim), lambda s, j: (s, j, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((splits, dim, hidden), jnp.float32),
+            jax.ShapeDtypeStruct((splits, hidden, dim), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+        cost_estimate=_cost(rows, dim, hidden, 4, 2 + 8 * splits * hidden / rows),
+        interpret=interpret,
+        name="hiera_mlp_half_wgrad",
+    )(x2, dout, factor, *no_bias)
+    grads = (dg.sum(0), dbe.sum(0), dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0))
     return dx, tuple(g.astype(a.dtype) for g, a in zip(grads, p))
 
 
