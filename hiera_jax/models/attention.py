@@ -9,9 +9,9 @@ the bytes go"). The kernels in `hiera_jax.models.kernels` keep the softmax on ch
   projection's [B, N, 3·C] output, query pooling included (the token kernel), or on
   [B, w, h, n, d] arrays (`window_attention`) where its image does not fit; windows too large
   for VMEM take JAX's Pallas flash attention where a tile divides their lengths.
-- NVIDIA GPU, 16-bit programs: Pallas Triton kernels that read mask units of power-of-two size
-  in place (`kernels.gpu_attention`), cuDNN's flash attention elsewhere
-  (`kernels.cudnn_attention`).
+- NVIDIA GPU, 16-bit programs: Pallas Triton kernels that read the projection in place
+  (`kernels.gpu_attention`): mask units of power-of-two size, and one global window of up to 256
+  tokens (its length masked); cuDNN's flash attention elsewhere (`kernels.cudnn_attention`).
 
 `kernel="auto"` picks them by the platform a program is compiled for (`lax.platform_dependent`,
 so an AOT compile from a CPU host gets them too), and XLA's path on the CPU, where the float32
@@ -116,6 +116,11 @@ def attention(
     if kernel == "auto" and gpu_attention.kernel_fits(qkv.dtype, windows, n_k, q_stride, d):
         # Mask units of power-of-two size: in place, no layout copies (gpu_attention).
         gpu["cuda"] = functools.partial(gpu_attention.window_attention, **options)
+    elif kernel == "auto" and gpu_attention.global_fits(qkv.dtype, windows, n_k, q_stride, d):
+        # One global window of up to 256 tokens: in place too, its length masked.
+        gpu["cuda"] = functools.partial(
+            gpu_attention.global_attention, heads=heads, scale=scale, q_stride=q_stride
+        )
     elif kernel == "auto" and cudnn_fits(qkv.dtype, d):
         gpu["cuda"] = functools.partial(cudnn_attention, **options)
     if not token_kernel_fits(qkv, **options):

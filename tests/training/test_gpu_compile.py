@@ -146,29 +146,31 @@ def test_cudnn_layout_matches_xla_path_in_float32_values_and_gradients(heads, wi
 
 
 @pytest.mark.parametrize(
-    "windows, q_stride, target",
+    "tokens, windows, q_stride, target",
     [
-        (1, 1, "__cudnn$fmhaSoftmax"),  # global attention: cuDNN
-        (49, 32, "__cudnn$fmhaSoftmax"),  # pooled to 2 queries: fewer than the kernels take
-        (49, 4, "hiera_window_attention"),  # mask units of 64 keys, 16 queries: in place
-        (49, 1, "hiera_window_attention"),
+        (64, 1, 1, "hiera_global_attention"),  # one global window of up to 256: in place
+        (196, 1, 4, "hiera_global_attention"),  # pooled to 49 queries, 196 keys masked to 256
+        (320, 1, 1, "__cudnn$fmhaSoftmax"),  # more keys than the global kernels hold: cuDNN
+        (64 * 49, 49, 32, "__cudnn$fmhaSoftmax"),  # pooled to 2 queries: too few for Triton
+        (64 * 49, 49, 4, "hiera_window_attention"),  # mask units of 64 keys, 16 queries
+        (64 * 49, 49, 1, "hiera_window_attention"),
     ],
 )
 def test_gpu_programs_take_the_gpu_attention_kernels_and_cpu_programs_do_not(
-    windows, q_stride, target
+    tokens, windows, q_stride, target
 ):
-    x = jax.ShapeDtypeStruct((2, 64 * windows, 96), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, tokens, 96), jnp.bfloat16)
     weight = jax.ShapeDtypeStruct((96, 3 * 96), jnp.bfloat16)
     step = grads(lambda x, w: attention.attention(x @ w, 1, windows, 0.1, q_stride=q_stride))
     gpu = gpu_compile(step, [x, weight])
     if target.startswith("__cudnn"):
         assert gpu.count(f'custom_call_target="{target}"') == 1  # forward
         assert gpu.count(f'custom_call_target="{target}Backward"') == 1
-        assert "hiera_window_attention" not in gpu
+        assert "hiera_window_attention" not in gpu and "hiera_global_attention" not in gpu
     else:
         assert 'custom_call_target="__cudnn$fmha' not in gpu
         assert gpu.count('custom_call_target="__gpu$xla.gpu.triton"') == 2
-        assert "hiera_window_attention_fwd" in gpu and "hiera_window_attention_bwd" in gpu
+        assert f"{target}_fwd" in gpu and f"{target}_bwd" in gpu
         # Read and written in place: no copy or transpose of qkv, its gradient or the output.
         layout = [a for a in hlo_cost.accesses(gpu) if "attention" in a.op_name]
         assert not [a for a in layout if a.opcode in ("copy", "transpose")], layout
@@ -177,7 +179,23 @@ def test_gpu_programs_take_the_gpu_attention_kernels_and_cpu_programs_do_not(
     # float32 keeps XLA's path (the official arithmetic).
     as_f32 = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, weight)]
     f32 = gpu_compile(step, as_f32)
-    assert 'custom_call_target="__cudnn$fmha' not in f32 and "hiera_window_attention" not in f32
+    assert 'custom_call_target="__cudnn$fmha' not in f32 and "__gpu$xla.gpu.triton" not in f32
+
+
+def test_global_kernels_move_fewer_bytes_than_cudnn_with_its_copies():
+    """A stage-3 layer of the base model (196 tokens, 4 heads of 96), projection, attention and
+    their gradients: cuDNN's path copies q, k, v out of the projection and their gradients
+    back; the global kernels read and write the projection's layout."""
+    x = jax.ShapeDtypeStruct((8, 196, 384), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((384, 3 * 384), jnp.bfloat16)
+
+    def layer(fn):
+        return grads(lambda x, w: fn(x @ w, heads=4, windows=1, scale=0.1, q_stride=1))
+
+    ours = hlo_cost.bytes_accessed(gpu_compile(layer(attention.attention), [x, weight]))
+    cudnn = hlo_cost.bytes_accessed(gpu_compile(layer(attention.cudnn_attention), [x, weight]))
+    tokens = 8 * 196 * 384 * 2  # one [B, N, C] bf16 array
+    assert cudnn - ours > 10 * tokens, (cudnn - ours) / tokens
 
 
 @pytest.mark.parametrize(
@@ -200,13 +218,37 @@ def test_in_place_kernels_match_xla_path_in_float32_values_and_gradients(
     assert_values_and_gradients_match(ours, reference, qkv)
 
 
-def test_in_place_kernels_split_the_pooling_gradient_between_ties_as_jax_does():
+@pytest.mark.parametrize(
+    "heads, n, q_stride, d", [(2, 76, 1, 32), (1, 196, 4, 96), (2, 49, 1, 48), (1, 16, 1, 16)]
+)
+def test_global_kernels_match_xla_path_in_float32_values_and_gradients(heads, n, q_stride, d):
+    """One global window: 76 keys (the MAE encoder's last stages) masked to 128, 196 keys
+    pooled to 49 queries (a stage change), 49 (Hiera's last stage), a power of two."""
+    qkv = jax.random.normal(jax.random.key(0), (2, n, 3 * heads * d))
+    options = dict(heads=heads, windows=1, scale=d**-0.5, q_stride=q_stride)
+
+    def ours(x):
+        return gpu_attention.global_attention(x, heads, d**-0.5, q_stride, True)
+
+    def reference(x):
+        return attention.transposed_attention(x, **options, kernel="xla")
+
+    assert_values_and_gradients_match(ours, reference, qkv)
+
+
+@pytest.mark.parametrize("windows", [2, 1])
+def test_in_place_kernels_split_the_pooling_gradient_between_ties_as_jax_does(windows):
     """Queries rounded to a coarse grid tie often inside a pooled chunk: jax's max gives each
-    tied candidate an equal share, and so must the kernel."""
-    heads, windows, n, d = 1, 2, 64, 16
+    tied candidate an equal share, and so must the kernels (mask units, one global window)."""
+    heads, n, d = 1, 64 if windows > 1 else 196, 16
     qkv = jnp.round(jax.random.normal(jax.random.key(2), (1, n * windows, 3 * d)))
     options = dict(heads=heads, windows=windows, scale=d**-0.5, q_stride=4)
-    ours = jax.grad(lambda x: gpu_attention.window_attention(x, *options.values(), True).sum())(qkv)
+    def kernel(x):
+        if windows > 1:
+            return gpu_attention.window_attention(x, *options.values(), True)
+        return gpu_attention.global_attention(x, 1, d**-0.5, 4, True)
+
+    ours = jax.grad(lambda x: kernel(x).sum())(qkv)
     want = jax.grad(lambda x: attention.transposed_attention(x, **options, kernel="xla").sum())(qkv)
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
 
@@ -221,6 +263,16 @@ def test_in_place_kernels_in_bfloat16_are_as_close_to_float32_as_xla_in_bfloat16
     err = {k: float(jnp.abs(v.astype(jnp.float32) - want).max()) for k, v in
            {"ours": ours, "xla": xla}.items()}  # fmt: skip
     assert err["ours"] <= 1.25 * err["xla"] + 1e-3, err
+    # One global window of 196 keys pooled to 49 queries.
+    qkv = jax.random.normal(jax.random.key(4), (2, 196, 3 * 2 * 32))
+    options = dict(heads=2, windows=1, scale=32**-0.5, q_stride=4)
+    want = attention.transposed_attention(qkv, **options, kernel="xla")
+    low = qkv.astype(jnp.bfloat16)
+    ours = gpu_attention.global_attention(low, 2, 32**-0.5, 4, True)
+    xla = attention.transposed_attention(low, **options, kernel="xla")
+    err = {k: float(jnp.abs(v.astype(jnp.float32) - want).max()) for k, v in
+           {"ours": ours, "xla": xla}.items()}  # fmt: skip
+    assert err["ours"] <= 1.25 * err["xla"] + 1e-3, err
 
 
 def test_flop_counts_see_through_the_gpu_kernels():
@@ -230,13 +282,19 @@ def test_flop_counts_see_through_the_gpu_kernels():
     from hiera_jax.models.kernels import fused_mlp
     from hiera_jax.training.cost import flops
 
-    b, n, h, d = 2, 64, 2, 32
-    for w in (4, 1):  # mask units (the Triton kernels), global attention (cuDNN)
+    b, h, d = 2, 2, 32
+    # Mask units (q kᵀ again in the backward), one global window (q kᵀ and do vᵀ twice in the
+    # backward, and q kᵀ for dq), more keys than the global kernels hold (cuDNN: q kᵀ again).
+    for w, n, again in ((4, 64, 1), (1, 64, 3), (1, 320, 1)):
         qkv = jax.ShapeDtypeStruct((b, n * w, 3 * h * d), jnp.bfloat16)
-        step = jax.grad(lambda x, w=w: attention.attention(x, h, w, 0.1).astype(jnp.float32).sum())
+
+        def step(x, w=w):
+            loss = lambda x: attention.attention(x, h, w, 0.1).astype(jnp.float32).sum()  # noqa: E731
+            return jax.value_and_grad(loss)(x)
+
         pairs = b * w * n * h * n * d  # [n, n] products of length d, per window and head
         assert flops.jaxpr_flops(step, qkv) == 2 * pairs * (2 + 4)  # forward 2, backward 4
-        assert flops.kernel_recompute_flops(step, qkv, platform="cuda") == 2 * pairs
+        assert flops.kernel_recompute_flops(step, qkv, platform="cuda") == 2 * pairs * again
     rows, c = 8 * 196, 96
     x = jax.ShapeDtypeStruct((8, 196, c), jnp.bfloat16)
     p = fused_mlp.MlpHalf(
@@ -250,16 +308,17 @@ def test_flop_counts_see_through_the_gpu_kernels():
     grads = jax.grad(mlp, argnums=(0, 1))
     fc1 = 2 * rows * c * 4 * c
     assert flops.jaxpr_flops(grads, x, p) == 6 * fc1  # fc1, fc2 and four backward GEMMs
-    assert flops.kernel_recompute_flops(grads, x, p, platform="cuda") == fc1
+    # fc1 in both backward kernels, and dy w2ᵀ in the weight-gradient kernel too.
+    assert flops.kernel_recompute_flops(grads, x, p, platform="cuda") == 3 * fc1
 
 
 def test_odd_lengths_take_cudnn_padded_by_one_masked_row():
-    """jax 0.10.2 trains cuDNN's attention on even lengths only; Hiera's last stage at 224 has
-    49 tokens (and 196 keys for 49 pooled queries)."""
+    """jax 0.10.2 trains cuDNN's attention on even lengths only: a global window longer than
+    the global kernels take (17 x 17 tokens, or as many queries pooled from 4 x as many keys)."""
     weight = jax.ShapeDtypeStruct((96, 3 * 96), jnp.bfloat16)
-    for tokens, q_stride in ((49, 1), (196, 4)):
+    for tokens, q_stride in ((289, 1), (1156, 4)):
         x = jax.ShapeDtypeStruct((2, tokens, 96), jnp.bfloat16)
         step = grads(lambda x, w, s=q_stride: attention.attention(x @ w, 1, 1, 0.1, q_stride=s))
         gpu = gpu_compile(step, [x, weight])
         calls = [ln for ln in gpu.splitlines() if 'custom_call_target="__cudnn$fmha' in ln]
-        assert len(calls) == 2 and all("bf16[2,50,1,96]" in ln for ln in calls), calls
+        assert len(calls) == 2 and all("bf16[2,290,1,96]" in ln for ln in calls), calls

@@ -232,3 +232,240 @@ def _window_attention_bwd(heads, windows, scale, q_stride, interpret, qkv, dout)
 
 
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
+
+
+# ============================================================================ global attention
+# One window of n tokens (Hiera's last two stages, the MAE decoder): n is rarely a power of two
+# (196, 76, 49), so the keys are read as one block of the next power of two, masked, and the
+# queries in blocks of up to 64. cuDNN takes these too, but through copies of q, k and v out of
+# the projection (and of their gradients back): the base finetune step's global stages spent
+# 32 of their MB per image on those copies. The backward is one program per (image, head), so
+# that it writes the [B, N, 3·C] gradient once: dq query block by query block (keeping each
+# block's log-sum-exp and Σ p·dp), then dk and dv key block by key block, FlashAttention-2's
+# way, summed over the query blocks. q kᵀ and do vᵀ are computed twice in the backward.
+GLOBAL_MAX_KEYS = 256  # a [64, 256] f32 logits block in registers
+GLOBAL_BLOCK = 64
+_MASKED = -1e30
+
+
+def _next_pow2(n: int) -> int:
+    return max(MIN_BLOCK, 1 << (n - 1).bit_length())
+
+
+def global_fits(dtype, windows: int, n_k: int, q_stride: int, head_dim: int) -> bool:
+    """Whether one global window (windows == 1) takes the global kernels: up to 256 keys, the
+    head dim in chunks of 16 or more, 16-bit inputs."""
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and windows == 1
+        and n_k <= GLOBAL_MAX_KEYS
+        and n_k % q_stride == 0
+        and _chunk(head_dim) is not None
+    )
+
+
+def _global_sizes(n_k: int, q_stride: int):
+    n_q = n_k // q_stride
+    keys = _next_pow2(n_k)
+    block_q = min(GLOBAL_BLOCK, _next_pow2(n_q))
+    block_k = min(GLOBAL_BLOCK, keys)
+    return n_q, keys, block_q, block_k
+
+
+def _rows(start, size: int, limit: int):
+    """Row indices start..start+size and which of them are < limit."""
+    rows = start + jnp.arange(size)
+    return rows, rows < limit
+
+
+def _index(index):
+    """Integer indices as int32 scalars: Pallas' interpreter takes no Python int in a masked
+    load's or store's index."""
+    return tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)
+
+
+def _load(ref, index, mask):
+    return plgpu.load(ref.at[_index(index)], mask=mask[:, None], other=0.0)
+
+
+def _store(ref, index, value, mask):
+    plgpu.store(ref.at[_index(index)], value.astype(ref.dtype), mask=mask[:, None])
+
+
+def _pooled_queries(qkv_ref, i, n_q, block_q, q_stride, cols, scale):
+    """Query block i of one column chunk, pooled over its q_stride candidates and scaled in its
+    dtype: (scaled q, pooled q, the candidates, row mask)."""
+    _, valid = _rows(i * block_q, block_q, n_q)
+    candidates = [
+        _load(qkv_ref, (pl.ds(s * n_q + i * block_q, block_q), 0, cols), valid)
+        for s in range(q_stride)
+    ]
+    pooled = candidates[0]
+    for cand in candidates[1:]:
+        pooled = jnp.maximum(pooled, cand)
+    return pooled * jnp.asarray(scale, pooled.dtype), pooled, candidates, valid
+
+
+def _global_logits(qkv_ref, i, n_q, n_k, keys, block_q, q_stride, c, chunks, scale):
+    """Logits of query block i against every key (invalid keys masked), f32, with the chunks."""
+    _, key_ok = _rows(0, keys, n_k)
+    qs, pooled, ks, vs, logits, valid = [], [], [], [], None, None
+    for j in range(chunks):
+        cols = pl.ds(j * c, c)
+        q, p_, cands, valid = _pooled_queries(qkv_ref, i, n_q, block_q, q_stride, cols, scale)
+        k = _load(qkv_ref, (pl.ds(0, keys), 1, cols), key_ok)
+        v = _load(qkv_ref, (pl.ds(0, keys), 2, cols), key_ok)
+        part = _dot(q, k, ((1,), (1,)))
+        logits = part if logits is None else logits + part
+        qs.append(q), pooled.append((p_, cands)), ks.append(k), vs.append(v)
+    logits = jnp.where(key_ok[None, :], logits, _MASKED)
+    return qs, pooled, ks, vs, logits, valid
+
+
+def _softmax_rows(logits):
+    """(probabilities, log-sum-exp) of each row, f32."""
+    top = logits.max(axis=1, keepdims=True)
+    p = jnp.exp(logits - top)
+    total = p.sum(axis=1, keepdims=True)
+    return p / total, top + jnp.log(total)
+
+
+def _global_forward_kernel(qkv_ref, o_ref, *, n_q, n_k, q_stride, c, scale):
+    block_q, d = o_ref.shape
+    keys = _next_pow2(n_k)
+    i = pl.program_id(2)
+    _, _, _, vs, logits, valid = _global_logits(
+        qkv_ref, i, n_q, n_k, keys, block_q, q_stride, c, d // c, scale
+    )
+    p, _ = _softmax_rows(logits)
+    for j in range(d // c):
+        out = _dot(p.astype(vs[j].dtype), vs[j])
+        _store(o_ref, (slice(None), pl.ds(j * c, c)), out, valid)
+
+
+def _global_backward_kernel(qkv_ref, do_ref, dqkv_ref, *, n_q, n_k, q_stride, c, scale):
+    """One (image, head): dq block by block of queries, keeping each block's log-sum-exp and
+    Σ p·dp, then dk and dv block by block of keys, summed over the query blocks."""
+    d = do_ref.shape[1]
+    chunks = d // c
+    _, keys, block_q, block_k = _global_sizes(n_k, q_stride)
+    blocks_q, blocks_k = -(-n_q // block_q), -(-n_k // block_k)
+    stats = []
+    for i in range(blocks_q):
+        _, pooled, ks, vs, logits, valid = _global_logits(
+            qkv_ref, i, n_q, n_k, keys, block_q, q_stride, c, chunks, scale
+        )
+        p, lse = _softmax_rows(logits)
+        qrows = pl.ds(i * block_q, block_q)
+        dos = [_load(do_ref, (qrows, pl.ds(j * c, c)), valid) for j in range(chunks)]
+        dp = sum(_dot(dos[j], vs[j], ((1,), (1,))) for j in range(chunks))  # do vᵀ
+        delta = (p * dp).sum(axis=1, keepdims=True)  # Σ_k p·dp = rowsum(do · o)
+        stats.append((lse, delta))
+        ds = (p * (dp - delta)).astype(ks[0].dtype)
+        for j in range(chunks):
+            cols = pl.ds(j * c, c)
+            dq = _dot(ds, ks[j]) * scale
+            p_, candidates = pooled[j]
+            hits = [(cand == p_).astype(jnp.float32) for cand in candidates]
+            count = sum(hits)
+            for s, hit in enumerate(hits):
+                value = (dq * hit / count) if q_stride > 1 else dq
+                rows = pl.ds(s * n_q + i * block_q, block_q)
+                _store(dqkv_ref, (rows, 0, cols), value, valid)
+    for kb in range(blocks_k):
+        _, key_ok = _rows(kb * block_k, block_k, n_k)
+        krows = pl.ds(kb * block_k, block_k)
+        ks = [_load(qkv_ref, (krows, 1, pl.ds(j * c, c)), key_ok) for j in range(chunks)]
+        vs = [_load(qkv_ref, (krows, 2, pl.ds(j * c, c)), key_ok) for j in range(chunks)]
+        dk = [jnp.zeros((block_k, c), jnp.float32) for _ in range(chunks)]
+        dv = [jnp.zeros((block_k, c), jnp.float32) for _ in range(chunks)]
+        for i, (lse, delta) in enumerate(stats):
+            qrows = pl.ds(i * block_q, block_q)
+            qs, valid = [], None
+            for j in range(chunks):
+                cols = pl.ds(j * c, c)
+                q, _, _, valid = _pooled_queries(qkv_ref, i, n_q, block_q, q_stride, cols, scale)
+                qs.append(q)
+            logits = sum(_dot(qs[j], ks[j], ((1,), (1,))) for j in range(chunks))
+            p = jnp.where(key_ok[None, :], jnp.exp(logits - lse), 0.0)
+            dos = [_load(do_ref, (qrows, pl.ds(j * c, c)), valid) for j in range(chunks)]
+            dp = sum(_dot(dos[j], vs[j], ((1,), (1,))) for j in range(chunks))
+            ds = (p * (dp - delta)).astype(qs[0].dtype)
+            pt = p.astype(dos[0].dtype)
+            for j in range(chunks):
+                dk[j] = dk[j] + _dot(ds, qs[j], ((0,), (0,)))  # dsᵀ q
+                dv[j] = dv[j] + _dot(pt, dos[j], ((0,), (0,)))  # pᵀ do
+        for j in range(chunks):
+            cols = pl.ds(j * c, c)
+            _store(dqkv_ref, (krows, 1, cols), dk[j], key_ok)
+            _store(dqkv_ref, (krows, 2, cols), dv[j], key_ok)
+
+
+def _global_call(qkv, heads, scale, q_stride, interpret, dout=None):
+    """The forward (`dout` None: [B, n_q, C]) or the backward ([B, N, 3·C]) kernel."""
+    batch, n_k, channels = qkv.shape
+    d = channels // (3 * heads)
+    n_q, keys, block_q, _ = _global_sizes(n_k, q_stride)
+    blocks_q = -(-n_q // block_q)
+    view = qkv.reshape(batch, n_k, 3, heads, d)
+    # [B, N, 3, h, d] view, the key axis as one block of `keys` rows (the padding masked).
+    qkv_spec = pl.BlockSpec((None, keys, 3, None, d), lambda b, h, *_: (b, 0, 0, h, 0))
+    kwargs = dict(n_q=n_q, n_k=n_k, q_stride=q_stride, c=_chunk(d), scale=scale)
+    nbytes = qkv.size * qkv.dtype.itemsize
+    if dout is None:
+        out = pl.pallas_call(
+            functools.partial(_global_forward_kernel, **kwargs),
+            grid=(batch, heads, blocks_q),
+            in_specs=[qkv_spec],
+            out_specs=pl.BlockSpec((None, block_q, None, d), lambda b, h, i: (b, i, h, 0)),
+            out_shape=jax.ShapeDtypeStruct((batch, n_q, heads, d), qkv.dtype),
+            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+            cost_estimate=_cost(batch, 1, heads, n_q, n_k, d, 2, nbytes * 4 // 3),
+            interpret=interpret,
+            name="hiera_global_attention_fwd",
+        )(view)
+        return out.reshape(batch, n_q, heads * d)
+    dview = dout.reshape(batch, n_q, heads, d)
+    dqkv = pl.pallas_call(
+        functools.partial(_global_backward_kernel, **kwargs),
+        grid=(batch, heads),
+        in_specs=[
+            qkv_spec,
+            pl.BlockSpec((None, blocks_q * block_q, None, d), lambda b, h: (b, 0, h, 0)),
+        ],
+        out_specs=qkv_spec,
+        out_shape=jax.ShapeDtypeStruct(view.shape, qkv.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+        # q kᵀ and do vᵀ twice (for dq, then per key block), ds k, dsᵀ q, pᵀ do
+        cost_estimate=_cost(batch, 1, heads, n_q, n_k, d, 7, 2 * nbytes + nbytes // 3),
+        interpret=interpret,
+        name="hiera_global_attention_bwd",
+    )(view, dview)
+    return dqkv.reshape(qkv.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def global_attention(
+    qkv: jnp.ndarray, heads: int, scale: float, q_stride: int = 1, interpret: bool = False
+) -> jnp.ndarray:
+    """`attention.attention` on a GPU for one global window that `global_fits` takes: qkv
+    [B, N, 3·C] -> [B, N / q_stride, C], per device under a mesh."""
+
+    def run(qkv):
+        return (_global_call(qkv, heads, scale, q_stride, interpret),), ()
+
+    return tpu.per_device(run, (qkv,))[0][0]
+
+
+def _global_attention_fwd(qkv, heads, scale, q_stride, interpret):
+    return global_attention(qkv, heads, scale, q_stride, interpret), qkv
+
+
+def _global_attention_bwd(heads, scale, q_stride, interpret, qkv, dout):
+    def run(qkv, dout):
+        return (_global_call(qkv, heads, scale, q_stride, interpret, dout),), ()
+
+    return (tpu.per_device(run, (qkv, dout.astype(qkv.dtype)))[0][0],)
+
+
+global_attention.defvjp(_global_attention_fwd, _global_attention_bwd)
