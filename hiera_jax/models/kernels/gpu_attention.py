@@ -272,10 +272,9 @@ def _global_sizes(n_k: int, q_stride: int):
     return n_q, keys, block_q, block_k
 
 
-def _rows(start, size: int, limit: int):
-    """Row indices start..start+size and which of them are < limit."""
-    rows = start + jnp.arange(size)
-    return rows, rows < limit
+def _below(start, size: int, limit: int):
+    """Which of the rows start..start+size are < limit (the rest is padding, masked)."""
+    return start + jnp.arange(size) < limit
 
 
 def _index(index):
@@ -295,7 +294,7 @@ def _store(ref, index, value, mask):
 def _pooled_queries(qkv_ref, i, n_q, block_q, q_stride, cols, scale):
     """Query block i of one column chunk, pooled over its q_stride candidates and scaled in its
     dtype: (scaled q, pooled q, the candidates, row mask)."""
-    _, valid = _rows(i * block_q, block_q, n_q)
+    valid = _below(i * block_q, block_q, n_q)
     candidates = [
         _load(qkv_ref, (pl.ds(s * n_q + i * block_q, block_q), 0, cols), valid)
         for s in range(q_stride)
@@ -308,7 +307,7 @@ def _pooled_queries(qkv_ref, i, n_q, block_q, q_stride, cols, scale):
 
 def _global_logits(qkv_ref, i, n_q, n_k, keys, block_q, q_stride, c, chunks, scale):
     """Logits of query block i against every key (invalid keys masked), f32, with the chunks."""
-    _, key_ok = _rows(0, keys, n_k)
+    key_ok = _below(0, keys, n_k)
     qs, pooled, ks, vs, logits, valid = [], [], [], [], None, None
     for j in range(chunks):
         cols = pl.ds(j * c, c)
@@ -337,9 +336,10 @@ def _global_forward_kernel(qkv_ref, o_ref, *, n_q, n_k, q_stride, c, scale):
     _, _, _, vs, logits, valid = _global_logits(
         qkv_ref, i, n_q, n_k, keys, block_q, q_stride, c, d // c, scale
     )
-    p, _ = _softmax_rows(logits)
-    for j in range(d // c):
-        out = _dot(p.astype(vs[j].dtype), vs[j])
+    p = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+    total = p.sum(axis=1, keepdims=True)
+    for j in range(d // c):  # normalised after the product, as XLA's path does
+        out = _dot(p.astype(vs[j].dtype), vs[j]) / total
         _store(o_ref, (slice(None), pl.ds(j * c, c)), out, valid)
 
 
@@ -373,7 +373,7 @@ def _global_backward_kernel(qkv_ref, do_ref, dqkv_ref, *, n_q, n_k, q_stride, c,
                 rows = pl.ds(s * n_q + i * block_q, block_q)
                 _store(dqkv_ref, (rows, 0, cols), value, valid)
     for kb in range(blocks_k):
-        _, key_ok = _rows(kb * block_k, block_k, n_k)
+        key_ok = _below(kb * block_k, block_k, n_k)
         krows = pl.ds(kb * block_k, block_k)
         ks = [_load(qkv_ref, (krows, 1, pl.ds(j * c, c)), key_ok) for j in range(chunks)]
         vs = [_load(qkv_ref, (krows, 2, pl.ds(j * c, c)), key_ok) for j in range(chunks)]
@@ -419,7 +419,10 @@ def _global_call(qkv, heads, scale, q_stride, interpret, dout=None):
             in_specs=[qkv_spec],
             out_specs=pl.BlockSpec((None, block_q, None, d), lambda b, h, i: (b, i, h, 0)),
             out_shape=jax.ShapeDtypeStruct((batch, n_q, heads, d), qkv.dtype),
-            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+            # the [block_q, keys] f32 logits live in registers: 8 warps from 8K values up
+            compiler_params=plgpu.CompilerParams(
+                num_warps=8 if block_q * keys > 8192 else 4, num_stages=1
+            ),
             cost_estimate=_cost(batch, 1, heads, n_q, n_k, d, 2, nbytes * 4 // 3),
             interpret=interpret,
             name="hiera_global_attention_fwd",
