@@ -243,6 +243,7 @@ def test_in_place_kernels_split_the_pooling_gradient_between_ties_as_jax_does(wi
     heads, n, d = 1, 64 if windows > 1 else 196, 16
     qkv = jnp.round(jax.random.normal(jax.random.key(2), (1, n * windows, 3 * d)))
     options = dict(heads=heads, windows=windows, scale=d**-0.5, q_stride=4)
+
     def kernel(x):
         if windows > 1:
             return gpu_attention.window_attention(x, *options.values(), True)

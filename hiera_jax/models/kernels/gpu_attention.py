@@ -1,4 +1,4 @@
-"""Mask-unit attention on NVIDIA GPUs straight from the qkv projection: Pallas Triton kernels.
+"""Attention on NVIDIA GPUs straight from the qkv projection: Pallas Triton kernels.
 
 cuDNN's flash attention (`attention.cudnn_attention`) takes `[B·windows, n, heads, d]` arrays, but
 in Hiera's unrolled token order a mask unit's tokens are every `windows`-th row of the
@@ -13,8 +13,10 @@ dq (through the query pooling), dk and dv into one `[B, N, 3·C]` gradient, in p
 Triton's blocks are powers of two, its matmuls at least 16 on a side: windows of 16, 32, 64...
 keys (Hiera's first two stages at 224, and the pooling block after them, whose windows keep 4
 queries: those products are broadcast multiplies), head dims in chunks of 16 or more (96 = 3 x
-32). Global attention stays with cuDNN. Off a GPU the kernels run in Pallas' interpreter
-(`interpret=True`: the tests' float32 check against XLA's path).
+32). One global window (the last stages, the MAE decoder) has kernels of its own below, its
+length masked to a power of two: up to 256 tokens; longer windows stay with cuDNN. Off a GPU the
+kernels run in Pallas' interpreter (`interpret=True`: the tests' float32 check against XLA's
+path). Measured only as compiled here, without a GPU: bytes, not speed; tiles chosen by rule.
 """
 
 from __future__ import annotations
