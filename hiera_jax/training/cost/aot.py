@@ -393,6 +393,10 @@ def fit_check(
             setup.unlooped_step_fn(), *train_args, platform="cuda" if gpu else "tpu"
         )
     report["flops"]["kernel_recompute_per_step"] = recompute
+    if not compiled_total and recompute:
+        # No compiled count (GPU): the kernels compute this on top of the model's FLOPs (or
+        # remat's executed ones), so the step's compute bound counts it too.
+        device_flops += recompute / mesh.size
     report["flops"]["bytes_accessed_per_device"] = device_bytes
     report["flops"]["xla_bytes_accessed_per_device"] = xla_bytes  # loop bodies counted once
     if chip:
@@ -509,10 +513,12 @@ def format_report(r: dict[str, Any]) -> str:
         )
         if not fl.get("compiled_per_step"):
             executed = fl.get("executed_per_step")
+            again = fl.get("kernel_recompute_per_step")
             lines.append(
                 model
                 + "the compiler gives no count of its own (GPU)"
                 + (f"; {executed / 1e12:.3g} TFLOP/step with remat's recompute" if executed else "")
+                + (f"; the kernels compute {again / 1e12:.3g} TFLOP/step again" if again else "")
             )
         elif fl.get("executed_per_step"):
             lines.append(
