@@ -86,26 +86,6 @@ def train_row(recipe: str, per: int, kernels: str) -> dict:
     }
 
 
-def kernel_recompute(recipe: str, per: int) -> float:
-    """FLOPs per image that the kernels' backwards compute again, traced for the GPU as
-    `aot.fit_check` traces it (`--recount`: rows measured before this was recorded)."""
-    import jax
-
-    from hiera_jax.models.kernels import tpu
-    from hiera_jax.training import sharding
-    from hiera_jax.training.cost import aot, flops
-    from hiera_jax.training.setup import build_setup
-
-    config = hbm_traffic.load_config(recipe, per, 1)
-    config.model.dtype = "bfloat16"
-    devices = aot.topology_devices(TARGET)
-    mesh = sharding.create_mesh(config.mesh_shape, devices)
-    setup = build_setup(config, mesh, aot.NOMINAL_STEPS_PER_EPOCH * per)
-    with jax.set_mesh(mesh), tpu.compiling_for(devices[0].device_kind):
-        step, args = setup.unlooped_step_fn(), setup.abstract_train_args()
-        return flops.kernel_recompute_flops(step, *args, platform="cuda") / per
-
-
 def _custom_calls(text: str) -> list[str]:
     calls = {ln.split('custom_call_target="')[1].split('"')[0] for ln in text.splitlines()
              if 'custom_call_target="' in ln}  # fmt: skip
@@ -290,11 +270,6 @@ def main(argv=None) -> None:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--reuse", action="store_true", help="keep rows measured before")
     parser.add_argument(
-        "--recount",
-        action="store_true",
-        help="add the kernels' recompute to train rows measured without it (no compile)",
-    )
-    parser.add_argument(
         "--variants",
         nargs="+",
         choices=("xla", "kernels"),
@@ -309,13 +284,7 @@ def main(argv=None) -> None:
             path = os.path.join(OUT, f"{row[0].replace(':', '_').replace('/', '_')}_{kernels}.json")
             skip = args.only and row[0] not in args.only or kernels not in args.variants
             if (args.reuse or skip) and os.path.exists(path):
-                result = json.load(open(path))
-                if args.recount and row[3] == "train" and "recompute_per_image" not in result:
-                    result["recompute_per_image"] = (
-                        kernel_recompute(row[1], row[2]) if kernels == "kernels" else 0.0
-                    )
-                    json.dump(result, open(path, "w"), indent=1)
-                results[(row[0], kernels)] = result
+                results[(row[0], kernels)] = json.load(open(path))
                 continue
             if skip:
                 continue

@@ -131,13 +131,17 @@ def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, q_stride, c, scale):
         if q_stride == 1:
             dqkv_ref[:, 0, cols] = dq.astype(dqkv_ref.dtype)
             continue
-        # The max-pool's backward as jax differentiates a max: the gradient split evenly
-        # between tied candidates.
         pooled, candidates = cands[j]  # this chunk's pooled queries and their candidates
-        hits = [(cand == pooled).astype(jnp.float32) for cand in candidates]
-        count = sum(hits)
-        for s, hit in enumerate(hits):
-            dqkv_ref[pl.ds(s * n_q, n_q), 0, cols] = (dq * hit / count).astype(dqkv_ref.dtype)
+        for s, share in enumerate(_tie_shares(dq, pooled, candidates)):
+            dqkv_ref[pl.ds(s * n_q, n_q), 0, cols] = share.astype(dqkv_ref.dtype)
+
+
+def _tie_shares(dq, pooled, candidates):
+    """The max-pool's backward as jax differentiates a max: each candidate's share of dq, the
+    gradient split evenly between tied candidates."""
+    hits = [(cand == pooled).astype(jnp.float32) for cand in candidates]
+    count = sum(hits)
+    return [dq * hit / count for hit in hits]
 
 
 def _specs(batch, tokens, windows, heads, d, q_stride):
@@ -367,13 +371,10 @@ def _global_backward_kernel(qkv_ref, do_ref, dqkv_ref, *, n_q, n_k, q_stride, c,
         for j in range(chunks):
             cols = pl.ds(j * c, c)
             dq = _dot(ds, ks[j]) * scale
-            p_, candidates = pooled[j]
-            hits = [(cand == p_).astype(jnp.float32) for cand in candidates]
-            count = sum(hits)
-            for s, hit in enumerate(hits):
-                value = (dq * hit / count) if q_stride > 1 else dq
+            shares = _tie_shares(dq, *pooled[j]) if q_stride > 1 else [dq]
+            for s, share in enumerate(shares):
                 rows = pl.ds(s * n_q + i * block_q, block_q)
-                _store(dqkv_ref, (rows, 0, cols), value, valid)
+                _store(dqkv_ref, (rows, 0, cols), share, valid)
     for kb in range(blocks_k):
         key_ok = _below(kb * block_k, block_k, n_k)
         krows = pl.ds(kb * block_k, block_k)

@@ -191,16 +191,24 @@ def _backward_kernel(
 
     zeros = tuple(jnp.zeros((x_ref.shape[0], c), jnp.float32) for _ in range(chunks))
     dxn = lax.fori_loop(0, w1_ref.shape[1] // HIDDEN_CHUNK, step, zeros)
-    # LayerNorm's backward: d x̂ = dxn·γ, dx = (d x̂ - mean(d x̂) - x̂·mean(d x̂·x̂)) / σ.
-    dxhat = [d * g_ref[pl.ds(k * c, c)][None, :] for k, d in enumerate(dxn)]
-    dim = chunks * c
+    norm_backward(dxn, xhat, rstd, g_ref, c, dx_ref, dg_ref, dbe_ref, douts)
+
+
+def norm_backward(dy, xhat, rstd, g_ref, c: int, dx_ref, dg_ref, dbe_ref, residual=None):
+    """LayerNorm's backward for one tile, from its output's gradient `dy` (f32 chunks): d x̂ =
+    dy·γ, dx = (d x̂ - mean(d x̂) - x̂·mean(d x̂·x̂)) / σ, plus `residual` (f32 chunks) where a
+    residual path's gradient joins it; the scale and bias gradients as this tile's sums."""
+    dxhat = [d * g_ref[pl.ds(k * c, c)][None, :] for k, d in enumerate(dy)]
+    dim = len(dy) * c
     mean_d = sum(d.sum(axis=1, keepdims=True) for d in dxhat) / dim
     mean_dx = sum((d * h).sum(axis=1, keepdims=True) for d, h in zip(dxhat, xhat)) / dim
-    for k in range(chunks):
-        dx = douts[k] + (dxhat[k] - mean_d - xhat[k] * mean_dx) * rstd
+    for k in range(len(dy)):
+        dx = (dxhat[k] - mean_d - xhat[k] * mean_dx) * rstd
+        if residual is not None:
+            dx = residual[k] + dx
         dx_ref[:, pl.ds(k * c, c)] = dx.astype(dx_ref.dtype)
-        dg_ref[pl.ds(k * c, c)] = (dxn[k] * xhat[k]).sum(axis=0)
-        dbe_ref[pl.ds(k * c, c)] = dxn[k].sum(axis=0)
+        dg_ref[pl.ds(k * c, c)] = (dy[k] * xhat[k]).sum(axis=0)
+        dbe_ref[pl.ds(k * c, c)] = dy[k].sum(axis=0)
 
 
 def _hidden(xn, dy, w1_ref, b1_ref, w2_ref, cols, c: int):

@@ -106,20 +106,11 @@ def _kernel(x_ref, g_ref, s_ref, *refs, c, eps):
     )
     chunks = x_ref.shape[1] // c
     _, xhat, rstd = gpu_mlp._norm(x_ref, chunks, c, eps)  # the forward's two-pass statistics
-    gs, dim = [], chunks * c
-    for k in range(chunks):
-        cols = pl.ds(k * c, c)
-        g = g_ref[:, cols].astype(jnp.float32)
-        dscale_ref[cols] = (g * xhat[k]).sum(axis=0)
-        dbias_ref[cols] = g.sum(axis=0)
-        gs.append(g * s_ref[cols][None, :])
-    mean_g = sum(v.sum(axis=1, keepdims=True) for v in gs) / dim
-    mean_gx = sum((v * h).sum(axis=1, keepdims=True) for v, h in zip(gs, xhat)) / dim
-    for k in range(chunks):
-        dx = rstd * (gs[k] - mean_g - xhat[k] * mean_gx)
-        if dres_ref is not None:
-            dx = dx + dres_ref[:, pl.ds(k * c, c)].astype(jnp.float32)
-        dx_ref[:, pl.ds(k * c, c)] = dx.astype(dx_ref.dtype)
+    dy = [g_ref[:, pl.ds(k * c, c)].astype(jnp.float32) for k in range(chunks)]
+    residual = None
+    if dres_ref is not None:
+        residual = [dres_ref[:, pl.ds(k * c, c)].astype(jnp.float32) for k in range(chunks)]
+    gpu_mlp.norm_backward(dy, xhat, rstd, s_ref, c, dx_ref, dscale_ref, dbias_ref, residual)
 
 
 def _kernel_call(x2, g2, scale, eps: float, interpret: bool, dres2=None):
